@@ -1,0 +1,55 @@
+"""torchtitan-mot: Mixture-of-Transformers pretraining on TorchTitan.
+
+Importing this package registers the TrainSpec "mot" (`--model.name mot`).
+"""
+
+from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.components.optimizer import build_optimizers
+from torchtitan.distributed.pipeline_parallel import pipeline_llm
+from torchtitan.protocols.train_spec import register_train_spec, TrainSpec
+
+from .data.dataloader import build_mot_dataloader
+from .data.tokenizer import build_mot_tokenizer
+from .infra.parallelize import parallelize_mot
+from .loss import build_mot_loss
+from .model import MoTModelArgs, MoTTransformer
+
+_debug = dict(dim=256, n_layers=6, n_heads=16, rope_theta=500000)
+_8b = dict(
+    dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.3,
+    multiple_of=1024, rope_theta=500000,
+)
+_70b = dict(
+    dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
+    multiple_of=4096, rope_theta=500000,
+)
+_block_causal = dict(attn_mask_type="block_causal")
+
+mot_args: dict[str, MoTModelArgs] = {
+    "debugmodel": MoTModelArgs(**_debug, n_modalities=2),
+    "debugmodel_flex_attn": MoTModelArgs(**_debug, n_modalities=2, attn_type="flex", **_block_causal),
+    "debugmodel_varlen_attn": MoTModelArgs(**_debug, n_modalities=2, attn_type="varlen", **_block_causal),
+    "debugmodel_3modality": MoTModelArgs(**_debug, n_modalities=3),
+    "debugmodel_dense": MoTModelArgs(**_debug, n_modalities=1),
+    "8B_2modality": MoTModelArgs(**_8b, n_modalities=2),
+    "8B_3modality": MoTModelArgs(**_8b, n_modalities=3),
+    "70B_2modality": MoTModelArgs(**_70b, n_modalities=2),
+    "70B_3modality": MoTModelArgs(**_70b, n_modalities=3),
+}
+
+
+def get_train_spec() -> TrainSpec:
+    return TrainSpec(
+        model_cls=MoTTransformer,
+        model_args=mot_args,
+        parallelize_fn=parallelize_mot,
+        pipelining_fn=pipeline_llm,
+        build_optimizers_fn=build_optimizers,
+        build_lr_schedulers_fn=build_lr_schedulers,
+        build_dataloader_fn=build_mot_dataloader,
+        build_tokenizer_fn=build_mot_tokenizer,
+        build_loss_fn=build_mot_loss,
+    )
+
+
+register_train_spec("mot", get_train_spec())

@@ -1,0 +1,33 @@
+"""The `[mot]` section of the job config (loaded through `job.custom_config_module`).
+
+TorchTitan merges this `JobConfig` into its own, so every field is settable from TOML
+(`[mot]`) and from the command line (`--mot.modalities text image`).
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MoT:
+    modalities: list[str] = field(default_factory=lambda: ["text", "image"])
+    """Modality names in modality-id order. "text" must come first (id 0): it owns the text
+    tokenizer's vocabulary and the special tokens. Must match the dataset's modalities."""
+
+    codebook_sizes: list[int] = field(default_factory=lambda: [256])
+    """Codebook size of each NON-text modality, in the order of `modalities[1:]`. The unified
+    vocabulary places each codebook (plus a begin and an end marker) after the text vocabulary."""
+
+    loss_weights: list[float] = field(default_factory=list)
+    """Loss weight per modality (same order as `modalities`), applied by the modality of the
+    target token. Empty means 1.0 for every modality."""
+
+    streaming: bool = False
+    """Read the dataset as a HuggingFace streaming (iterable) dataset instead of map-style."""
+
+    skip_bad_samples: bool = False
+    """Skip (and count) malformed samples instead of stopping with an error."""
+
+
+@dataclass
+class JobConfig:
+    mot: MoT = field(default_factory=MoT)

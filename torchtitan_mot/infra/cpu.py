@@ -1,0 +1,167 @@
+"""Make stock TorchTitan 0.2.2 train on a CPU-only host (CI, laptops) with gloo.
+
+TorchTitan 0.2.2 assumes an accelerator: it picks `device_type = "cuda"` when none is found,
+reads CUDA memory stats, asks gloo for reduce ops it does not have and passes a CUDA device
+index to `barrier`. `enable_cpu_fallback()` patches exactly those spots, in place, and only
+when `torch.accelerator.is_available()` is False, so GPU runs see stock TorchTitan.
+"""
+
+import importlib
+import os
+import resource
+import sys
+from datetime import timedelta
+from types import ModuleType
+
+import torch
+import torch.distributed.distributed_c10d as c10d
+from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+from torchtitan.distributed import ParallelDims
+
+# TorchTitan modules that bind `device_type` / `device_module` at import time (by value).
+_DEVICE_BOUND_MODULES = (
+    "torchtitan.tools.utils",
+    "torchtitan.tools.profiling",
+    "torchtitan.components.metrics",
+    "torchtitan.distributed.utils",
+    "torchtitan.distributed.parallel_dims",
+    "torchtitan.distributed.dual_pipe_v",
+)
+
+_GIB = 1024**3
+_enabled = False
+
+
+def _read_proc_status_kib(field: str) -> int | None:
+    """A `VmXXX:` value of /proc/self/status in KiB, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class HostMemoryMonitor:
+    """Drop-in for `DeviceMemoryMonitor` that reports this process's host RSS.
+
+    "active" is the current RSS and "reserved" the peak RSS (VmHWM) since the last reset;
+    both are percentages of physical RAM. There are no allocator retries or OOM counters on the
+    host, so those report 0.
+    """
+
+    def __init__(self, device: str = "cpu"):
+        self.device = torch.device(device)
+        self.device_name = "CPU"
+        self.device_capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        self.device_capacity_gib = self.device_capacity / _GIB
+        self.reset_peak_stats()
+
+    @staticmethod
+    def _peak_rss_bytes() -> int:
+        hwm = _read_proc_status_kib("VmHWM")
+        if hwm is not None:
+            return hwm * 1024
+        # Not Linux: ru_maxrss is the lifetime peak (bytes on macOS) and cannot be reset.
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    @staticmethod
+    def _current_rss_bytes() -> int:
+        rss = _read_proc_status_kib("VmRSS")
+        return rss * 1024 if rss is not None else HostMemoryMonitor._peak_rss_bytes()
+
+    def get_peak_stats(self):
+        from torchtitan.components.metrics import DeviceMemStats
+
+        active, peak = self._current_rss_bytes(), self._peak_rss_bytes()
+        return DeviceMemStats(
+            active / _GIB,
+            100 * active / self.device_capacity,
+            peak / _GIB,
+            100 * peak / self.device_capacity,
+            0,
+            0,
+        )
+
+    def reset_peak_stats(self) -> None:
+        # Linux resets VmHWM to the current RSS when "5" is written to clear_refs.
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def _set_pg_timeouts_cpu(timeout: timedelta, parallel_dims: ParallelDims) -> None:
+    """`set_pg_timeouts` for gloo: same barrier-then-shorten, without CUDA device ids."""
+    torch.distributed.barrier()
+    groups: list[torch.distributed.ProcessGroup | None] = [
+        mesh.get_group()
+        for mesh in parallel_dims.get_all_one_dimensional_meshes().values()
+    ] + [None]
+    for group in groups:
+        c10d._set_pg_timeout(timeout, group)
+
+
+_stock_gradient_divide_factors = _fsdp_collectives._get_gradient_divide_factors
+
+
+def _sum_only_gradient_divide_factors(*args, **kwargs):
+    """FSDP2 reduce ops restricted to SUM, with the averaging done as a separate division.
+
+    FSDP2 otherwise uses AVG or PREMUL_SUM(1/factor) (TorchTitan sets factor 1.0 because it
+    already divides the loss by the global token count); gloo implements neither. Its own
+    `force_sum_reduction_for_comms` path yields (pre, post, SUM, SUM) with the same result.
+    """
+    kwargs["force_sum_reduction_for_comms"] = True
+    if len(args) > 5:  # positional force_sum_reduction_for_comms
+        args = args[:5]
+    return _stock_gradient_divide_factors(*args, **kwargs)
+
+
+def _rebind_device(module: ModuleType) -> None:
+    if hasattr(module, "device_type"):
+        module.device_type = "cpu"
+    if hasattr(module, "device_module"):
+        module.device_module = torch.cpu
+
+
+def enable_cpu_fallback() -> bool:
+    """Patch TorchTitan 0.2.2 to run on CPU with gloo; returns whether it did.
+
+    Idempotent. A no-op (False) when an accelerator is present. Call it before the Trainer is
+    built: modules imported afterwards pick up the rebound device from `torchtitan.tools.utils`.
+    """
+    global _enabled
+    if torch.accelerator.is_available():
+        return False
+    if _enabled:
+        return True
+
+    from torchtitan.components import metrics
+    from torchtitan.distributed import utils as dist_utils
+    from torchtitan.tools import utils as tt_utils
+
+    # 0.2.2 falls back to device_type "cuda" / torch.cuda when no accelerator is found; it
+    # also derives the gloo backend from device_type ("cpu" -> gloo) in init_distributed.
+    tt_utils.get_device_info = lambda: ("cpu", torch.cpu)
+    for name in _DEVICE_BOUND_MODULES:
+        _rebind_device(importlib.import_module(name))
+    # Also catch any other torchtitan module already imported with the stale binding.
+    for name, module in list(sys.modules.items()):
+        if name.startswith("torchtitan.") and module is not None:
+            if getattr(module, "device_module", None) is getattr(torch, "cuda", None):
+                _rebind_device(module)
+
+    # 0.2.2 DeviceMemoryMonitor reads torch.cuda memory stats and device properties.
+    metrics.DeviceMemoryMonitor = HostMemoryMonitor
+    # 0.2.2 set_pg_timeouts calls barrier(device_ids=["cpu"]) (gloo: TypeError) and synchronize.
+    dist_utils.set_pg_timeouts = _set_pg_timeouts_cpu
+    # FSDP2 reduce-scatter asks for AVG / PREMUL_SUM, which gloo rejects; force SUM + division.
+    _fsdp_collectives._get_gradient_divide_factors = _sum_only_gradient_divide_factors
+
+    _enabled = True
+    return True

@@ -1,0 +1,86 @@
+"""Metrics processor that adds per-modality losses to TorchTitan's step log.
+
+The total loss says little about an MoT run: the modalities learn at different speeds and the
+paper's comparisons are per modality. The loss function accumulates per-modality summed CE
+and token counts; at each log step this processor all-reduces them over the loss mesh and
+logs `loss/<modality>` = global sum / global count, next to the usual metrics.
+"""
+
+from typing import Any, Protocol
+
+import torch
+import torch.distributed._functional_collectives as funcol
+
+from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.config import JobConfig
+from torchtitan.distributed import ParallelDims
+from torchtitan.protocols import BaseModelArgs
+from torchtitan.tools.logging import logger
+
+
+class ModalityLossStats(Protocol):
+    """What the MoT loss function exposes to the metrics processor."""
+
+    modalities: list[str]
+
+    def pop_modality_stats(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class MoTMetricsProcessor(MetricsProcessor):
+    """`MetricsProcessor` that also logs the mean CE of each modality.
+
+    `loss_fn` is attached by the trainer after the loss is built; without it (or with a loss
+    that does not track modalities) this behaves exactly like the stock processor.
+    """
+
+    loss_fn: Any = None
+
+    def modality_losses(self) -> dict[str, float]:
+        """Pop this rank's per-modality stats, reduce them globally, return the means.
+
+        Every rank of the loss mesh must call this at the same step (it is a collective).
+        Modalities with no target tokens anywhere are left out rather than logged as NaN.
+        """
+        if not hasattr(self.loss_fn, "pop_modality_stats"):
+            return {}
+        loss_sum, count = self.loss_fn.pop_modality_stats()
+        stats = torch.stack([loss_sum.detach().float(), count.detach().float()])
+        loss_mesh = self.parallel_dims.get_optional_mesh("loss")
+        if loss_mesh is not None:
+            stats = funcol.all_reduce(stats, reduceOp="sum", group=loss_mesh)
+        loss_sum, count = stats.cpu()
+        return {
+            name: (loss_sum[i] / count[i]).item()
+            for i, name in enumerate(self.loss_fn.modalities)
+            if count[i] > 0
+        }
+
+    def log(
+        self,
+        step: int,
+        global_avg_loss: float,
+        global_max_loss: float,
+        grad_norm: float,
+        extra_metrics: dict[str, Any] | None = None,
+    ) -> None:
+        per_modality = self.modality_losses()
+        metrics = dict(extra_metrics or {})
+        metrics.update({f"loss/{name}": value for name, value in per_modality.items()})
+        super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=metrics)
+        if hasattr(self.loss_fn, "pop_modality_stats"):
+            line = "  ".join(
+                f"{name}: {per_modality[name]:8.5f}" if name in per_modality else f"{name}: -"
+                for name in self.loss_fn.modalities
+            )
+            color = self.color
+            logger.info(f"{color.red}step: {step:2}  {color.green}loss/{line}{color.reset}")
+
+def build_mot_metrics_processor(
+    job_config: JobConfig,
+    parallel_dims: ParallelDims,
+    model_args: BaseModelArgs | None = None,
+    tag: str | None = None,
+) -> MoTMetricsProcessor:
+    """`TrainSpec.build_metrics_processor_fn` for MoT (same signature as the stock builder)."""
+    del model_args  # nothing model-specific is logged
+    return MoTMetricsProcessor(job_config, parallel_dims, tag)

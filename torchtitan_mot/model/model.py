@@ -1,0 +1,141 @@
+"""The Mixture-of-Transformers decoder."""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchtitan.models.llama3.model.model import Transformer
+from torchtitan.protocols.model import AttentionMasksType
+from torchtitan.protocols.train_spec import ModelProtocol
+
+from .args import MoTModelArgs
+from .attention import MoTAttention
+from .feedforward import ffn_hidden_dim, MoTFeedForward
+from .routing import (
+    build_routing,
+    check_modality_ids,
+    ModalityRMSNorm,
+    modality_ids_from_masks,
+    Routing,
+)
+
+
+class MoTBlock(nn.Module):
+    """A Llama3 pre-norm block whose norms, projections and FFN are untied by modality.
+
+    Pre-norm (norm on the sublayer input, residual add after) as in Llama3, so an MoT whose
+    modality copies all hold one dense checkpoint computes exactly that checkpoint.
+    Works on the (T, dim) residual stream in modality-sorted order.
+    """
+
+    def __init__(self, layer_id: int, model_args: MoTModelArgs) -> None:
+        super().__init__()
+        n_mod = model_args.n_modalities
+        self.attention = MoTAttention(model_args)
+        self.feed_forward = MoTFeedForward(
+            model_args.dim,
+            ffn_hidden_dim(
+                model_args.dim, model_args.multiple_of, model_args.ffn_dim_multiplier
+            ),
+            n_mod,
+        )
+        self.attention_norm = ModalityRMSNorm(model_args.dim, n_mod, model_args.norm_eps)
+        self.ffn_norm = ModalityRMSNorm(model_args.dim, n_mod, model_args.norm_eps)
+        depth = layer_id + 1 if model_args.depth_init else model_args.n_layers
+        self.weight_init_std = 0.02 / (2 * depth) ** 0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        routing: Routing,
+        batch_shape: tuple[int, int],
+        freqs_cis: torch.Tensor,
+        attention_masks: AttentionMasksType | None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = x + self.attention(
+            self.attention_norm(x, routing.sorted_ids),
+            routing,
+            batch_shape,
+            freqs_cis,
+            attention_masks,
+            positions,
+        )
+        return h + self.feed_forward(self.ffn_norm(h, routing.sorted_ids), routing)
+
+    def init_weights(self) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(self.weight_init_std)
+        self.feed_forward.init_weights(self.weight_init_std)
+
+
+class MoTTransformer(Transformer):
+    """Llama3's Transformer with MoT blocks.
+
+    Token embedding, final norm and output head are shared across modalities (the paper's
+    setting); RoPE tables, attention masks and weight init are Llama3's own (inherited).
+    Only the blocks differ, and they run on a modality-sorted residual stream.
+    """
+
+    def __init__(self, model_args: MoTModelArgs) -> None:
+        ModelProtocol.__init__(self, model_args)  # Llama3's __init__ would build dense blocks
+        if model_args.vocab_size <= 0:
+            raise ValueError(
+                "MoTModelArgs.vocab_size is unset: it comes from the tokenizer through "
+                "update_from_config(job_config), or set it explicitly"
+            )
+        self.model_args = model_args
+        self.vocab_size = model_args.vocab_size
+        self.n_layers = model_args.n_layers
+        self.n_modalities = model_args.n_modalities
+        self.tok_embeddings = nn.Embedding(model_args.vocab_size, model_args.dim)
+        self.register_buffer("freqs_cis", self._precompute_freqs_cis(), persistent=False)
+        self.layers = nn.ModuleDict(
+            {str(i): MoTBlock(i, model_args) for i in range(model_args.n_layers)}
+        )
+        self.norm = nn.RMSNorm(model_args.dim, eps=model_args.norm_eps)
+        self.output = nn.Linear(model_args.dim, model_args.vocab_size, bias=False)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        modality_ids: torch.Tensor | None = None,
+        modality_masks: Sequence[torch.Tensor] | None = None,
+        attention_masks: AttentionMasksType | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`tokens` are (batch, seq) ids, or (batch, seq, dim) activations on a later
+        pipeline stage. Give the modality of every token either as `modality_ids`
+        (batch, seq) ints or as the reference form `modality_masks`, one boolean
+        (batch, seq) mask per modality. A dense twin (n_modalities=1) may omit both.
+        """
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        bs, seqlen = h.shape[:2]
+        if modality_masks is not None:
+            if modality_ids is not None:
+                raise ValueError("give modality_ids or modality_masks, not both")
+            if len(modality_masks) != self.n_modalities:
+                raise ValueError(
+                    f"got {len(modality_masks)} modality_masks for a model built with "
+                    f"{self.n_modalities} modalities"
+                )
+            modality_ids = modality_ids_from_masks(modality_masks, torch.Size((bs, seqlen)))
+        if modality_ids is None:
+            if self.n_modalities != 1:
+                raise ValueError("an MoT model needs modality_ids (or modality_masks)")
+            modality_ids = torch.zeros((bs, seqlen), dtype=torch.long, device=h.device)
+        elif modality_ids.shape != (bs, seqlen):
+            raise ValueError(
+                f"modality_ids shape {tuple(modality_ids.shape)} != tokens {(bs, seqlen)}"
+            )
+        if self.n_modalities > 1 and not torch.compiler.is_compiling():
+            check_modality_ids(modality_ids, self.n_modalities)
+
+        routing = build_routing(modality_ids, self.n_modalities)
+        h = routing.sort(h.reshape(bs * seqlen, -1))
+        for layer in self.layers.values():
+            h = layer(h, routing, (bs, seqlen), self.freqs_cis, attention_masks, positions)
+        h = routing.unsort(h).view(bs, seqlen, -1)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h

@@ -1,0 +1,213 @@
+"""Deterministic modality routing: computed once per forward, shared by every layer.
+
+MoT unties every non-embedding weight by modality. Indexing `x[mask]` per projection (the
+reference implementation) syncs the host, makes shapes data dependent and gathers the same
+tokens again in every sublayer. Instead we
+
+1. stably sort the flattened tokens by modality id ONCE per forward (`Routing`),
+2. keep the residual stream in that sorted order through all blocks, so every per-modality
+   Linear / norm works on a contiguous slice, and
+3. leave sorted order only for attention (`Routing.unsort` / `Routing.sort`), which mixes all
+   tokens in their original sequence order.
+
+The per-modality matmul is one opaque custom op (`mot::routed_mm`) with fixed output shapes,
+so `torch.compile(fullgraph=True)` traces a block once, whatever the modality mix of a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Routing:
+    """Token grouping shared by all layers of one forward.
+
+    `order[i]` is the flat (batch*seq) index of the i-th token in modality-sorted order,
+    `inverse` undoes it, `sorted_ids` are the modality ids in sorted order and `offsets`
+    are the cumulative group ends (the `torch._grouped_mm` convention). `order is None`
+    means a single modality: the sort is the identity and is skipped.
+    """
+
+    order: torch.Tensor | None
+    inverse: torch.Tensor | None
+    sorted_ids: torch.Tensor
+    offsets: torch.Tensor
+    n_modalities: int
+
+    def sort(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, ...) tensor in original flat order -> modality-sorted order."""
+        return x if self.order is None else x.index_select(0, self.order)
+
+    def unsort(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, ...) tensor in modality-sorted order -> original flat order."""
+        return x if self.inverse is None else x.index_select(0, self.inverse)
+
+
+def build_routing(modality_ids: torch.Tensor, n_modalities: int) -> Routing:
+    """Group the tokens of a (batch, seq) id tensor by modality without leaving the device."""
+    ids = modality_ids.reshape(-1)
+    if n_modalities == 1:
+        # The dense twin: every token takes modality 0's weights, no permutation.
+        zeros = torch.zeros_like(ids)
+        offsets = torch.full((1,), ids.numel(), dtype=torch.int32, device=ids.device)
+        return Routing(None, None, zeros, offsets, 1)
+    order = torch.argsort(ids, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    counts = torch.bincount(ids, minlength=n_modalities)
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    return Routing(order, inverse, ids.index_select(0, order), offsets, n_modalities)
+
+
+def modality_ids_from_masks(
+    modality_masks: Sequence[torch.Tensor], shape: torch.Size
+) -> torch.Tensor:
+    """Convert the reference implementation's list of boolean masks to modality ids.
+
+    The masks must partition the tokens: an overlap or an uncovered token is an error, never
+    a silent guess.
+    """
+    if len(modality_masks) == 0:
+        raise ValueError("modality_masks is empty: expected one boolean mask per modality")
+    masks = torch.stack([m.to(torch.bool) for m in modality_masks])
+    if masks.shape[1:] != shape:
+        raise ValueError(
+            f"modality_masks have shape {tuple(masks.shape[1:])}, tokens have {tuple(shape)}"
+        )
+    coverage = masks.sum(0)
+    if bool((coverage > 1).any()):
+        bad = (coverage > 1).nonzero()[0].tolist()
+        raise ValueError(f"modality_masks overlap: token at (batch, pos) {bad} is in several")
+    if bool((coverage == 0).any()):
+        bad = (coverage == 0).nonzero()[0].tolist()
+        raise ValueError(f"modality_masks leave token at (batch, pos) {bad} in no modality")
+    return masks.to(torch.int64).argmax(0)
+
+
+def check_modality_ids(modality_ids: torch.Tensor, n_modalities: int) -> None:
+    """Reject ids outside [0, n_modalities): they would pick no (or a wrong) weight set.
+
+    On an accelerator the check is asynchronous (no host sync); on CPU it names the values.
+    """
+    ok = (modality_ids >= 0).all() & (modality_ids < n_modalities).all()
+    if modality_ids.device.type != "cpu":
+        torch._assert_async(ok, f"modality_ids outside [0, {n_modalities})")
+    elif not bool(ok):
+        lo, hi = int(modality_ids.min()), int(modality_ids.max())
+        raise ValueError(
+            f"modality_ids must lie in [0, {n_modalities}) for a model built with "
+            f"{n_modalities} modalities; got values in [{lo}, {hi}]"
+        )
+
+
+# --- the per-modality matmul ---------------------------------------------------------------
+
+
+@torch.library.custom_op("mot::routed_mm", mutates_args=())
+def routed_mm(x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor) -> torch.Tensor:
+    """y[s:e] = x[s:e] @ weights[m].T for modality m's sorted slice [s, e)."""
+    out = x.new_empty(x.shape[0], weights[0].shape[0])
+    start = 0
+    for w, end in zip(weights, offsets.tolist()):
+        if end > start:
+            torch.mm(x[start:end], w.t(), out=out[start:end])
+        start = end
+    return out
+
+
+@routed_mm.register_fake
+def _(x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weights[0].shape[0])
+
+
+@torch.library.custom_op("mot::routed_mm_backward", mutates_args=())
+def routed_mm_backward(
+    grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor
+) -> list[torch.Tensor]:
+    """[grad_x, grad_w_0, ...]; an absent modality gets a zero gradient, never None, so
+    data-parallel ranks reduce the same set of gradients."""
+    grad_x = x.new_empty(x.shape)
+    grad_ws = [torch.zeros_like(w) for w in weights]
+    start = 0
+    for w, gw, end in zip(weights, grad_ws, offsets.tolist()):
+        if end > start:
+            torch.mm(grad[start:end], w, out=grad_x[start:end])
+            torch.mm(grad[start:end].t(), x[start:end], out=gw)
+        start = end
+    return [grad_x, *grad_ws]
+
+
+@routed_mm_backward.register_fake
+def _(
+    grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor
+) -> list[torch.Tensor]:
+    return [x.new_empty(x.shape), *[w.new_empty(w.shape) for w in weights]]
+
+
+def _routed_mm_setup_context(ctx, inputs, output) -> None:
+    x, weights, offsets = inputs
+    ctx.save_for_backward(x, offsets, *weights)
+
+
+def _routed_mm_backward(ctx, grad: torch.Tensor):
+    x, offsets, *weights = ctx.saved_tensors
+    grad_x, *grad_ws = routed_mm_backward(grad.contiguous(), x, weights, offsets)
+    return grad_x, grad_ws, None
+
+
+routed_mm.register_autograd(_routed_mm_backward, setup_context=_routed_mm_setup_context)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """Plain tensor view of a parameter (tensor-parallel parameters are DTensors)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class ModalityLinear(nn.ModuleList):
+    """One bias-free Linear per modality, applied to modality-sorted tokens.
+
+    Parameters are named `<name>.<modality_id>.weight`: the dense Llama3 name with the
+    modality inserted, which keeps warm start and tensor-parallel plans readable.
+    """
+
+    def __init__(self, in_features: int, out_features: int, n_modalities: int) -> None:
+        super().__init__(
+            nn.Linear(in_features, out_features, bias=False) for _ in range(n_modalities)
+        )
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if len(self) == 1:
+            return F.linear(x, _local(self[0].weight))
+        weights = [_local(linear.weight) for linear in self]
+        return routed_mm(x.contiguous(), weights, routing.offsets)
+
+
+class ModalityRMSNorm(nn.ModuleList):
+    """One RMSNorm weight per modality; each sorted token is scaled by its modality's weight.
+
+    The weight is gathered per token (a (T, dim) read, like the norm itself), so no slice
+    sizes and no host sync are needed, and it works on any shard of the sorted stream.
+    """
+
+    def __init__(self, dim: int, n_modalities: int, eps: float) -> None:
+        super().__init__(nn.RMSNorm(dim, eps=eps) for _ in range(n_modalities))
+        self.eps = eps
+
+    def reset_parameters(self) -> None:
+        for norm in self:
+            norm.reset_parameters()
+
+    def forward(self, x: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
+        """`x` is (T, ..., dim) in sorted order, `sorted_ids` (T,) its modality ids."""
+        if len(self) == 1:
+            return self[0](x)
+        weight = torch.stack([_local(norm.weight) for norm in self])
+        scale = weight.index_select(0, sorted_ids)
+        scale = scale.view(scale.shape[0], *([1] * (x.dim() - 2)), scale.shape[-1])
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * scale
