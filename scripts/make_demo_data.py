@@ -31,9 +31,9 @@ CAPTIONS = [
     "a handwritten digit {w}",
     "the number {w}, written by hand",
     "an image of the digit {w}",
-    "a small scanned picture of a {w}",
+    "a small scanned picture of the digit {w}",
     "handwritten {d}",
-    "this is a {w}",
+    "this is the number {w}",
 ]
 SPOKEN = ["{w}", "the digit {w}", "number {w}"]
 VOICES = ["en-us", "en-gb", "en-us+f3", "en-gb-scotland"]

@@ -44,8 +44,7 @@ class VocabLayout:
                 f"expected one codebook size per non-text modality {list(self.modalities[1:])}, "
                 f"got codebook_sizes={list(self.codebook_sizes)}"
             )
-        bad = [s for s in self.codebook_sizes if s <= 0]
-        if bad:
+        if any(s <= 0 for s in self.codebook_sizes):
             raise ValueError(f"codebook sizes must be positive, got {list(self.codebook_sizes)}")
 
     @cached_property
@@ -122,6 +121,7 @@ class MultimodalTokenizer(BaseTokenizer):
             codebook_sizes=tuple(codebook_sizes),
         )
         self._text_special = {self.bos_id, self.eos_id}
+        self._modality_table = self.layout.token_modality_table()
 
     def encode(self, *args: Any, **kwargs: Any) -> list[int]:
         """Plain text, same signature and bos/eos handling as torchtitan's tokenizer."""
@@ -148,7 +148,9 @@ class MultimodalTokenizer(BaseTokenizer):
         offset = self.layout.codebook_range(modality)[0]
         out = [self.layout.begin_id(modality)]
         for k, tok in enumerate(tokens):
-            if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < size:
+            if isinstance(tok, bool) or not isinstance(tok, int):
+                raise ValueError(f"tokens[{k}]={tok!r} is not an integer id of the '{modality}' codebook [0, {size})")
+            if not 0 <= tok < size:
                 raise ValueError(f"tokens[{k}]={tok!r} is outside the '{modality}' codebook [0, {size})")
             out.append(tok + offset)
         out.append(self.layout.end_id(modality))
@@ -160,7 +162,7 @@ class MultimodalTokenizer(BaseTokenizer):
         bos/eos are structure, not content, and are dropped (they split text runs). Missing
         begin/end markers are tolerated so truncated generations can still be rendered.
         """
-        table = self.layout.token_modality_table()
+        table = self._modality_table
         segments: list[dict[str, Any]] = []
         current: tuple[int, list[int]] | None = None  # (modality index, raw ids)
 

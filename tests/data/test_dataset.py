@@ -1,0 +1,167 @@
+"""Packing, per-row validation and the demo image codec."""
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from torchtitan_mot.data.dataset import BadSampleError, MultimodalDataset
+from torchtitan_mot.data.image_codec import ImageCodec
+from torchtitan_mot.data.tokenizer import MultimodalTokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER = str(ROOT / "assets" / "tokenizer")
+MODALITIES = ["text", "image", "speech"]
+SIZES = [256, 64]
+
+
+def random_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        segments = [{"modality": "text", "text": f"row {i} " + rng.choice(["seven", "a digit", "zebra"])}]
+        for m, size in zip(MODALITIES[1:], SIZES):
+            if rng.random() < 0.7:
+                segments.append({"modality": m, "tokens": [rng.randrange(size) for _ in range(rng.randint(1, 40))]})
+        rng.shuffle(segments)
+        rows.append({"segments": segments})
+    return rows
+
+
+def write_dataset(root: Path, rows: list[Any], split: str = "train", meta: dict | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    meta = meta or {"modalities": MODALITIES, "codebook_sizes": dict(zip(MODALITIES[1:], SIZES))}
+    (root / "meta.json").write_text(json.dumps(meta))
+    with open(root / f"{split}.jsonl", "w") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tok() -> MultimodalTokenizer:
+    return MultimodalTokenizer(TOKENIZER, MODALITIES, SIZES)
+
+
+def stream_of(windows: list[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> list[int]:
+    """Undo the packing: each window is S inputs plus one final label."""
+    out: list[int] = []
+    for x, y in windows:
+        out += x["input"].tolist() + [int(y[-1])]
+    return out
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_packing(tmp_path: Path, tok: MultimodalTokenizer, streaming: bool) -> None:
+    rows = random_rows(60)
+    ds = MultimodalDataset(str(write_dataset(tmp_path, rows)), "train", tok, seq_len=37, streaming=streaming)
+    windows = list(ds)
+    table = tok.layout.token_modality_table()
+    for x, y in windows:
+        assert x["input"].shape == x["modality_ids"].shape == y.shape == (37,)
+        assert torch.equal(x["modality_ids"], table[x["input"]])
+        assert torch.equal(x["input"][1:], y[:-1])
+    stream = stream_of(windows)
+    expected = [t for r in rows for t in ds.encode_sample(0, r)]
+    assert stream == expected[: len(stream)] and len(expected) - len(stream) < 38
+    # eos closes a document and the next one starts with bos: the document masks see the samples.
+    eos = [i for i, t in enumerate(stream) if t == tok.eos_id]
+    assert all(stream[i + 1] == tok.bos_id for i in eos if i + 1 < len(stream))
+    docs = np.split(np.array(stream), np.array(eos) + 1)
+    for doc, row in zip(docs, rows):
+        if len(doc) and doc[-1] == tok.eos_id:
+            assert tok.decode_segments(doc.tolist()) == row["segments"]
+
+
+def test_state_dict_resume(tmp_path: Path, tok: MultimodalTokenizer) -> None:
+    path = str(write_dataset(tmp_path, random_rows(30)))
+    ref = list(MultimodalDataset(path, "train", tok, seq_len=16))
+    ds = MultimodalDataset(path, "train", tok, seq_len=16)
+    it = iter(ds)
+    head = [next(it) for _ in range(5)]
+    state = ds.state_dict()
+    fresh = MultimodalDataset(path, "train", tok, seq_len=16)
+    fresh.load_state_dict(state)
+    assert stream_of(head + list(fresh)) == stream_of(ref)
+
+
+def test_meta_mismatch(tmp_path: Path, tok: MultimodalTokenizer) -> None:
+    bad = write_dataset(tmp_path / "a", [], meta={"modalities": ["text", "image"], "codebook_sizes": {"image": 256}})
+    with pytest.raises(ValueError, match=r"meta.json declares modalities \['text', 'image'\].*\[mot\].modalities"):
+        MultimodalDataset(str(bad), "train", tok, seq_len=8)
+    bad = write_dataset(
+        tmp_path / "b", [], meta={"modalities": MODALITIES, "codebook_sizes": {"image": 256, "speech": 65}}
+    )
+    with pytest.raises(ValueError, match=r"meta.json declares codebook_sizes .*65.*\[mot\].codebook_sizes"):
+        MultimodalDataset(str(bad), "train", tok, seq_len=8)
+    (tmp_path / "b" / "meta.json").unlink()
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        MultimodalDataset(str(tmp_path / "b"), "train", tok, seq_len=8)
+
+
+GOOD = {"segments": [{"modality": "text", "text": "ok"}, {"modality": "image", "tokens": [1, 2]}]}
+BAD_ROWS = [
+    ({"segments": [{"modality": "video", "tokens": [1]}]}, r"segments\[0\].modality: unknown modality 'video'"),
+    ({"segments": [{"modality": "text", "text": "x"}, {"modality": "image", "tokens": [3, 256]}]},
+     r"segments\[1\].tokens: tokens\[1\]=256 is outside the 'image' codebook \[0, 256\)"),
+    ({"segments": [{"modality": "speech", "tokens": [64]}]}, r"segments\[0\].tokens: tokens\[0\]=64 is outside the 'speech' codebook \[0, 64\)"),
+    ({"segments": [{"modality": "image", "tokens": []}]}, r"segments\[0\].tokens: empty 'image' segment"),
+    ({"segments": [{"modality": "text", "text": ""}]}, r"segments\[0\].text: empty 'text' segment"),
+    ({"segments": []}, r"'segments' must be a non-empty list"),
+    ({"other": 1}, r"missing field 'segments'"),
+    ({"segments": [{"text": "x"}]}, r"segments\[0\]: missing field 'modality'"),
+    ({"segments": [{"modality": "image"}]}, r"segments\[0\]: missing field 'tokens' for a 'image' segment"),
+    ({"segments": [{"modality": "text"}]}, r"segments\[0\]: missing field 'text' for a 'text' segment"),
+]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("bad, match", BAD_ROWS)
+def test_bad_rows(tmp_path: Path, tok: MultimodalTokenizer, bad: dict, match: str, streaming: bool) -> None:
+    # The bad row sits between good ones: the error must name row 1, skipping must keep the rest.
+    path = write_dataset(tmp_path, [GOOD, bad, GOOD])
+    ds = MultimodalDataset(str(path), "train", tok, seq_len=4, streaming=streaming)
+    with pytest.raises(BadSampleError, match=rf"train.jsonl: row 1: {match}"):
+        list(ds)
+    skipping = MultimodalDataset(str(path), "train", tok, seq_len=4, streaming=streaming, skip_bad_samples=True)
+    stream = stream_of(list(skipping))
+    good = skipping.encode_sample(0, GOOD)
+    assert stream == (good + good)[: len(stream)]
+    assert skipping.state_dict()["bad_samples"] == 1
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_infinite_without_usable_samples_stops(tmp_path: Path, tok: MultimodalTokenizer, streaming: bool) -> None:
+    path = write_dataset(tmp_path, [BAD_ROWS[0][0]] * 3)
+    ds = MultimodalDataset(str(path), "train", tok, 4, streaming=streaming, skip_bad_samples=True, infinite=True)
+    assert list(ds) == [] and ds.state_dict()["bad_samples"] == 6  # two passes, then it gives up
+
+
+def test_image_codec_inverts_on_demo_data() -> None:
+    from sklearn.datasets import load_digits
+
+    codec = ImageCodec.load()
+    assert codec.codebook_size == 256
+    images = load_digits().images
+    tokens = codec.encode(images)
+    assert tokens.shape == (len(images), 16)
+    # tokens -> pixels -> tokens is exact; pixels -> tokens -> pixels within quantisation error.
+    assert np.array_equal(codec.encode(codec.decode(tokens)), tokens)
+    err = np.abs(codec.decode(tokens) - images)
+    assert err.mean() < 0.5 and err.max() < 6.0
+    # The demo dataset stores exactly these tokens.
+    rows = [json.loads(l) for l in open(ROOT / "assets/demo/text_image/train.jsonl")]
+    stored = {tuple(s["tokens"]) for r in rows for s in r["segments"] if s["modality"] == "image"}
+    assert stored <= {tuple(t) for t in tokens.tolist()}
+
+
+def test_png_grid(tmp_path: Path) -> None:
+    from torchtitan_mot.data.image_codec import save_png_grid
+
+    codec = ImageCodec.load()
+    save_png_grid(codec.decode(np.arange(32).reshape(2, 16)), tmp_path / "g.png", titles=["a", "b"])
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"

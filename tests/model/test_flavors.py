@@ -1,0 +1,54 @@
+"""Flavors: parameter counts match the analytic formula; active flops match the dense twin."""
+
+import pytest
+import torch
+
+from torchtitan_mot import mot_args
+from torchtitan_mot.model import MoTTransformer
+from torchtitan_mot.model.feedforward import ffn_hidden_dim
+
+VOCAB = 128256 + 2 * (8192 + 2)
+
+
+def analytic_params(a, vocab: int) -> tuple[int, int]:
+    """(total, active) parameters of an MoT flavor, by hand."""
+    hd = a.dim // a.n_heads
+    kv = a.n_kv_heads or a.n_heads
+    hidden = ffn_hidden_dim(a.dim, a.multiple_of, a.ffn_dim_multiplier)
+    per_layer = 2 * a.dim * a.n_heads * hd + 2 * a.dim * kv * hd + 3 * a.dim * hidden + 2 * a.dim
+    shared = 2 * vocab * a.dim + a.dim
+    return shared + a.n_layers * per_layer * a.n_modalities, shared + a.n_layers * per_layer
+
+
+@pytest.mark.parametrize(
+    "flavor", ["8B_2modality", "8B_3modality", "70B_2modality", "70B_3modality", "debugmodel"]
+)
+def test_param_count_and_active_flops(flavor: str) -> None:
+    import copy
+
+    args = copy.deepcopy(mot_args[flavor])
+    args.vocab_size, args.max_seq_len = VOCAB, 4096
+    with torch.device("meta"):
+        model = MoTTransformer(args)
+    total, active = analytic_params(args, VOCAB)
+    nparams, flops = args.get_nparams_and_flops(model, 4096)
+    assert nparams == total
+    hd = args.dim // args.n_heads
+    attn = 6 * args.n_layers * args.n_heads * 2 * hd * 4096
+    assert flops == 6 * (active - VOCAB * args.dim) + attn
+
+    dense = copy.deepcopy(args)
+    dense.n_modalities = 1
+    with torch.device("meta"):
+        dense_model = MoTTransformer(dense)
+    assert dense.get_nparams_and_flops(dense_model, 4096)[1] == flops
+
+
+def test_8b_shapes_are_llama3_8b() -> None:
+    a = mot_args["8B_2modality"]
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.ffn_dim_multiplier, a.rope_theta) == (
+        4096, 32, 32, 8, 1.3, 500000)
+    assert ffn_hidden_dim(a.dim, a.multiple_of, a.ffn_dim_multiplier) == 14336
+    b = mot_args["70B_3modality"]
+    assert (b.dim, b.n_layers, b.n_heads, b.n_kv_heads, b.n_modalities) == (8192, 80, 64, 8, 3)
+    assert ffn_hidden_dim(b.dim, b.multiple_of, b.ffn_dim_multiplier) == 28672

@@ -1,0 +1,221 @@
+"""Stateful, rank-split HuggingFace dataset of multimodal samples, packed into windows.
+
+A row is `{"segments": [{"modality": "text", "text": ...}, {"modality": "image",
+"tokens": [...]}, ...]}`; it becomes `[bos] + segments + [eos]` in unified ids and is packed
+greedily into `seq_len + 1` windows exactly like torchtitan's `HuggingFaceTextDataset`, so
+the eos-based document masks of flex/varlen attention apply unchanged.
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from datasets import Dataset, IterableDataset as HFIterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.utils.data import IterableDataset, get_worker_info
+from torchtitan.tools.logging import logger
+
+from .tokenizer import TEXT, MultimodalTokenizer
+
+ROW_COLUMN = "__mot_row__"
+_FILE_BUILDERS = (("jsonl", "json"), ("json", "json"), ("parquet", "parquet"))
+
+
+class BadSampleError(ValueError):
+    """A malformed row; skippable with `[mot].skip_bad_samples`, unlike config errors."""
+
+
+def check_meta(meta_path: Path, modalities: list[str], codebook_sizes: list[int]) -> None:
+    """`meta.json` must describe exactly the configured modalities and codebooks."""
+    meta = json.loads(meta_path.read_text())
+    if list(meta.get("modalities", [])) != list(modalities):
+        raise ValueError(
+            f"{meta_path} declares modalities {meta.get('modalities')} "
+            f"but the config has [mot].modalities = {list(modalities)}"
+        )
+    expected = dict(zip(modalities[1:], codebook_sizes))
+    if meta.get("codebook_sizes") != expected:
+        raise ValueError(
+            f"{meta_path} declares codebook_sizes {meta.get('codebook_sizes')} "
+            f"but the config has [mot].codebook_sizes = {list(codebook_sizes)} "
+            f"(i.e. {expected})"
+        )
+
+
+def load_split(
+    dataset_path: str, split: str, streaming: bool, modalities: list[str], codebook_sizes: list[int]
+) -> tuple[Dataset | HFIterableDataset, str]:
+    """Load one split from a local directory (checked against meta.json) or a hub name.
+
+    Returns the dataset with a global row-index column (for error messages) and a
+    human-readable source name.
+    """
+    root = Path(dataset_path)
+    if root.is_dir():
+        meta = root / "meta.json"
+        if not meta.is_file():
+            raise FileNotFoundError(f"{meta} is missing: a MoT dataset directory needs meta.json")
+        check_meta(meta, modalities, codebook_sizes)
+        for ext, builder in _FILE_BUILDERS:
+            data_file = root / f"{split}.{ext}"
+            if data_file.is_file():
+                break
+        else:
+            raise FileNotFoundError(f"no {split}.jsonl/.json/.parquet in {root}")
+        ds = load_dataset(builder, data_files={split: str(data_file)}, split=split, streaming=streaming)
+        source = str(data_file)
+    else:
+        ds = load_dataset(dataset_path, split=split, streaming=streaming)
+        source = f"{dataset_path}[{split}]"
+    if isinstance(ds, Dataset):
+        ds = ds.add_column(ROW_COLUMN, range(len(ds)))
+    else:
+        ds = ds.map(lambda _, idx: {ROW_COLUMN: idx}, with_indices=True)
+    return ds, source
+
+
+class MultimodalDataset(IterableDataset, Stateful):
+    """Yields `({"input", "modality_ids"}, labels)` windows; resumable via `state_dict`.
+
+    State = position in this rank's data + the packing buffer, so a resumed run sees exactly
+    the tokens an uninterrupted run would. With DataLoader workers, map-style data is split
+    further per worker (each worker's state is saved by StatefulDataLoader); streaming data
+    is split per worker by `datasets` itself (by file shard).
+    """
+
+    def __init__(
+        self,
+        dataset_path: str,
+        split: str,
+        tokenizer: MultimodalTokenizer,
+        seq_len: int,
+        dp_rank: int = 0,
+        dp_world_size: int = 1,
+        streaming: bool = False,
+        skip_bad_samples: bool = False,
+        infinite: bool = False,
+    ) -> None:
+        layout = tokenizer.layout
+        ds, self.source = load_split(
+            dataset_path, split, streaming, list(layout.modalities), list(layout.codebook_sizes)
+        )
+        self._data = split_dataset_by_node(ds, rank=dp_rank, world_size=dp_world_size)
+        self._tokenizer = tokenizer
+        self._modality_table = layout.token_modality_table()
+        self.seq_len = seq_len
+        self.skip_bad_samples = skip_bad_samples
+        self.infinite = infinite
+        self._split_per_worker = False
+
+        self._sample_idx = 0
+        self._token_buffer: list[int] = []
+        self._bad_samples = 0
+
+    def _bad(self, row: Any, problem: str) -> BadSampleError:
+        return BadSampleError(f"{self.source}: row {row}: {problem}")
+
+    def encode_sample(self, row: Any, sample: dict[str, Any]) -> list[int]:
+        """`[bos] + segments + [eos]` in unified ids; BadSampleError names row and field."""
+        tok, layout = self._tokenizer, self._tokenizer.layout
+        segments = sample.get("segments")
+        if segments is None:
+            raise self._bad(row, "missing field 'segments'")
+        if not isinstance(segments, list) or not segments:
+            raise self._bad(row, "'segments' must be a non-empty list")
+        ids = [tok.bos_id]
+        for j, seg in enumerate(segments):
+            where = f"segments[{j}]"
+            if not isinstance(seg, dict):
+                raise self._bad(row, f"{where} must be an object, got {type(seg).__name__}")
+            modality = seg.get("modality")
+            if modality is None:
+                raise self._bad(row, f"{where}: missing field 'modality'")
+            if modality not in layout.modalities:
+                raise self._bad(
+                    row,
+                    f"{where}.modality: unknown modality {modality!r}, "
+                    f"[mot].modalities is {list(layout.modalities)}",
+                )
+            field = "text" if modality == TEXT else "tokens"
+            value = seg.get(field)
+            if value is None:
+                raise self._bad(row, f"{where}: missing field '{field}' for a {modality!r} segment")
+            if len(value) == 0:
+                raise self._bad(row, f"{where}.{field}: empty {modality!r} segment")
+            try:
+                ids += tok.encode_segment(modality, **{field: value})
+            except ValueError as e:
+                raise self._bad(row, f"{where}.{field}: {e}") from None
+        ids.append(tok.eos_id)
+        return ids
+
+    def _rows(self) -> Iterator[dict[str, Any]]:
+        if isinstance(self._data, Dataset):
+            worker = get_worker_info()
+            if worker is not None and worker.num_workers > 1 and not self._split_per_worker:
+                self._data = split_dataset_by_node(self._data, rank=worker.id, world_size=worker.num_workers)
+                self._split_per_worker = True
+            if self._sample_idx >= len(self._data):
+                return iter([])
+            return iter(self._data.skip(self._sample_idx))
+        return iter(self._data)
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        window = self.seq_len + 1
+        empty_passes = 0
+        while True:
+            empty_passes += 1
+            for sample in self._rows():
+                self._sample_idx += 1
+                try:
+                    ids = self.encode_sample(sample[ROW_COLUMN], sample)
+                except BadSampleError as e:
+                    if not self.skip_bad_samples:
+                        raise
+                    self._bad_samples += 1
+                    logger.warning(f"Skipped bad sample ({self._bad_samples} so far): {e}")
+                    continue
+                empty_passes = 0
+                self._token_buffer.extend(ids)
+                while len(self._token_buffer) >= window:
+                    x = torch.tensor(self._token_buffer[:window], dtype=torch.long)
+                    self._token_buffer = self._token_buffer[window:]
+                    inputs = x[:-1]
+                    yield {"input": inputs, "modality_ids": self._modality_table[inputs]}, x[1:]
+
+            if self._bad_samples:
+                logger.warning(f"{self.source}: {self._bad_samples} bad samples skipped so far")
+            if not self.infinite:
+                logger.warning(f"Dataset {self.source} has run out of data")
+                break
+            if empty_passes == 2:
+                # A whole pass gave no usable sample (e.g. a DataLoader worker without a file
+                # shard, or every row skipped as bad): stop instead of re-looping forever.
+                logger.warning(f"Dataset {self.source} has no samples for this rank/worker")
+                break
+            self._sample_idx = 0
+            logger.warning(f"Dataset {self.source} is being re-looped")
+            if isinstance(self._data, HFIterableDataset):
+                # A new epoch makes `datasets` ignore the resume state it was loaded with.
+                self._data.set_epoch(self._data.epoch + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"token_buffer": list(self._token_buffer), "bad_samples": self._bad_samples}
+        if isinstance(self._data, Dataset):
+            state["sample_idx"] = self._sample_idx
+        else:
+            state["data"] = self._data.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._token_buffer = list(state_dict["token_buffer"])
+        self._bad_samples = state_dict["bad_samples"]
+        if isinstance(self._data, Dataset):
+            self._sample_idx = state_dict["sample_idx"]
+        else:
+            # `datasets` ignores a resume state from another epoch and does not restore the
+            # epoch itself: set it first, or a checkpoint taken after a re-loop restarts the data.
+            self._data.set_epoch(state_dict["data"]["epoch"])
+            self._data.load_state_dict(state_dict["data"])
