@@ -12,7 +12,9 @@ from .data.dataloader import build_mot_dataloader
 from .data.tokenizer import build_mot_tokenizer
 from .infra.parallelize import parallelize_mot
 from .loss import build_mot_loss
+from .metrics import build_mot_metrics_processor
 from .model import MoTModelArgs, MoTTransformer
+from .validate import build_mot_validator
 
 _debug = dict(dim=256, n_layers=6, n_heads=16, rope_theta=500000)
 _8b = dict(
@@ -49,6 +51,8 @@ def get_train_spec() -> TrainSpec:
         build_dataloader_fn=build_mot_dataloader,
         build_tokenizer_fn=build_mot_tokenizer,
         build_loss_fn=build_mot_loss,
+        build_metrics_processor_fn=build_mot_metrics_processor,
+        build_validator_fn=build_mot_validator,
     )
 
 

@@ -6,7 +6,7 @@ and token counts; at each log step this processor all-reduces them over the loss
 logs `loss/<modality>` = global sum / global count, next to the usual metrics.
 """
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -33,7 +33,7 @@ class MoTMetricsProcessor(MetricsProcessor):
     that does not track modalities) this behaves exactly like the stock processor.
     """
 
-    loss_fn: Any = None
+    loss_fn: ModalityLossStats | Callable[..., torch.Tensor] | None = None
 
     def modality_losses(self) -> dict[str, float]:
         """Pop this rank's per-modality stats, reduce them globally, return the means.
@@ -69,11 +69,14 @@ class MoTMetricsProcessor(MetricsProcessor):
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=metrics)
         if hasattr(self.loss_fn, "pop_modality_stats"):
             line = "  ".join(
-                f"{name}: {per_modality[name]:8.5f}" if name in per_modality else f"{name}: -"
+                f"loss/{name}: {per_modality[name]:8.5f}"
+                if name in per_modality
+                else f"loss/{name}: -"
                 for name in self.loss_fn.modalities
             )
             color = self.color
-            logger.info(f"{color.red}step: {step:2}  {color.green}loss/{line}{color.reset}")
+            logger.info(f"{color.red}step: {step:2}  {color.green}{line}{color.reset}")
+
 
 def build_mot_metrics_processor(
     job_config: JobConfig,
