@@ -9,6 +9,7 @@ per-modality loss statistics to the metrics processor.
 import os
 import socket
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,7 @@ from torchtitan.config import ConfigManager, JobConfig
 from torchtitan.components.loss import LossFunction
 
 from torchtitan_mot.infra.cpu import enable_cpu_fallback
+from torchtitan_mot.infra.inputs import prepare_mot_inputs
 
 DEFAULT_CONFIG_MODULE = "torchtitan_mot.config"
 _CONFIG_MODULE_FLAGS = ("--job.custom_config_module", "--job.custom-config-module")
@@ -83,6 +85,25 @@ class MoTTrainer(torchtitan.train.Trainer):
             group = self.parallel_dims.get_mesh("dp_replicate").get_group()
             for module in replicated:
                 module.register_comm_hook(group, _allreduce_sum_hook)
+
+    def post_dataloading_process(
+        self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        """TorchTitan's split into (inputs, labels, extra_inputs, extra_kwargs), except that
+        `modality_ids` travel in `extra_kwargs` (every pipeline stage needs them) and are
+        sharded with the tokens under context parallel. The parent is not called: it would
+        shard the tokens without the modality ids."""
+        inputs = input_dict["input"]
+        extra_inputs = {k: v for k, v in input_dict.items() if k != "input"}
+        extra_kwargs: dict[str, Any] = {}
+        if getattr(self.model_args, "attn_type", "sdpa") in ("flex", "varlen"):
+            extra_kwargs["attention_masks"] = self.model_parts[0].get_attention_masks(
+                input_batch=inputs, tokenizer=self.tokenizer, extra_inputs=extra_inputs
+            )
+        return prepare_mot_inputs(
+            inputs, labels, extra_inputs, extra_kwargs,
+            self.parallel_dims, self.job_config, self.device,
+        )
 
     def forward_backward_step(
         self,

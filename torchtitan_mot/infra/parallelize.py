@@ -1,9 +1,30 @@
-"""Apply TorchTitan's parallelisms to an MoT model."""
+"""Apply TorchTitan's parallelisms to an MoT model.
 
+Order as in TorchTitan's Llama3: tensor (+ sequence, + loss) parallel, context parallel,
+activation checkpointing, per-block compile, FSDP2/HSDP.
+"""
+
+import torch
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import (
+    distribute_module,
+    distribute_tensor,
+    DTensor,
+    Replicate,
+    Shard,
+)
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    parallelize_module,
+    RowwiseParallel,
+    SequenceParallel,
+)
+from torch.distributed.tensor.placement_types import Placement
 from torchtitan.config import JobConfig, TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.distributed.context_parallel import apply_cp_to_attention_module
 from torchtitan.models.llama3.infra.parallelize import (
     _op_sac_save_list,
     apply_compile,
@@ -12,6 +33,12 @@ from torchtitan.models.llama3.infra.parallelize import (
 from torchtitan.tools.logging import logger
 
 from torchtitan_mot.model.args import MoTModelArgs
+from torchtitan_mot.model.model import MoTBlock, MoTTransformer
+from torchtitan_mot.model.routing import ModalityRMSNorm
+
+# Selective op AC: Llama3's list plus our per-modality matmul, which SAC sees as ONE op
+# (its inner aten.mm calls are hidden inside the custom op).
+MOT_OP_SAC_SAVE_LIST = _op_sac_save_list | {torch.ops.mot.routed_mm.default}
 
 
 def validate_parallelism(model_args: MoTModelArgs, parallel_dims: ParallelDims, job_config: JobConfig) -> None:
@@ -30,17 +57,104 @@ def validate_parallelism(model_args: MoTModelArgs, parallel_dims: ParallelDims, 
             f"training.seq_len={seq_len} must be divisible by tensor_parallel_degree "
             f"({tp}) x 2 x context_parallel_degree ({cp}) = {parallel_dims.seq_len_divisor}"
         )
+    # Sequence parallel shards the flat batch*seq token axis over TP; with seq_len % tp == 0
+    # every (micro)batch of whole sequences splits evenly, so no separate check is needed.
     if pp > model_args.n_layers:
         raise ValueError(
             f"parallelism.pipeline_parallel_degree={pp} exceeds n_layers={model_args.n_layers}"
         )
+    if tp > 1 and p.enable_async_tensor_parallel:
+        raise ValueError(
+            "parallelism.enable_async_tensor_parallel is not supported for MoT: its "
+            "micro-pipelining pattern-matches Linear matmuls, MoT uses routed per-modality matmuls"
+        )
+    if cp > 1 and model_args.attn_type == "varlen":
+        raise ValueError(
+            f"parallelism.context_parallel_degree={cp} needs attn_type sdpa or flex; "
+            "TorchTitan 0.2.2 has no context parallel for varlen attention"
+        )
 
 
-def parallelize_mot(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
-    """Activation checkpointing, per-block torch.compile and FSDP2/HSDP, in TorchTitan's order."""
+def _shard_weights(module: nn.Module, mesh: DeviceMesh, placement: Placement) -> None:
+    """Turn every weight under `module` into a DTensor sharded by `placement` on `mesh`.
+
+    Only the parameters change: per-modality linears never run their own forward (the
+    routed matmul takes their local weights), so no input/output hooks are installed.
+    """
+
+    def partition(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+        for pname, param in list(mod.named_parameters(recurse=False)):
+            dparam = nn.Parameter(distribute_tensor(param, mesh, [placement]))
+            mod.register_parameter(pname, dparam)
+
+    distribute_module(module, mesh, partition)
+
+
+def apply_tp(model: MoTTransformer, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
+    """Megatron tensor + sequence parallel on the modality-sorted stream.
+
+    Per modality m: wq/wk/wv/w1/w3.m colwise (Shard(0): this rank's heads / hidden units),
+    wo/w2.m rowwise (Shard(1)); norm weights replicated. Between sublayers the sorted
+    (T, dim) stream is sharded along T (see `model/sequence_parallel.py`). The embedding is
+    vocab-sharded with a replicated output (the sort needs every token), the final norm
+    runs on the sorted chunk, and the output head is colwise with vocab-sharded logits
+    (`Shard(-1)`) for loss parallel.
+    """
+    top: dict[str, object] = {}
+    if model.tok_embeddings is not None:
+        top["tok_embeddings"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Replicate()
+        )
+    if model.norm is not None:
+        top["norm"] = SequenceParallel(sequence_dim=0, use_local_output=True)
+    if model.output is not None:
+        top["output"] = ColwiseParallel(
+            input_layouts=Replicate(),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
+    if top:
+        parallelize_module(model, tp_mesh, top)
+
+    for block in model.layers.values():
+        assert isinstance(block, MoTBlock), type(block)
+        attn, ffn = block.attention, block.feed_forward
+        for proj in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
+            _shard_weights(proj, tp_mesh, Shard(0))
+        for proj in (attn.wo, ffn.w2):
+            _shard_weights(proj, tp_mesh, Shard(1))
+        for module in block.modules():
+            if isinstance(module, ModalityRMSNorm):
+                distribute_module(module, tp_mesh)  # replicate
+        unsharded = [n for n, p in block.named_parameters() if not isinstance(p, DTensor)]
+        assert not unsharded, f"parameters left out of the TP plan: {unsharded}"
+        block.tp_mesh = tp_mesh
+    model.tp_mesh = tp_mesh
+    logger.info(
+        "Applied tensor + sequence parallel%s to the model",
+        " + loss parallel" if loss_parallel else "",
+    )
+
+
+def parallelize_mot(
+    model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig
+) -> nn.Module:
+    """TP/SP, CP, activation checkpointing, per-block compile, FSDP2/HSDP (TorchTitan's order)."""
+    assert isinstance(model, MoTTransformer), type(model)
     validate_parallelism(model.model_args, parallel_dims, job_config)
-    if parallel_dims.tp_enabled or parallel_dims.cp_enabled:
-        raise NotImplementedError("tensor/context parallel for MoT is not available yet")
+
+    if parallel_dims.tp_enabled:
+        apply_tp(
+            model,
+            parallel_dims.get_mesh("tp"),
+            loss_parallel=not job_config.parallelism.disable_loss_parallel,
+        )
+    if parallel_dims.cp_enabled:
+        apply_cp_to_attention_module(
+            [block.attention.inner_attention for block in model.layers.values()],
+            parallel_dims.get_mesh("cp"),
+            model.model_args.attn_type,
+        )
 
     compile_model = job_config.compile.enable and "model" in job_config.compile.components
     if job_config.activation_checkpoint.mode != "none":
@@ -48,7 +162,7 @@ def parallelize_mot(model: nn.Module, parallel_dims: ParallelDims, job_config: J
             model,
             job_config.activation_checkpoint,
             model_compile_enabled=compile_model,
-            op_sac_save_list=_op_sac_save_list,
+            op_sac_save_list=MOT_OP_SAC_SAVE_LIST,
             base_folder=job_config.job.dump_folder,
         )
     if compile_model:

@@ -4,6 +4,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torchtitan.models.llama3.model.model import Transformer
 from torchtitan.protocols.model import AttentionMasksType
 from torchtitan.protocols.train_spec import ModelProtocol
@@ -18,6 +19,7 @@ from .routing import (
     modality_ids_from_masks,
     Routing,
 )
+from .sequence_parallel import gather_tokens, local_tokens, reduce_scatter_tokens, shard_tokens
 
 
 class MoTBlock(nn.Module):
@@ -43,6 +45,8 @@ class MoTBlock(nn.Module):
         self.ffn_norm = ModalityRMSNorm(model_args.dim, n_mod, model_args.norm_eps)
         depth = layer_id + 1 if model_args.depth_init else model_args.n_layers
         self.weight_init_std = 0.02 / (2 * depth) ** 0.5
+        self.tp_mesh: DeviceMesh | None = None
+        """Set by tensor parallel: `x` is then this rank's chunk of the sorted tokens."""
 
     def forward(
         self,
@@ -53,15 +57,17 @@ class MoTBlock(nn.Module):
         attention_masks: AttentionMasksType | None,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(
-            self.attention_norm(x, routing.sorted_ids),
-            routing,
-            batch_shape,
-            freqs_cis,
-            attention_masks,
-            positions,
+        """`x` is the sorted (T, dim) stream, or (T/tp, dim) under sequence parallel: norms
+        and residual adds run on the chunk, projections on all T tokens (gathered)."""
+        mesh = self.tp_mesh
+        ids = local_tokens(routing.sorted_ids, mesh)
+        attn_in = gather_tokens(self.attention_norm(x, ids), mesh, grad_is_partial=True)
+        attn_out = self.attention(
+            attn_in, routing, batch_shape, freqs_cis, attention_masks, positions
         )
-        return h + self.feed_forward(self.ffn_norm(h, routing.sorted_ids), routing)
+        h = x + reduce_scatter_tokens(attn_out, mesh)
+        ffn_in = gather_tokens(self.ffn_norm(h, ids), mesh, grad_is_partial=True)
+        return h + reduce_scatter_tokens(self.feed_forward(ffn_in, routing), mesh)
 
     def init_weights(self) -> None:
         self.attention_norm.reset_parameters()
@@ -96,6 +102,8 @@ class MoTTransformer(Transformer):
         )
         self.norm = nn.RMSNorm(model_args.dim, eps=model_args.norm_eps)
         self.output = nn.Linear(model_args.dim, model_args.vocab_size, bias=False)
+        self.tp_mesh: DeviceMesh | None = None
+        """Set by tensor parallel: blocks then see this rank's chunk of the sorted tokens."""
 
     def forward(
         self,
@@ -133,9 +141,19 @@ class MoTTransformer(Transformer):
             check_modality_ids(modality_ids, self.n_modalities)
 
         routing = build_routing(modality_ids, self.n_modalities)
-        h = routing.sort(h.reshape(bs * seqlen, -1))
+        mesh = self.tp_mesh
+        if mesh is not None and (bs * seqlen) % mesh.size():
+            raise ValueError(
+                f"sequence parallel needs batch*seq = {bs}*{seqlen} tokens divisible by "
+                f"tensor_parallel_degree={mesh.size()}"
+            )
+        # Embeddings (replicated under TP) -> sorted stream -> this rank's chunk.
+        h = shard_tokens(routing.sort(h.reshape(bs * seqlen, -1)), mesh)
         for layer in self.layers.values():
             h = layer(h, routing, (bs, seqlen), self.freqs_cis, attention_masks, positions)
-        h = routing.unsort(h).view(bs, seqlen, -1)
+        # The final norm is per token: it runs on the sorted chunk, before the gather.
         h = self.norm(h) if self.norm is not None else h
+        # Full activations in original order: what the output head, or the next pipeline
+        # stage, expects on every tensor-parallel rank (their grads arrive replicated).
+        h = routing.unsort(gather_tokens(h, mesh, grad_is_partial=False)).view(bs, seqlen, -1)
         return self.output(h) if self.output is not None else h

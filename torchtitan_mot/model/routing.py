@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial
 
 
 @dataclass
@@ -42,11 +43,37 @@ class Routing:
 
     def sort(self, x: torch.Tensor) -> torch.Tensor:
         """(T, ...) tensor in original flat order -> modality-sorted order."""
-        return x if self.order is None else x.index_select(0, self.order)
+        if self.order is None or self.inverse is None:
+            return x
+        return _PermuteRows.apply(x, self.order, self.inverse)
 
     def unsort(self, x: torch.Tensor) -> torch.Tensor:
         """(T, ...) tensor in modality-sorted order -> original flat order."""
-        return x if self.inverse is None else x.index_select(0, self.inverse)
+        if self.order is None or self.inverse is None:
+            return x
+        return _PermuteRows.apply(x, self.inverse, self.order)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """`x.index_select(0, index)` for a permutation `index` whose inverse is known.
+
+    The generic index_select backward scatter-adds into a zero-filled tensor (an extra
+    fill, and a slow serial index_add on CPU); the gradient of a permutation is just the
+    inverse permutation, one gather.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        return x.index_select(0, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 def build_routing(modality_ids: torch.Tensor, n_modalities: int) -> Routing:
@@ -133,12 +160,14 @@ def routed_mm_backward(
     """[grad_x, grad_w_0, ...]; an absent modality gets a zero gradient, never None, so
     data-parallel ranks reduce the same set of gradients."""
     grad_x = x.new_empty(x.shape)
-    grad_ws = [torch.zeros_like(w) for w in weights]
+    grad_ws = [torch.empty_like(w) for w in weights]
     start = 0
     for w, gw, end in zip(weights, grad_ws, offsets.tolist()):
         if end > start:
             torch.mm(grad[start:end], w, out=grad_x[start:end])
             torch.mm(grad[start:end].t(), x[start:end], out=gw)
+        else:
+            gw.zero_()
         start = end
     return [grad_x, *grad_ws]
 
@@ -165,8 +194,17 @@ routed_mm.register_autograd(_routed_mm_backward, setup_context=_routed_mm_setup_
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    """Plain tensor view of a parameter (tensor-parallel parameters are DTensors)."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    """Plain tensor view of a parameter (tensor-parallel parameters are DTensors).
+
+    A parameter replicated over the tensor-parallel mesh (a norm weight) is applied to this
+    rank's share of the tokens (sequence parallel) or heads only, so its local gradient is a
+    partial sum: marking it `Partial` lets FSDP2 / the optimizer reduce it over the mesh.
+    """
+    if not isinstance(t, DTensor):
+        return t
+    if all(p.is_replicate() for p in t.placements):
+        return t.to_local(grad_placements=[Partial()] * len(t.placements))
+    return t.to_local()
 
 
 class ModalityLinear(nn.ModuleList):
@@ -206,8 +244,10 @@ class ModalityRMSNorm(nn.ModuleList):
     def forward(self, x: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
         """`x` is (T, ..., dim) in sorted order, `sorted_ids` (T,) its modality ids."""
         if len(self) == 1:
-            return self[0](x)
+            return F.rms_norm(x, (x.shape[-1],), _local(self[0].weight), self.eps)
         weight = torch.stack([_local(norm.weight) for norm in self])
-        scale = weight.index_select(0, sorted_ids)
+        # The same gather as index_select, but embedding's dedicated backward reduces into
+        # the n_mod rows ~4x faster on CPU than index_select's zero fill + index_add.
+        scale = F.embedding(sorted_ids, weight)
         scale = scale.view(scale.shape[0], *([1] * (x.dim() - 2)), scale.shape[-1])
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * scale

@@ -1,0 +1,106 @@
+"""Route MoT's per-token modality ids through pipeline and context parallel.
+
+TorchTitan 0.2.2 splits a batch into `extra_inputs` (first pipeline stage only) and
+`extra_kwargs` (every stage), and context parallel shards only `inputs`, `labels` and
+`positions`. Every MoT block needs the modality of every token, so `modality_ids` must
+reach every stage and, under context parallel, be sharded exactly like the tokens
+(including the load balancer's reordering).
+"""
+
+from typing import Any
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.attention.flex_attention import BlockMask
+from torchtitan.config import JobConfig
+from torchtitan.distributed import ParallelDims
+from torchtitan.distributed.context_parallel import cp_shard
+
+MODALITY_IDS = "modality_ids"
+
+
+def shard_for_context_parallel(
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    modality_ids: torch.Tensor | None,
+    attention_masks: Any,
+    cp_mesh: DeviceMesh,
+    device: torch.device,
+    load_balancer_type: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, Any]:
+    """TorchTitan's `prepare_context_parallel_input`, with modality ids sharded alongside.
+
+    All tensors go through ONE `cp_shard` call, hence one load balancer: this rank's
+    tokens, labels, positions and modality ids come from the same sequence positions.
+    Returns (inputs, labels, positions, modality_ids, attention_masks).
+    """
+    if attention_masks is not None and not isinstance(attention_masks, BlockMask):
+        # cp_shard's `isinstance(x, (BlockMask, dict[str, BlockMask]))` raises on anything
+        # but a BlockMask (0.2.2 bug); MoT's flex path makes a single BlockMask.
+        raise ValueError(
+            f"context parallel needs a single BlockMask (attn_type='flex') or no mask "
+            f"(attn_type='sdpa'); got {type(attention_masks).__name__}"
+        )
+    positions = torch.arange(inputs.shape[1], dtype=torch.int32, device=device).expand(
+        inputs.shape
+    )
+    buffers = (inputs, labels, positions) + (() if modality_ids is None else (modality_ids,))
+    sharded, attention_masks = cp_shard(cp_mesh, buffers, attention_masks, load_balancer_type)
+    inputs, labels, positions = sharded[:3]
+    modality_ids = sharded[3] if modality_ids is not None else None
+    return inputs, labels, positions, modality_ids, attention_masks
+
+
+def prepare_mot_inputs(
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    extra_inputs: dict[str, torch.Tensor],
+    extra_kwargs: dict[str, Any],
+    parallel_dims: ParallelDims,
+    job_config: JobConfig,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+    """Move `modality_ids` to `extra_kwargs` (every pipeline stage) and apply context parallel.
+
+    Call it from `Trainer.post_dataloading_process` on UNSHARDED tensors, i.e. in place of
+    the base class's `prepare_context_parallel_input` step::
+
+        inputs = input_dict["input"]
+        extra_inputs = {k: v for k, v in input_dict.items() if k != "input"}
+        extra_kwargs = {}
+        if attn_type in ("flex", "varlen"):
+            extra_kwargs["attention_masks"] = model.get_attention_masks(...)
+        return prepare_mot_inputs(inputs, labels, extra_inputs, extra_kwargs, ...)
+
+    Pipeline microbatching splits `extra_kwargs` tensors along the batch dim, like `inputs`.
+    """
+    extra_inputs = dict(extra_inputs)
+    extra_kwargs = dict(extra_kwargs)
+    if MODALITY_IDS in extra_inputs:
+        extra_kwargs[MODALITY_IDS] = extra_inputs.pop(MODALITY_IDS)
+    modality_ids = extra_kwargs.get(MODALITY_IDS)
+    if modality_ids is not None and modality_ids.shape != inputs.shape:
+        raise ValueError(
+            f"modality_ids shape {tuple(modality_ids.shape)} != inputs {tuple(inputs.shape)}"
+        )
+    if parallel_dims.cp_enabled:
+        if extra_inputs:
+            raise ValueError(
+                f"context parallel would leave {sorted(extra_inputs)} unsharded; only "
+                f"{MODALITY_IDS} is sharded with the tokens"
+            )
+        inputs, labels, positions, modality_ids, masks = shard_for_context_parallel(
+            inputs,
+            labels,
+            modality_ids,
+            extra_kwargs.get("attention_masks"),
+            parallel_dims.get_mesh("cp"),
+            device,
+            job_config.parallelism.context_parallel_load_balancer,
+        )
+        extra_kwargs["positions"] = positions
+        if modality_ids is not None:
+            extra_kwargs[MODALITY_IDS] = modality_ids
+        if masks is not None:
+            extra_kwargs["attention_masks"] = masks
+    return inputs, labels, extra_inputs, extra_kwargs
