@@ -1,0 +1,301 @@
+"""Training step time of an MoT model against its dense twin, in one process.
+
+The dense twin (`n_modalities=1`) has the same dims and sees the same tokens, so the ratio
+of step times is the whole cost of modality routing. The two models train (forward, backward,
+AdamW step) ALTERNATELY, swapping which goes first every step, so drifts of a shared machine
+(thermal, other tenants, allocator state) hit both alike; medians and the p10-p90 spread are
+reported over the measured steps.
+
+Modality mixes are synthetic: `--mix` fractions, perturbed per step by `--mix-jitter` so the
+proportions change from batch to batch (this is what would recompile a model with
+data-dependent shapes). Tokens of a modality sit in contiguous runs (`--placement segments`,
+like interleaved text/image/speech data) or are scattered token by token (`random`).
+
+Memory is measured, not estimated, and split in two parts that are comparable on any device:
+  * state: bytes of this model's parameters and AdamW state (exact, from the tensors);
+  * in-step peak: the most memory the step allocates above its starting point (gradients,
+    activations, temporaries). On CUDA this is `max_memory_allocated() - memory_allocated()`
+    over the step; on CPU (no allocator statistics) it is the peak of the CPU allocator's
+    running total reported to `torch.profiler(profile_memory=True)` during one extra,
+    untimed step per model.
+
+Example:
+    python scripts/benchmark.py --flavor debugmodel --seq-len 2048 --batch 4 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch._C._profiler import _EventType
+from torch._dynamo.utils import counters
+from torch.profiler import profile, ProfilerActivity
+from torchtitan.config.job_config import Compile as CompileConfig
+from torchtitan.models.llama3.infra.parallelize import apply_compile
+
+from torchtitan_mot import mot_args
+from torchtitan_mot.model import MoTModelArgs, MoTTransformer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--flavor", default="debugmodel", choices=sorted(mot_args))
+    p.add_argument("--dim", type=int, help="overrides the flavor's dim")
+    p.add_argument("--n-layers", type=int, help="overrides the flavor's n_layers")
+    p.add_argument("--n-heads", type=int, help="overrides the flavor's n_heads")
+    p.add_argument("--n-kv-heads", type=int, help="overrides the flavor's n_kv_heads")
+    p.add_argument("--n-modalities", type=int, help="overrides the flavor's (must be > 1)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--mix", default=None, help="per-modality token fractions, e.g. 0.5,0.5")
+    p.add_argument("--mix-jitter", type=float, default=0.2,
+                   help="each fraction moves by U(-j, j) per step before renormalising")
+    p.add_argument("--placement", choices=("segments", "random"), default="segments")
+    p.add_argument("--segment-len", type=int, default=128, help="mean run length (segments)")
+    p.add_argument("--steps", type=int, default=20, help="measured steps per model")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured steps per model")
+    p.add_argument("--compile", action="store_true", help="per-block torch.compile(fullgraph)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="parameter and activation dtype (no autocast)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def build_args(a: argparse.Namespace) -> MoTModelArgs:
+    """The flavor with any explicit dims and the benchmark's vocab / sequence length."""
+    overrides = {
+        field: value
+        for field, value in (
+            ("dim", a.dim), ("n_layers", a.n_layers), ("n_heads", a.n_heads),
+            ("n_kv_heads", a.n_kv_heads), ("n_modalities", a.n_modalities),
+        )
+        if value is not None
+    }
+    args = dataclasses.replace(
+        mot_args[a.flavor], vocab_size=a.vocab, max_seq_len=a.seq_len, **overrides
+    )
+    if args.n_modalities < 2:
+        raise SystemExit("the MoT side needs n_modalities >= 2 (the dense twin is built for you)")
+    return args
+
+
+def base_mix(spec: str | None, n_modalities: int) -> torch.Tensor:
+    if spec is None:
+        return torch.full((n_modalities,), 1.0 / n_modalities)
+    mix = torch.tensor([float(f) for f in spec.split(",")])
+    if mix.numel() != n_modalities or bool((mix < 0).any()) or mix.sum() <= 0:
+        raise SystemExit(f"--mix needs {n_modalities} non-negative fractions, got {spec}")
+    return mix / mix.sum()
+
+
+def split_counts(fractions: torch.Tensor, total: int) -> list[int]:
+    """Integer token counts per modality summing to `total` (largest remainder)."""
+    exact = fractions * total
+    counts = exact.floor().long()
+    rest = total - int(counts.sum())
+    counts[torch.argsort(exact - counts, descending=True)[:rest]] += 1
+    return counts.tolist()
+
+
+def modality_row(counts: list[int], placement: str, segment_len: int,
+                 gen: torch.Generator) -> torch.Tensor:
+    """One sequence's modality ids with exactly `counts[m]` tokens of modality m."""
+    if placement == "random":
+        ids = torch.cat([torch.full((c,), m) for m, c in enumerate(counts)])
+        return ids[torch.randperm(ids.numel(), generator=gen)]
+    runs = []
+    for m, c in enumerate(counts):
+        n_runs = max(1, round(c / segment_len)) if c else 0
+        if n_runs == 0:
+            continue
+        cuts = torch.randperm(c - 1, generator=gen)[: n_runs - 1] + 1 if c > 1 else torch.empty(0)
+        bounds = [0, *sorted(cuts.tolist()), c]
+        runs += [torch.full((e - s,), m) for s, e in zip(bounds, bounds[1:]) if e > s]
+    return torch.cat([runs[i] for i in torch.randperm(len(runs), generator=gen).tolist()])
+
+
+def make_batch(a: argparse.Namespace, mix: torch.Tensor, gen: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+    """tokens, labels, modality_ids (all (batch, seq)) and the step's realised fractions."""
+    jitter = (torch.rand(mix.shape, generator=gen) * 2 - 1) * a.mix_jitter
+    fractions = (mix + jitter).clamp(min=0)
+    fractions = fractions / fractions.sum() if fractions.sum() > 0 else mix
+    counts = split_counts(fractions, a.seq_len)
+    ids = torch.stack([modality_row(counts, a.placement, a.segment_len, gen)
+                       for _ in range(a.batch)])
+    tokens = torch.randint(0, a.vocab, (a.batch, a.seq_len + 1), generator=gen)
+    dev = a.device
+    return (tokens[:, :-1].to(dev), tokens[:, 1:].to(dev), ids.to(dev),
+            [c / a.seq_len for c in counts])
+
+
+class Runner:
+    """One model, its AdamW, and the measurements of its steps."""
+
+    def __init__(self, name: str, args: MoTModelArgs, a: argparse.Namespace) -> None:
+        self.name = name
+        self.device = torch.device(a.device)
+        with torch.device(self.device):
+            self.model = MoTTransformer(args)
+        with torch.no_grad():
+            self.model.init_weights()
+        # Module.to(dtype) would also cast the complex RoPE table to a real dtype (dropping
+        # its imaginary part), so only the parameters change dtype.
+        for param in self.model.parameters():
+            param.data = param.data.to(DTYPES[a.dtype])
+        self.n_params, self.flops_per_token = args.get_nparams_and_flops(self.model, a.seq_len)
+        if a.compile:
+            apply_compile(self.model, CompileConfig(enable=True, components=["model"]))
+        # fused=True is TorchTitan's default optimizer implementation (CPU and CUDA).
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
+        self.dense = args.n_modalities == 1
+        self.times: list[float] = []
+        self.in_step_peak = 0
+
+    def _train_step(self, tokens: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
+        logits = self.model(tokens, modality_ids=None if self.dense else ids)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        loss.backward()
+        self.optimizer.step()
+
+    def step(self, batch: tuple[torch.Tensor, ...], measure: bool) -> None:
+        tokens, labels, ids = batch
+        # Freed outside the timed region so every step allocates its gradients afresh and
+        # the in-step memory includes them on both devices.
+        self.optimizer.zero_grad(set_to_none=True)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start_bytes = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        self._train_step(tokens, labels, ids)
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        if measure:
+            self.times.append(elapsed)
+            if cuda:
+                peak = torch.cuda.max_memory_allocated() - start_bytes
+                self.in_step_peak = max(self.in_step_peak, peak)
+
+    def profile_cpu_memory(self, batch: tuple[torch.Tensor, ...]) -> None:
+        """Peak bytes allocated during one untimed step, from the profiler's allocation log."""
+        tokens, labels, ids = batch
+        self.optimizer.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            self._train_step(tokens, labels, ids)
+        peak = 0
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            event = stack.pop()
+            if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+                peak = max(peak, event.extra_fields.total_allocated)
+            stack.extend(event.children)
+        self.in_step_peak = peak
+
+    def state_bytes(self) -> int:
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        optim = sum(
+            t.numel() * t.element_size()
+            for state in self.optimizer.state.values()
+            for t in state.values()
+            if isinstance(t, torch.Tensor)
+        )
+        return params + optim
+
+
+def compile_counts() -> tuple[int, int, int]:
+    """(recompiles, unique graphs, graph breaks) so far in this process."""
+    return (sum(counters["recompiles"].values()), counters["stats"]["unique_graphs"],
+            sum(counters["graph_break"].values()))
+
+
+def percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def main() -> None:
+    a = parse_args()
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    args = build_args(a)
+    mix = base_mix(a.mix, args.n_modalities)
+    counters.clear()
+    mot = Runner(f"mot({args.n_modalities})", args, a)
+    dense = Runner("dense", dataclasses.replace(args, n_modalities=1), a)
+    tokens_per_step = a.batch * a.seq_len
+    print(f"device={a.device} dtype={a.dtype} threads={torch.get_num_threads()} "
+          f"compile={a.compile} dim={args.dim} n_layers={args.n_layers} n_heads={args.n_heads} "
+          f"n_kv_heads={args.n_kv_heads or args.n_heads} vocab={a.vocab} seq_len={a.seq_len} "
+          f"batch={a.batch} mix={[round(f, 3) for f in mix.tolist()]}±{a.mix_jitter} "
+          f"placement={a.placement} warmup={a.warmup} steps={a.steps}")
+
+    gen = torch.Generator().manual_seed(a.seed)
+    seen_mixes: list[list[float]] = []
+    for i in range(a.warmup + a.steps):
+        measure = i >= a.warmup
+        if i == a.warmup:
+            warm_counts = compile_counts()
+        tokens, labels, ids, fractions = make_batch(a, mix, gen)
+        if measure:
+            seen_mixes.append(fractions)
+        order: tuple[Runner, Runner] = (mot, dense) if i % 2 == 0 else (dense, mot)
+        for runner in order:
+            runner.step((tokens, labels, ids), measure)
+    end_counts = compile_counts()
+    if a.device == "cpu":
+        batch = make_batch(a, mix, gen)[:3]
+        for runner in (mot, dense):
+            runner.profile_cpu_memory(batch)
+
+    first = [round(f[0], 3) for f in seen_mixes]
+    print(f"modality-0 fraction over measured steps: min {min(first)} max {max(first)} "
+          f"({len({tuple(f) for f in seen_mixes})} distinct mixes)")
+    print(f"active FLOPs per token (fwd+bwd, TorchTitan's count): mot {mot.flops_per_token:.4g}"
+          f"  dense {dense.flops_per_token:.4g}")
+    memory_source = ("cuda max_memory_allocated" if a.device == "cuda"
+                     else "torch.profiler CPU allocator total")
+    header = (f"{'model':<8} {'params':>9} {'median ms':>10} {'min ms':>8} {'p10-p90 ms':>17} "
+              f"{'tok/s':>9} "
+              f"{'TFLOP/s':>8} {'state MiB':>10} {'in-step MiB':>12} {'total MiB':>10}")
+    print(f"in-step memory from: {memory_source}")
+    print(header)
+    print("-" * len(header))
+    medians = {}
+    for r in (mot, dense):
+        med = statistics.median(r.times)
+        medians[r.name] = med
+        state, peak = r.state_bytes() / 2**20, r.in_step_peak / 2**20
+        spread = f"{percentile(r.times, 0.1) * 1e3:.1f}-{percentile(r.times, 0.9) * 1e3:.1f}"
+        tflops = r.flops_per_token * tokens_per_step / med / 1e12
+        print(f"{r.name:<8} {r.n_params / 1e6:>8.2f}M {med * 1e3:>10.1f} "
+              f"{min(r.times) * 1e3:>8.1f} {spread:>17} {tokens_per_step / med:>9.0f} "
+              f"{tflops:>8.3f} {state:>10.1f} {peak:>12.1f} {state + peak:>10.1f}")
+    # Per-step ratio of the paired (same batch) steps: a steadier statistic than the ratio of
+    # medians on a noisy box.
+    paired = [m / d for m, d in zip(mot.times, dense.times)]
+    print(f"paired per-step ratio: median {statistics.median(paired):.3f} "
+          f"p10-p90 {percentile(paired, 0.1):.3f}-{percentile(paired, 0.9):.3f}")
+    if a.compile:
+        recompiles, graphs, breaks = end_counts
+        print(f"compile: unique graphs {graphs}, recompiles {recompiles} in total, "
+              f"{recompiles - warm_counts[0]} during the {a.steps} measured steps "
+              f"(new graphs {graphs - warm_counts[1]}), graph breaks {breaks}")
+    print(f"mot/dense step time ratio: {medians[mot.name] / medians[dense.name]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
