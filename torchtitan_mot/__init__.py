@@ -4,7 +4,6 @@ Importing this package registers the TrainSpec "mot" (`--model.name mot`).
 """
 
 from torchtitan.components.lr_scheduler import build_lr_schedulers
-from torchtitan.components.optimizer import build_optimizers
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.protocols.train_spec import register_train_spec, TrainSpec
 
@@ -14,6 +13,8 @@ from .infra.parallelize import parallelize_mot
 from .loss import build_mot_loss
 from .metrics import build_mot_metrics_processor
 from .model import MoTModelArgs, MoTTransformer
+from .model.state_dict_adapter import MoTStateDictAdapter
+from .optimizer import build_mot_optimizers
 from .validate import build_mot_validator
 
 _debug = dict(dim=256, n_layers=6, n_heads=16, rope_theta=500000)
@@ -46,13 +47,14 @@ def get_train_spec() -> TrainSpec:
         model_args=mot_args,
         parallelize_fn=parallelize_mot,
         pipelining_fn=pipeline_llm,
-        build_optimizers_fn=build_optimizers,
+        build_optimizers_fn=build_mot_optimizers,
         build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_mot_dataloader,
         build_tokenizer_fn=build_mot_tokenizer,
         build_loss_fn=build_mot_loss,
         build_metrics_processor_fn=build_mot_metrics_processor,
         build_validator_fn=build_mot_validator,
+        state_dict_adapter=MoTStateDictAdapter,
     )
 
 

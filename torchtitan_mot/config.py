@@ -27,6 +27,22 @@ class MoT:
     skip_bad_samples: bool = False
     """Skip (and count) malformed samples instead of stopping with an error."""
 
+    frozen_modalities: list[str] = field(default_factory=list)
+    """Modalities whose untied weights (attention, FFN, norms) are not trained: they get
+    `requires_grad=False` and are left out of the optimizer, so neither updates nor weight
+    decay touch them (bitwise unchanged). Shared embedding / final norm / head still train.
+    Needs `python -m torchtitan_mot.train` (MoTTrainer passes these settings on)."""
+
+    lr_multipliers: list[float] = field(default_factory=list)
+    """Learning-rate multiplier per modality (same order as `modalities`) for its untied
+    weights; shared weights use 1.0. Empty means 1.0 everywhere. The LR schedule scales
+    every parameter group alike, so the ratios hold through warmup and decay."""
+
+    nan_policy: str = "stop"
+    """What a non-finite loss (or non-finite gradients) does: "stop" raises with the step number and
+    per-modality losses before the optimizer step (so no poisoned weights are checkpointed);
+    "skip" leaves weights and optimizer state untouched for that step and trains on."""
+
 
 @dataclass
 class JobConfig:

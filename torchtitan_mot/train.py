@@ -20,6 +20,7 @@ from torchtitan.components.loss import LossFunction
 
 from torchtitan_mot.infra.cpu import enable_cpu_fallback
 from torchtitan_mot.infra.inputs import prepare_mot_inputs
+from torchtitan_mot.reliability import ReliabilityMixin
 
 DEFAULT_CONFIG_MODULE = "torchtitan_mot.config"
 _CONFIG_MODULE_FLAGS = ("--job.custom_config_module", "--job.custom-config-module")
@@ -48,7 +49,7 @@ def _allreduce_sum_hook(
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-class MoTTrainer(torchtitan.train.Trainer):
+class MoTTrainer(ReliabilityMixin, torchtitan.train.Trainer):
     """TorchTitan `Trainer` with correct gradient scale under PP and DDP.
 
     Gradient scale. TorchTitan normalises the loss as `sum over the step's tokens of CE /

@@ -1,5 +1,6 @@
 """Packing, per-row validation and the demo image codec."""
 
+import re
 import json
 import random
 from pathlib import Path
@@ -165,3 +166,13 @@ def test_png_grid(tmp_path: Path) -> None:
     codec = ImageCodec.load()
     save_png_grid(codec.decode(np.arange(32).reshape(2, 16)), tmp_path / "g.png", titles=["a", "b"])
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_truncated_file_is_named(tmp_path: Path, tok: MultimodalTokenizer, streaming: bool) -> None:
+    path = write_dataset(tmp_path, random_rows(50))
+    data_file = path / "train.jsonl"
+    lines = data_file.read_text().splitlines()
+    data_file.write_text("\n".join(lines[:40] + [lines[40][:25]]) + "\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(data_file))}: unreadable data file"):
+        list(MultimodalDataset(str(path), "train", tok, seq_len=8, streaming=streaming))

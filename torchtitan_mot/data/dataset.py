@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import pyarrow as pa
 from datasets import Dataset, IterableDataset as HFIterableDataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
 from datasets.distributed import split_dataset_by_node
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
@@ -44,6 +46,15 @@ def check_meta(meta_path: Path, modalities: list[str], codebook_sizes: list[int]
         )
 
 
+# What `datasets` raises for a truncated, corrupt or unreadable data file; none names the file.
+_UNREADABLE = (DatasetGenerationError, pa.ArrowInvalid, OSError)
+
+
+def _unreadable(source: str, error: Exception) -> ValueError:
+    cause = error.__cause__ or error
+    return ValueError(f"{source}: unreadable data file ({type(cause).__name__}: {cause})")
+
+
 def load_split(
     dataset_path: str, split: str, streaming: bool, modalities: list[str], codebook_sizes: list[int]
 ) -> tuple[Dataset | HFIterableDataset, str]:
@@ -64,8 +75,11 @@ def load_split(
                 break
         else:
             raise FileNotFoundError(f"no {split}.jsonl/.json/.parquet in {root}")
-        ds = load_dataset(builder, data_files={split: str(data_file)}, split=split, streaming=streaming)
         source = str(data_file)
+        try:
+            ds = load_dataset(builder, data_files={split: source}, split=split, streaming=streaming)
+        except _UNREADABLE as e:
+            raise _unreadable(source, e) from e
     else:
         ds = load_dataset(dataset_path, split=split, streaming=streaming)
         source = f"{dataset_path}[{split}]"
@@ -160,7 +174,14 @@ class MultimodalDataset(IterableDataset, Stateful):
             if self._sample_idx >= len(self._data):
                 return iter([])
             return iter(self._data.skip(self._sample_idx))
-        return iter(self._data)
+        return self._read_streaming()
+
+    def _read_streaming(self) -> Iterator[dict[str, Any]]:
+        """Streaming reads the file lazily, so a corrupt file surfaces mid-run: name it."""
+        try:
+            yield from self._data
+        except _UNREADABLE as e:
+            raise _unreadable(self.source, e) from e
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         window = self.seq_len + 1

@@ -1,0 +1,143 @@
+"""Warm start an MoT model from a dense Llama3 checkpoint.
+
+    python scripts/warm_start.py --dense DIR --flavor debugmodel \
+        --config train_configs/debug_mot.toml --out DIR [--seed 0] [--force]
+
+`--dense` is either a TorchTitan DCP checkpoint folder (a `step-N` folder holding
+`.metadata`; model-only or a full training checkpoint, of which only the model entries are
+read) or a HuggingFace Llama folder of `*.safetensors` (converted with TorchTitan's
+`Llama3StateDictAdapter.from_hf`). The output is a model-only MoT DCP checkpoint for
+`--checkpoint.initial_load_path OUT`, in which every modality copy of every attention, FFN
+and norm weight is the dense weight (so the MoT starts as exactly the dense model), the
+embedding and output head are copied, and vocabulary rows the dense model lacks (modality
+markers, codebooks) start at the mean dense row plus small seeded noise.
+
+The MoT shapes come from `--config` and `--flavor` (the vocabulary size from the config's
+tokenizer and codebooks, as in training). The output is written to a temporary sibling and
+renamed, so an interrupted run leaves no half-written checkpoint at `--out`; the same
+inputs give the same output.
+"""
+
+import argparse
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+# Llama3 model entries of a DCP checkpoint; a training checkpoint also holds optimizer,
+# lr_scheduler, dataloader and train_state entries, which warm start ignores.
+_DENSE_MODEL_KEY = re.compile(r"^(tok_embeddings\.weight|norm\.weight|output\.weight|layers\.\d+\..+)$")
+
+
+def load_dense_dcp(path: Path) -> dict[str, torch.Tensor]:
+    """The model entries of a TorchTitan DCP checkpoint, as plain CPU tensors."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata) and _DENSE_MODEL_KEY.match(key)
+    }
+    if not state:
+        raise SystemExit(f"{path}: DCP checkpoint holds no Llama3 model entries")
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return state
+
+
+def load_dense_hf(path: Path, model_args: Any) -> dict[str, torch.Tensor]:
+    """A HuggingFace Llama safetensors folder, converted to Llama3 names by TorchTitan."""
+    from safetensors.torch import load_file
+    from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
+
+    from torchtitan_mot.model.state_dict_adapter import WarmStartError
+
+    hf_sd: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        hf_sd.update(load_file(str(file)))
+    adapter = Llama3StateDictAdapter(model_args, None)
+    unknown = sorted(k for k in hf_sd if re.sub(r"\d+", "{}", k, count=1) not in adapter.from_hf_map)
+    if unknown:
+        raise WarmStartError(f"{path}: HF keys unknown to the Llama3 adapter: {', '.join(unknown)}")
+    return adapter.from_hf(hf_sd)
+
+
+def load_dense(path: Path, model_args: Any) -> dict[str, torch.Tensor]:
+    if (path / ".metadata").is_file():
+        return load_dense_dcp(path)
+    if any(path.glob("*.safetensors")):
+        return load_dense_hf(path, model_args)
+    steps = sorted(p.name for p in path.glob("step-*"))
+    hint = f" (it holds {', '.join(steps)}: pass one of them)" if steps else ""
+    raise SystemExit(
+        f"{path} is neither a DCP checkpoint (no .metadata) nor a HuggingFace folder "
+        f"(no *.safetensors){hint}"
+    )
+
+
+def mot_target(config: Path, flavor: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(model args, meta-device MoT state dict) for `flavor` under the job config `config`."""
+    import copy
+
+    from torchtitan.config import ConfigManager
+
+    import torchtitan_mot
+    from torchtitan_mot.model import MoTTransformer
+
+    job_config = ConfigManager().parse_args(
+        [
+            "--job.config_file", str(config),
+            "--job.custom_config_module", "torchtitan_mot.config",
+            "--model.flavor", flavor,
+        ]
+    )
+    if flavor not in torchtitan_mot.mot_args:
+        raise SystemExit(f"unknown MoT flavor {flavor!r}; known: {sorted(torchtitan_mot.mot_args)}")
+    model_args = copy.deepcopy(torchtitan_mot.mot_args[flavor])
+    model_args.update_from_config(job_config)
+    with torch.device("meta"):
+        model = MoTTransformer(model_args)
+    return model_args, model.state_dict()
+
+
+def prepare_out(out: Path, force: bool) -> Path:
+    """A fresh temporary sibling of `out`; refuse a non-empty `out` without `force`."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise SystemExit(f"{out} exists and is not empty; pass --force to replace it")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def warm_start(dense: Path, config: Path, flavor: str, out: Path, seed: int, force: bool) -> None:
+    from torchtitan_mot.model.state_dict_adapter import untie_dense_state_dict
+
+    tmp = prepare_out(out, force)
+    model_args, target = mot_target(config, flavor)
+    mot_sd = untie_dense_state_dict(load_dense(dense, model_args), target, seed=seed)
+    dcp.save(mot_sd, checkpoint_id=str(tmp), no_dist=True)
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)
+    print(f"wrote MoT checkpoint ({flavor}, {model_args.n_modalities} modalities, "
+          f"vocab {model_args.vocab_size}) to {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dense", type=Path, required=True, help="DCP step folder or HF safetensors folder")
+    parser.add_argument("--flavor", required=True, help="MoT flavor, e.g. debugmodel")
+    parser.add_argument("--config", type=Path, required=True, help="job config TOML (tokenizer, codebooks)")
+    parser.add_argument("--out", type=Path, required=True, help="output DCP folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise in new vocabulary rows")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    args = parser.parse_args(argv)
+    warm_start(args.dense, args.config, args.flavor, args.out, args.seed, args.force)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()

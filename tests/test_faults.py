@@ -1,0 +1,189 @@
+"""Bad input and faults: clear errors naming both sides, and no poisoned or clobbered checkpoints."""
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from torchtitan_mot.model import MoTModelArgs, MoTTransformer
+from torchtitan_mot.reliability import NonFiniteLossError, NonFiniteLossGuard
+from torchtitan_mot.loss import MoTLoss
+
+from test_resume import CONFIG, REPO, run_trainer, small_args
+from test_freeze import _config, TINY
+
+from torchtitan_mot.optimizer import build_mot_optimizers
+
+
+def _loss_with_stats() -> MoTLoss:
+    loss = MoTLoss(torch.tensor([0, 0, 1, 1]), ["text", "image"], [])
+    pred = torch.zeros(1, 2, 4)
+    pred[0, 1, 2] = float("nan")
+    loss(pred, torch.tensor([[0, 2]]))  # text target finite, image target NaN
+    return loss
+
+
+def test_guard_stop_reports_step_and_modalities() -> None:
+    loss_fn = _loss_with_stats()
+    guard = NonFiniteLossGuard("stop", ["text", "image"], loss_fn)
+    guard.record(torch.tensor(1.5))
+    assert guard.should_step(3)  # finite: steps, and resets
+    guard.record(torch.tensor(1.5))
+    guard.record(torch.tensor(float("nan")))
+    with pytest.raises(NonFiniteLossError, match=r"step 7: .*\[1\.5, nan\].*'text': 1\.38.*'image': nan"):
+        guard.should_step(7)
+    # finite loss, non-finite gradient: still stopped (the optimizer would write NaN)
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.tensor([0.0, float("inf"), 1.0])
+    guard.record(torch.tensor(2.0))
+    with pytest.raises(NonFiniteLossError, match="the loss was finite, the gradients were not"):
+        guard.should_step(8, [w])
+    w.grad = torch.ones(3)
+    guard.record(torch.tensor(2.0))
+    assert guard.should_step(9, [w])
+    with pytest.raises(ValueError, match="nan_policy must be one of"):
+        NonFiniteLossGuard("ignore", ["text"])
+
+
+def test_guard_skip_leaves_weights_and_optimizer_state() -> None:
+    torch.manual_seed(0)
+    model = MoTTransformer(MoTModelArgs(**TINY))
+    with torch.no_grad():
+        model.init_weights()
+    opt = build_mot_optimizers([model], _config(), None)
+    guard = NonFiniteLossGuard("skip", ["text", "image"])
+    opt.step_guard = lambda: guard.should_step(1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = model(torch.randint(0, 50, (1, 16)), modality_ids=torch.randint(0, 2, (1, 16)))
+    loss = out.sum() * float("inf")
+    loss.backward()
+    guard.record(loss)
+    opt.step()
+    assert guard.skipped_steps == [1]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not opt.optimizers[0].state  # no moments were created
+    model.zero_grad()
+    model(torch.randint(0, 50, (1, 16)), modality_ids=torch.zeros(1, 16, dtype=torch.long)).sum().backward()
+    opt.step()  # a finite step goes through
+    assert not torch.equal(before["output.weight"], model.output.weight)
+
+
+def _nan_run(tmp_path: Path, policy: str, check: bool):
+    """lr 1e30: step 1 is finite, its update blows the weights up, step 2's loss is not."""
+    dump = tmp_path / policy
+    result = run_trainer(tmp_path, small_args(
+        dump, 4, "--optimizer.lr", "1e30", "--lr_scheduler.warmup_steps", "0",
+        "--checkpoint.enable", "--checkpoint.interval", "1", "--checkpoint.no-last-save-model-only",
+        "--mot.nan_policy", policy), check=check)
+    return dump / "checkpoint", result.stdout + result.stderr, result.returncode
+
+
+def test_nan_stop_through_entry_point(tmp_path: Path) -> None:
+    folder, log, rc = _nan_run(tmp_path, "stop", check=False)
+    assert rc != 0
+    assert "NonFiniteLossError: non-finite loss or gradients at step 2" in log and "per-modality loss {'text'" in log
+    assert sorted(p.name for p in folder.iterdir()) == ["step-1"]  # nothing written after the NaN
+
+
+def test_nan_skip_through_entry_point(tmp_path: Path) -> None:
+    folder, log, _ = _nan_run(tmp_path, "skip", check=True)
+    assert "non-finite loss or gradients at step 2" in log and "step skipped" in log
+    states = []
+    for step in (1, 4):
+        meta = dcp.FileSystemReader(str(folder / f"step-{step}")).read_metadata().state_dict_metadata
+        sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+              if k.startswith(("layers.", "tok_embeddings", "output", "norm"))}
+        dcp.load(sd, checkpoint_id=str(folder / f"step-{step}"), no_dist=True)
+        states.append(sd)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # steps 2-4 skipped
+
+
+def _tree_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (["--mot.modalities", "text,speech", "--mot.codebook_sizes", "256"],
+         r"declares modalities \['text', 'image'\] but the config has \[mot\].modalities = \['text', 'speech'\]"),
+        (["--mot.codebook_sizes", "128"], r"meta.json.*256.*128|meta.json.*128.*256"),
+        (["--model.flavor", "debugmodel_3modality"],
+         r"'debugmodel_3modality' has n_modalities=3 but mot.modalities lists 2"),
+    ],
+)
+def test_config_disagreements_fail_at_startup(tmp_path: Path, override: list[str], expected: str) -> None:
+    import re
+
+    result = run_trainer(tmp_path, small_args(tmp_path / "run", 2, *override), check=False)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0 and re.search(expected, log), log[-3000:]
+    assert "step:  1" not in log
+
+
+@pytest.mark.parametrize("flavor", ["debugmodel_dense", "debugmodel_3modality"])
+def test_checkpoint_of_other_flavor_is_refused(tmp_path: Path, flavor: str) -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    import warm_start
+
+    config = CONFIG
+    if flavor.endswith("3modality"):
+        config = tmp_path / "mot3.toml"
+        config.write_text(CONFIG.read_text()
+                          .replace('modalities = ["text", "image"]', 'modalities = ["text", "image", "speech"]')
+                          .replace("codebook_sizes = [256]", "codebook_sizes = [256, 64]"))
+    other = MoTTransformer(warm_start.mot_target(config, flavor)[0])
+    dcp.save(other.state_dict(), checkpoint_id=str(tmp_path / "other"), no_dist=True)
+    before = _tree_hash(tmp_path / "other")
+    result = run_trainer(tmp_path, small_args(
+        tmp_path / "run", 2, "--checkpoint.enable", "--checkpoint.initial_load_path", str(tmp_path / "other")),
+        check=False)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    errors = [l for l in log.splitlines() if "CheckpointMismatchError:" in l]
+    assert errors, log[-3000:]
+    if flavor == "debugmodel_dense":
+        assert "54 model keys missing from the checkpoint: layers.0.attention.wk.1.weight" in errors[-1]
+    else:
+        assert "54 checkpoint keys the model does not have: layers.0.attention.wk.2.weight" in errors[-1]
+        assert "tok_embeddings.weight: model [1282, 256] vs checkpoint [1348, 256]" in errors[-1]
+    assert _tree_hash(tmp_path / "other") == before
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_corrupt_data_file_leaves_last_checkpoint_intact(tmp_path: Path) -> None:
+    """Train 5 steps, cut a row of the data file in half, restart: the run fails before any
+    step, and the step-5 checkpoint is byte-for-byte intact (and still loads)."""
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "assets" / "demo" / "text_image", data)
+    args = ["--training.dataset_path", str(data), "--checkpoint.enable", "--checkpoint.interval", "5"]
+    run_trainer(tmp_path, small_args(tmp_path / "run", 5, *args))
+    step5 = tmp_path / "run" / "checkpoint" / "step-5"
+    before = _tree_hash(step5)
+    rows = (data / "train.jsonl").read_text().splitlines()
+    (data / "train.jsonl").write_text("\n".join(rows[:80] + [rows[80][: len(rows[80]) // 2]]) + "\n")
+    result = run_trainer(tmp_path, small_args(tmp_path / "run", 10, *args), check=False)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0 and "JSON parse error" in log and "step:  6" not in log
+    assert _tree_hash(step5) == before
+    assert sorted(p.name for p in step5.parent.iterdir()) == ["step-5"]
+
+
+def test_unreadable_data_file_is_named(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "assets" / "demo" / "text_image", data)
+    rows = (data / "train.jsonl").read_text().splitlines()
+    (data / "train.jsonl").write_text("\n".join(rows[:40] + [rows[40][:30]]) + "\n")
+    result = run_trainer(tmp_path, small_args(tmp_path / "run", 3, "--training.dataset_path", str(data)),
+                         check=False)
+    errors = [l for l in (result.stdout + result.stderr).splitlines() if "Error:" in l and "[rank0]" in l]
+    assert result.returncode != 0 and errors
+    assert str(data / "train.jsonl") in errors[-1], errors[-1]

@@ -1,0 +1,173 @@
+"""Per-modality optimizer settings: frozen modalities and learning-rate multipliers.
+
+TorchTitan builds the optimizer with `build_optimizers_fn(model_parts, job_config.optimizer,
+parallel_dims)`: the `[mot]` section is not passed. `use_modality_optimizer_settings` (called
+by `MoTTrainer` before the parent constructor) therefore replaces `job_config.optimizer` by a
+`ModalityOptimizerConfig` that carries the modality settings to `build_mot_optimizers`.
+
+Which parameters belong to which modality is read off the module structure, not the names:
+the i-th child of a `ModalityLinear` / `ModalityRMSNorm` holds modality i's weights.
+
+Frozen modalities get `requires_grad=False` and stay out of the optimizer. This works with
+FSDP2 here (tested bitwise with 2 gloo ranks): FSDP2 shards frozen and trainable parameters of
+one group together and reduce-scatters only the gradients that exist, and every rank freezes
+the same parameters. Without a gradient a frozen weight is skipped by grad clipping (it does
+not shrink the other weights' updates) and by weight decay, and it is never stepped.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torchtitan.components.ft import FTManager
+from torchtitan.components.optimizer import build_optimizers, OptimizersContainer
+from torchtitan.config import JobConfig, Optimizer as OptimizerConfig
+from torchtitan.distributed import ParallelDims
+
+from torchtitan_mot.model.routing import ModalityLinear, ModalityRMSNorm
+
+
+@dataclass
+class ModalityOptimizerConfig(OptimizerConfig):
+    """TorchTitan's `[optimizer]` settings plus the `[mot]` per-modality settings."""
+
+    modalities: list[str] = field(default_factory=list)
+    frozen_modalities: list[str] = field(default_factory=list)
+    lr_multipliers: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.frozen_modalities if m not in self.modalities]
+        if unknown:
+            raise ValueError(
+                f"mot.frozen_modalities {unknown} are not in mot.modalities {self.modalities}"
+            )
+        if self.lr_multipliers and len(self.lr_multipliers) != len(self.modalities):
+            raise ValueError(
+                f"mot.lr_multipliers has {len(self.lr_multipliers)} entries but mot.modalities "
+                f"has {len(self.modalities)}: {self.modalities}"
+            )
+        if any(m < 0 for m in self.lr_multipliers):
+            raise ValueError(f"mot.lr_multipliers must be >= 0, got {self.lr_multipliers}")
+
+    @property
+    def frozen_ids(self) -> set[int]:
+        return {self.modalities.index(m) for m in self.frozen_modalities}
+
+    @property
+    def multipliers(self) -> list[float]:
+        return list(self.lr_multipliers) or [1.0] * len(self.modalities)
+
+
+def use_modality_optimizer_settings(job_config: JobConfig) -> None:
+    """Make `job_config.optimizer` carry the `[mot]` per-modality settings (see module doc)."""
+    mot = job_config.mot
+    job_config.optimizer = ModalityOptimizerConfig(
+        **dataclasses.asdict(job_config.optimizer),
+        modalities=list(mot.modalities),
+        frozen_modalities=list(mot.frozen_modalities),
+        lr_multipliers=list(mot.lr_multipliers),
+    )
+
+
+def modality_parameters(model: nn.Module) -> dict[int, list[nn.Parameter]]:
+    """Untied parameters by modality id; parameters not listed are shared by all modalities."""
+    groups: dict[int, list[nn.Parameter]] = {}
+    for module in model.modules():
+        if isinstance(module, (ModalityLinear, ModalityRMSNorm)):
+            for modality, child in enumerate(module):
+                groups.setdefault(modality, []).extend(child.parameters())
+    return groups
+
+
+class MoTOptimizersContainer(OptimizersContainer):
+    """`OptimizersContainer` with one parameter group per modality (plus the shared one).
+
+    Group lrs are `lr x multiplier`; TorchTitan's `LambdaLR` scales each group's initial lr,
+    so the schedule keeps the ratios. Checkpointing is TorchTitan's flattened optimizer state
+    dict, which stores lr and the other hyperparameters per parameter, whatever the grouping.
+
+    `step_guard`, when set, is asked before every step; if it returns False the step is
+    skipped, leaving weights and optimizer state untouched (the non-finite loss guard).
+    """
+
+    def __init__(
+        self,
+        model_parts: list[nn.Module],
+        optimizer_cls: type[torch.optim.Optimizer],
+        optimizer_kwargs: dict[str, Any],
+        frozen_ids: set[int],
+        multipliers: list[float],
+    ) -> None:
+        self.optimizers = []
+        self.model_parts = model_parts
+        self.step_guard: Callable[[], bool] | None = None
+        all_params: list[nn.Parameter] = []
+        for model in model_parts:
+            by_modality = modality_parameters(model)
+            if by_modality and len(by_modality) != len(multipliers):
+                raise ValueError(
+                    f"the model has {len(by_modality)} modality weight sets but mot.modalities "
+                    f"lists {len(multipliers)}: per-modality freezing / lr multipliers need an "
+                    "MoT flavor with one weight set per modality (not the dense twin)"
+                )
+            untied = {id(p) for params in by_modality.values() for p in params}
+            for modality in frozen_ids:
+                for p in by_modality.get(modality, []):
+                    p.requires_grad_(False)
+            shared = [p for p in model.parameters() if id(p) not in untied and p.requires_grad]
+            param_groups = [{"params": shared}] if shared else []
+            for modality, params in sorted(by_modality.items()):
+                trainable = [p for p in params if p.requires_grad]
+                if trainable:
+                    lr = optimizer_kwargs["lr"] * multipliers[modality]
+                    param_groups.append({"params": trainable, "lr": lr})
+            self.optimizers.append(optimizer_cls(param_groups, **optimizer_kwargs))
+            all_params.extend(p for group in param_groups for p in group["params"])
+        self._validate_length(len(self.model_parts))
+        self._post_init(all_params, optimizer_kwargs)
+
+    def step(self, *args, **kwargs) -> None:
+        if self.step_guard is not None and not self.step_guard():
+            return
+        super().step(*args, **kwargs)
+
+
+def build_mot_optimizers(
+    model_parts: list[nn.Module],
+    optimizer_config: OptimizerConfig,
+    parallel_dims: ParallelDims,
+    ft_manager: FTManager | None = None,
+) -> OptimizersContainer:
+    """TorchTitan's `build_optimizers`, with per-modality groups when the config has them.
+
+    A plain `[optimizer]` config (no `use_modality_optimizer_settings`) or one that asks for
+    an optimizer-in-backward / fault-tolerant container gets TorchTitan's own container.
+    """
+    if not isinstance(optimizer_config, ModalityOptimizerConfig):
+        return build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
+    per_modality = bool(optimizer_config.frozen_modalities) or any(
+        m != 1.0 for m in optimizer_config.multipliers
+    )
+    special = optimizer_config.early_step_in_backward or (ft_manager and ft_manager.enabled)
+    if special:
+        if per_modality:
+            raise NotImplementedError(
+                "mot.frozen_modalities / mot.lr_multipliers are not supported with "
+                "optimizer.early_step_in_backward or fault tolerance"
+            )
+        return build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
+    # Reuse TorchTitan's own translation of the config into optimizer class and kwargs.
+    reference = build_optimizers([nn.Linear(1, 1, bias=False)], optimizer_config, parallel_dims)
+    optimizer_cls = type(reference.optimizers[0])
+    optimizer_kwargs = {k: v for k, v in reference.optimizers[0].defaults.items()
+                        if k in ("lr", "betas", "eps", "weight_decay", "fused", "foreach")}
+    return MoTOptimizersContainer(
+        model_parts,
+        optimizer_cls,
+        optimizer_kwargs,
+        optimizer_config.frozen_ids,
+        optimizer_config.multipliers,
+    )
