@@ -1,7 +1,7 @@
 """Packing, per-row validation and the demo image codec."""
 
-import re
 import json
+import re
 import random
 from pathlib import Path
 from typing import Any
