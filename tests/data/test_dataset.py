@@ -1,8 +1,8 @@
 """Packing, per-row validation and the demo image codec."""
 
 import json
-import re
 import random
+import re
 from pathlib import Path
 from typing import Any
 
