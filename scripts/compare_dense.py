@@ -1,0 +1,180 @@
+"""Train MoT and its dense twin with the same data, seed and steps; compare validation loss.
+
+    python scripts/compare_dense.py                    # text + image, debugmodel vs debugmodel_dense
+    python scripts/compare_dense.py --three-modality   # text + image + speech, debugmodel_3modality
+
+Each model is trained by the real trainer (`python -m torchtitan_mot.train`, the command users
+run) on `train_configs/compare_dense.toml`; per-modality validation losses are read back from
+its TensorBoard events. Writes `assets/mot_vs_dense.png` (one panel per modality) and
+`assets/mot_vs_dense.csv`, and prints last, per modality, the paper's measure: the fraction
+of the dense run's steps MoT needs to reach the dense run's final validation loss
+(`>1.00` if it never does). Extra trainer flags go after `--`.
+"""
+
+import argparse
+import csv
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TWO = dict(flavor="debugmodel", data="assets/demo/text_image", modalities="text,image", sizes=["256"])
+THREE = dict(flavor="debugmodel_3modality", data="assets/demo/text_image_speech",
+             modalities="text,image,speech", sizes=["256", "256"])
+DENSE_FLAVOR = "debugmodel_dense"
+Curve = list[tuple[int, float]]
+
+
+def train(name: str, flavor: str, args: argparse.Namespace, setting: dict, extra: list[str]) -> float:
+    """One training run into `<out>/<name>` (cleared first: a leftover checkpoint would resume)."""
+    dump = args.out / name
+    shutil.rmtree(dump, ignore_errors=True)
+    dump.mkdir(parents=True)
+    cmd = [
+        sys.executable, "-m", "torchtitan_mot.train",
+        "--job.config_file", str(args.config),
+        "--job.dump_folder", str(dump),
+        "--model.flavor", flavor,
+        "--training.dataset_path", setting["data"],
+        "--validation.dataset_path", setting["data"],
+        "--mot.modalities", setting["modalities"],
+        "--mot.codebook_sizes", *setting["sizes"],
+        "--training.steps", str(args.steps),
+        "--debug.seed", str(args.seed),
+        *extra,
+    ]
+    print(f"[{name}] {' '.join(cmd[1:])}\n[{name}] log: {dump / 'train.log'}", flush=True)
+    start = time.perf_counter()
+    with open(dump / "train.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = (dump / "train.log").read_text().splitlines()[-30:]
+        sys.exit(f"[{name}] training failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    print(f"[{name}] done in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def read_curves(dump: Path, modalities: list[str]) -> dict[str, Curve]:
+    """`validation/loss/<modality>` (and the total) from the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = sorted((dump / "tb").iterdir())
+    if not runs:
+        raise FileNotFoundError(f"no TensorBoard run under {dump / 'tb'}")
+    acc = EventAccumulator(str(runs[-1]), size_guidance={"scalars": 0})
+    acc.Reload()
+    curves = {}
+    for key in ["total", *modalities]:
+        tag = "validation/loss" if key == "total" else f"validation/loss/{key}"
+        curves[key] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    return curves
+
+
+def steps_to_match(mot: Curve, dense: Curve) -> float:
+    """First (linearly interpolated) step at which MoT's loss reaches dense's final loss,
+    as a fraction of dense's final step; `inf` if it never does."""
+    target, last_step = dense[-1][1], dense[-1][0]
+    prev: tuple[int, float] | None = None
+    for step, loss in mot:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return step / last_step
+            s0, l0 = prev
+            return (s0 + (l0 - target) / (l0 - loss) * (step - s0)) / last_step
+        prev = (step, loss)
+    return math.inf
+
+
+def write_csv(path: Path, curves: dict[str, dict[str, Curve]]) -> None:
+    """Wide table: step, then `<model>_<modality>` columns (empty where a run has no point)."""
+    columns = [(m, k) for m in curves for k in curves[m]]
+    table: dict[int, dict[tuple[str, str], float]] = {}
+    for model, key in columns:
+        for step, loss in curves[model][key]:
+            table.setdefault(step, {})[(model, key)] = loss
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step"] + [f"{m}_{k}" for m, k in columns])
+        for step in sorted(table):
+            w.writerow([step] + [f"{table[step][c]:.6f}" if c in table[step] else "" for c in columns])
+
+
+def plot(path: Path, curves: dict[str, dict[str, Curve]], modalities: list[str],
+         ratios: dict[str, float], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(modalities), figsize=(4.2 * len(modalities), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], modalities):
+        for model, style in (("dense", "C0"), ("mot", "C3")):
+            steps, losses = zip(*curves[model][key])
+            ax.plot(steps, losses, color=style, marker=".", label=model)
+        dense_final = curves["dense"][key][-1][1]
+        ax.axhline(dense_final, color="C0", ls=":", lw=1, label="dense final")
+        r = ratios[key]
+        if math.isfinite(r):
+            ax.axvline(r * curves["dense"][key][-1][0], color="C3", ls=":", lw=1)
+        ax.set_title(f"{key}: steps-to-match {format_ratio(r)}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss")
+        lo = min(v for m in ("dense", "mot") for _, v in curves[m][key])
+        ax.set_ylim(lo - 0.05 * abs(lo), lo + 2.0)  # the early steps would hide the tail
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_ratio(r: float) -> str:
+    return f"{r:.2f}" if r <= 1.0 else ">1.00"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--three-modality", action="store_true", help="text+image+speech (debugmodel_3modality)")
+    p.add_argument("--config", type=Path, default=REPO / "train_configs" / "compare_dense.toml")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "outputs" / "compare_dense",
+                   help="dump folders <out>/mot and <out>/dense (checkpoints, logs, TensorBoard)")
+    p.add_argument("--png", type=Path, default=REPO / "assets" / "mot_vs_dense.png")
+    p.add_argument("--csv", type=Path, default=REPO / "assets" / "mot_vs_dense.csv")
+    p.add_argument("--skip-training", action="store_true", help="re-plot existing runs in --out")
+    p.add_argument("extra", nargs="*", help="trainer overrides, after `--`")
+    args = p.parse_args()
+    args.out = args.out.resolve()
+    setting = THREE if args.three_modality else TWO
+    modalities = setting["modalities"].split(",")
+
+    runs = {"mot": setting["flavor"], "dense": DENSE_FLAVOR}
+    seconds = {}
+    for name, flavor in runs.items():
+        if not args.skip_training:
+            seconds[name] = train(name, flavor, args, setting, args.extra)
+    curves = {name: read_curves(args.out / name, modalities) for name in runs}
+    ratios = {k: steps_to_match(curves["mot"][k], curves["dense"][k]) for k in ["total", *modalities]}
+
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(args.csv, curves)
+    plot(args.png, curves, modalities, ratios,
+         f"MoT ({setting['flavor']}) vs dense ({DENSE_FLAVOR}), {args.steps} steps, seed {args.seed}, "
+         f"{setting['data']}")
+    for name in runs:
+        final = "  ".join(f"{k} {curves[name][k][-1][1]:.4f}" for k in ["total", *modalities])
+        took = f" in {seconds[name]:.0f} s" if name in seconds else ""
+        print(f"{name}: final validation loss {final}{took}; checkpoint {args.out / name / 'checkpoint'}")
+    print(f"wrote {args.png} and {args.csv}")
+    print(f"steps-to-match total: {format_ratio(ratios['total'])}")
+    for key in modalities:
+        print(f"steps-to-match {key}: {format_ratio(ratios[key])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Modality-constrained autoregressive sampling and checkpoint loading for MoT models.
+
+Inside a non-text segment only that modality's codebook ids are valid: a free-running sample
+could emit a text id or another modality's id, which the codec cannot decode and which would
+route the next position through the wrong modality's weights. `generate_segment` therefore
+forces the begin marker, samples exactly `n_tokens` ids from the codebook alone (their
+`modality_ids` are that modality's, as in training) and closes with the end marker.
+"""
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torchtitan.config import JobConfig
+
+from . import mot_args
+from .data.tokenizer import VocabLayout
+from .model import MoTTransformer
+
+
+def sample_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B, V) logits -> (B,) ids; temperature 0 is greedy. Masked (-inf) ids are never drawn."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_segment(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    layout: VocabLayout,
+    modality: str,
+    n_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Continue (B, T) `prompt` ids with one `modality` segment: begin marker, `n_tokens`
+    codebook ids sampled only from that codebook, end marker. Returns (B, T + n_tokens + 2).
+
+    No KV cache: each step re-runs the sequence, which is fine for the short demo segments.
+    """
+    table = layout.token_modality_table().to(prompt.device)
+    lo, hi = layout.codebook_range(modality)
+    if layout.modality_index(modality) == 0:
+        raise ValueError("constrained segment sampling is for non-text modalities")
+    outside = torch.ones(layout.vocab_size, dtype=torch.bool, device=prompt.device)
+    outside[lo:hi] = False
+    begin = torch.full_like(prompt[:, :1], layout.begin_id(modality))
+    ids = torch.cat([prompt, begin], dim=1)
+    for _ in range(n_tokens):
+        logits = model(ids, modality_ids=table[ids])[:, -1]
+        nxt = sample_token(logits.masked_fill(outside, float("-inf")), temperature, top_k, generator)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+    return torch.cat([ids, torch.full_like(begin, layout.end_id(modality))], dim=1)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A DCP step folder (has `.metadata`), or the newest `step-N` under `path` or
+    `path/checkpoint` (a trainer's checkpoint folder or dump folder)."""
+    path = Path(path)
+    if (path / ".metadata").is_file():
+        return path
+    for folder in (path, path / "checkpoint"):
+        steps = [p for p in folder.glob("step-*") if (p / ".metadata").is_file()]
+        if steps:
+            return max(steps, key=lambda p: int(p.name.split("-")[1]))
+    raise FileNotFoundError(f"no DCP checkpoint (step-N folder with .metadata) at or under {path}")
+
+
+def load_model(job_config: JobConfig, checkpoint: str | Path, device: str = "cpu") -> nn.Module:
+    """The config's model flavor with weights from a TorchTitan checkpoint, in eval mode.
+
+    TorchTitan stores model weights under their plain state-dict names in both model-only
+    and full checkpoints, so `dcp.load` into the model's own state dict reads either.
+    """
+    args = copy.deepcopy(mot_args[job_config.model.flavor])
+    args.update_from_config(job_config)
+    with torch.device(device), torch.no_grad():
+        model = MoTTransformer(args)
+        model.init_weights()  # also builds the non-persistent RoPE table
+    state = model.state_dict()
+    dcp.load(state, checkpoint_id=str(resolve_checkpoint(checkpoint)))
+    model.load_state_dict(state)
+    return model.requires_grad_(False).eval()
