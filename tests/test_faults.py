@@ -187,3 +187,23 @@ def test_unreadable_data_file_is_named(tmp_path: Path) -> None:
     errors = [l for l in (result.stdout + result.stderr).splitlines() if "Error:" in l and "[rank0]" in l]
     assert result.returncode != 0 and errors
     assert str(data / "train.jsonl") in errors[-1], errors[-1]
+
+
+def test_pipeline_stage_accepts_other_stages_keys_but_not_wrong_shapes(tmp_path: Path) -> None:
+    """A pipeline stage holds part of the model: the checkpoint's other layers are expected,
+    its own keys must still be there with the right shapes."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from torchtitan_mot.reliability import check_checkpoint_matches, CheckpointMismatchError
+
+    full = {"layers.0.attention.wq.0.weight": torch.zeros(4, 4),
+            "layers.1.attention.wq.0.weight": torch.zeros(4, 4)}
+    dcp.save(full, checkpoint_id=str(tmp_path))
+    stage = {"layers.1.attention.wq.0.weight": torch.zeros(4, 4)}
+    check_checkpoint_matches(str(tmp_path), stage, stage_only=True)
+    with pytest.raises(CheckpointMismatchError, match="checkpoint keys the model does not have"):
+        check_checkpoint_matches(str(tmp_path), stage)
+    with pytest.raises(CheckpointMismatchError, match=r"model \[4, 8\] vs checkpoint \[4, 4\]"):
+        check_checkpoint_matches(str(tmp_path), {"layers.1.attention.wq.0.weight": torch.zeros(4, 8)},
+                                 stage_only=True)

@@ -1,12 +1,10 @@
 """End-to-end runs of `python -m torchtitan_mot.train` (and torchrun) on CPU.
 
-Each test trains the stock `llama3` debug model for a few steps on a private byte-level BPE
-tokenizer and a small generated text corpus, and reads the step lines off the log.
+Each test trains the MoT `debugmodel` of `train_configs/debug_mot.toml` for a few steps on the
+bundled text+image demo data and reads the step lines off the log.
 """
 
-import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -16,54 +14,27 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "assets" / "demo" / "text_image"
 STEP_RE = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+)\s+grad_norm:\s*([\d.]+)")
-WORDS = (
-    "the quick brown fox jumps over lazy dog a cat sat on mat and then ran away into "
-    "forest where birds sing"
-).split()
 
 
-def make_assets(root: Path, n_docs: int = 200, duplicate: bool = False) -> tuple[Path, Path]:
-    """A 320-id byte-level BPE tokenizer dir and a jsonl text dataset dir under `root`.
+def make_duplicated_demo(root: Path) -> Path:
+    """The demo dataset with its train rows written twice.
 
-    With `duplicate`, the corpus is written twice so every data-parallel rank (contiguous
-    shards) reads the same samples as a single process: exact DP-vs-single parity.
+    Data-parallel ranks read contiguous shards, so with two copies every rank of a DP=2 run
+    reads exactly the samples of a single process: exact DP-vs-single parity.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(n_docs)]
-    data_dir, tok_dir = root / "data", root / "tokenizer"
+    data_dir = root / "data"
     data_dir.mkdir(parents=True)
-    tok_dir.mkdir(parents=True)
-    lines = [json.dumps({"text": d}) for d in (docs + docs if duplicate else docs)]
-    (data_dir / "train.jsonl").write_text("\n".join(lines) + "\n")
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|begin_of_text|>", "<|end_of_text|>"]
-    tok.train_from_iterator(
-        docs,
-        trainers.BpeTrainer(
-            vocab_size=320,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    tok.save(str(tok_dir / "tokenizer.json"))
-    (tok_dir / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": specials[0], "eos_token": specials[1]})
-    )
-    return tok_dir, data_dir
+    shutil.copy(DEMO / "meta.json", data_dir / "meta.json")
+    rows = (DEMO / "train.jsonl").read_text()
+    (data_dir / "train.jsonl").write_text(rows + rows)
+    return data_dir
 
 
-def base_args(tok_dir: Path, data_dir: Path, dump: Path, steps: int) -> list[str]:
+def base_args(data_dir: Path, dump: Path, steps: int) -> list[str]:
     return [
-        "--model.name", "llama3",
-        "--model.flavor", "debugmodel",
-        "--model.hf_assets_path", str(tok_dir),
-        "--training.dataset", "c4_test",
+        "--job.config_file", str(REPO / "train_configs" / "debug_mot.toml"),
         "--training.dataset_path", str(data_dir),
         "--training.seq_len", "64",
         "--training.local_batch_size", "2",
@@ -110,15 +81,15 @@ def run_train(
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> tuple[Path, Path]:
-    return make_assets(tmp_path_factory.mktemp("assets"), duplicate=True)
+def data_dir(tmp_path_factory) -> Path:
+    return make_duplicated_demo(tmp_path_factory.mktemp("assets"))
 
 
 @pytest.fixture(scope="module")
-def seed(assets, tmp_path_factory) -> list[str]:
+def seed(data_dir, tmp_path_factory) -> list[str]:
     """Arguments that start a run from one shared seed checkpoint (same init for every layout)."""
     root = tmp_path_factory.mktemp("seed")
-    run_train([*base_args(*assets, root, 6), "--checkpoint.enable", "--checkpoint.create_seed_checkpoint"])
+    run_train([*base_args(data_dir, root, 6), "--checkpoint.enable", "--checkpoint.create_seed_checkpoint"])
     return [
         "--checkpoint.enable",
         "--checkpoint.initial_load_path", str(root / "checkpoint" / "step-0"),
@@ -127,9 +98,9 @@ def seed(assets, tmp_path_factory) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def single(assets, seed, tmp_path_factory) -> dict[int, tuple[float, float]]:
+def single(data_dir, seed, tmp_path_factory) -> dict[int, tuple[float, float]]:
     """Reference trajectory: one process, 6 steps."""
-    return run_train([*base_args(*assets, tmp_path_factory.mktemp("single"), 6), *seed])
+    return run_train([*base_args(data_dir, tmp_path_factory.mktemp("single"), 6), *seed])
 
 
 def test_single_process_loss_falls(single):
@@ -156,7 +127,7 @@ PP2 = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_pa
     ],
 )
 def test_parallel_layouts_match_single_process(
-    parallel, nproc, log_rank, assets, seed, single, tmp_path_factory
+    parallel, nproc, log_rank, data_dir, seed, single, tmp_path_factory
 ):
     """Every layout must reproduce the single-process losses AND grad norms.
 
@@ -166,22 +137,11 @@ def test_parallel_layouts_match_single_process(
     logs half the norm) and the pre-backward loss scaling (PP: stock 0.2.2 logs 128x).
     """
     dump = tmp_path_factory.mktemp("layout")
-    got = run_train([*base_args(*assets, dump, 6), *seed, *parallel], nproc=nproc, log_rank=log_rank)
+    got = run_train([*base_args(data_dir, dump, 6), *seed, *parallel], nproc=nproc, log_rank=log_rank)
     assert sorted(got) == sorted(single)
     for step, (loss, grad_norm) in single.items():
         assert got[step][0] == pytest.approx(loss, abs=1e-4), step
         assert got[step][1] == pytest.approx(grad_norm, rel=1e-3), step
-
-
-def test_checkpoint_resume_is_exact(assets, tmp_path):
-    """Save at step 5, drop the step-10 checkpoint, resume: steps 6..10 must repeat exactly."""
-    args = [*base_args(*assets, tmp_path, 10), "--checkpoint.enable", "--checkpoint.interval", "5"]
-    full = run_train(args)
-    shutil.rmtree(tmp_path / "checkpoint" / "step-10")
-    resumed = run_train(args)
-    assert sorted(resumed) == list(range(6, 11))
-    for step in range(6, 11):
-        assert resumed[step] == full[step]
 
 
 def test_mot_debug_config_logs_per_modality_loss(tmp_path):

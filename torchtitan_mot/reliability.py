@@ -126,13 +126,16 @@ class NonFiniteLossGuard:
 _MODEL_KEY = re.compile(r"^(tok_embeddings|norm|output|layers\.\d+)\.")
 
 
-def check_checkpoint_matches(checkpoint_id: str, model_state: Mapping[str, Any]) -> None:
+def check_checkpoint_matches(
+    checkpoint_id: str, model_state: Mapping[str, Any], stage_only: bool = False
+) -> None:
     """Compare a DCP checkpoint's model entries with the model before anything is loaded.
 
     DCP itself stops at the first missing key (in no fixed order) and never mentions keys
     the model lacks; a checkpoint of another flavor or modality count deserves the full
     list: missing keys, unexpected keys and shape mismatches (global shapes, so sharded
     models compare correctly). Raises `CheckpointMismatchError`; reads only `.metadata`.
+    `stage_only`: the model is one pipeline stage, so the other stages' keys are expected.
     """
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -144,7 +147,7 @@ def check_checkpoint_matches(checkpoint_id: str, model_state: Mapping[str, Any])
     }
     want = {k: tuple(v.shape) for k, v in model_state.items()}
     missing = sorted(set(want) - set(saved))
-    unexpected = sorted(set(saved) - set(want))
+    unexpected = [] if stage_only else sorted(set(saved) - set(want))
     shapes = [f"{k}: model {list(want[k])} vs checkpoint {list(saved[k])}"
               for k in sorted(set(want) & set(saved)) if want[k] != saved[k]]
     problems = []
@@ -217,7 +220,11 @@ class ReliabilityMixin:
         checkpoint_id = checkpoint_to_load(self.checkpointer, job_config)
         if checkpoint_id is not None:
             # Canonical FQNs (no FSDP / compile / activation-checkpoint wrappers), as saved.
-            check_checkpoint_matches(checkpoint_id, ModelWrapper(self.model_parts).state_dict())
+            check_checkpoint_matches(
+                checkpoint_id,
+                ModelWrapper(self.model_parts).state_dict(),
+                stage_only=self.parallel_dims.pp_enabled,
+            )
         params = [p for part in self.model_parts for p in part.parameters()]
         self.optimizers.step_guard = lambda: self.nonfinite_guard.should_step(self.step, params)
 

@@ -51,11 +51,6 @@ def test_cp_refuses_varlen_attention() -> None:
         _parallelize(cp=2, args=dict(attn_type="varlen", attn_mask_type="block_causal"))
 
 
-def test_pure_ddp_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"data_parallel_replicate_degree"):
-        _parallelize(dp_replicate=2)
-
-
 def test_async_tp_is_refused() -> None:
     with pytest.raises(ValueError, match=r"enable_async_tensor_parallel is not supported"):
         _parallelize(tp=2, async_tp=True)

@@ -28,6 +28,7 @@ from torchtitan.distributed.context_parallel import apply_cp_to_attention_module
 from torchtitan.models.llama3.infra.parallelize import (
     _op_sac_save_list,
     apply_compile,
+    apply_ddp,
     apply_fsdp,
 )
 from torchtitan.tools.logging import logger
@@ -181,9 +182,12 @@ def parallelize_mot(
         )
         logger.info("Applied %s to the model", "HSDP" if parallel_dims.dp_replicate_enabled else "FSDP")
     elif parallel_dims.dp_replicate_enabled:
-        raise ValueError(
-            "pure DDP (data_parallel_replicate_degree > 1 without sharding) is refused: "
-            "TorchTitan 0.2.2's apply_ddp leaves gradients 1/dp too small. Use "
-            "data_parallel_shard_degree (FSDP) or HSDP (replicate x shard) instead."
-        )
+        mesh = parallel_dims.get_mesh("dp_replicate")
+        if parallel_dims.world_size != mesh.size():
+            raise ValueError(
+                "data_parallel_replicate_degree without data_parallel_shard_degree (DDP) "
+                "cannot be combined with tensor/pipeline/context parallel; use HSDP"
+            )
+        # MoTTrainer fixes 0.2.2's DDP gradient scale (a summing comm hook).
+        apply_ddp(model, mesh, enable_compile=compile_model)
     return model
