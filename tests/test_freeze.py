@@ -81,6 +81,14 @@ def test_bad_settings_are_rejected() -> None:
         build_mot_optimizers([dense], _config(frozen_modalities=["image"]), None)
 
 
+def test_dense_twin_without_per_modality_settings_gets_one_group() -> None:
+    """The dense twin trains on two-modality data: no per-modality settings, no error."""
+    dense = MoTTransformer(MoTModelArgs(**{**TINY, "n_modalities": 1}))
+    opt = build_mot_optimizers([dense], _config(), None)
+    (group,) = opt.optimizers[0].param_groups
+    assert len(group["params"]) == len(list(dense.parameters()))
+
+
 def _init_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], MoTTransformer]:
     """Seeded initial MoT weights (debugmodel, debug_mot.toml vocab) saved with DCP."""
     sys.path.insert(0, str(REPO / "scripts"))

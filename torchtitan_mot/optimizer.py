@@ -105,8 +105,11 @@ class MoTOptimizersContainer(OptimizersContainer):
         self.model_parts = model_parts
         self.step_guard: Callable[[], bool] | None = None
         all_params: list[nn.Parameter] = []
+        per_modality = bool(frozen_ids) or any(m != 1.0 for m in multipliers)
         for model in model_parts:
-            by_modality = modality_parameters(model)
+            # Without per-modality settings every parameter is in one group (the dense twin
+            # has a single weight set whatever the data's modality count).
+            by_modality = modality_parameters(model) if per_modality else {}
             if by_modality and len(by_modality) != len(multipliers):
                 raise ValueError(
                     f"the model has {len(by_modality)} modality weight sets but mot.modalities "

@@ -19,7 +19,7 @@ from torchtitan.config import ConfigManager, JobConfig
 from torchtitan.components.loss import LossFunction
 
 from torchtitan_mot.infra.cpu import enable_cpu_fallback
-from torchtitan_mot.infra.inputs import prepare_mot_inputs
+from torchtitan_mot.infra.inputs import split_mot_batch
 from torchtitan_mot.reliability import ReliabilityMixin
 
 DEFAULT_CONFIG_MODULE = "torchtitan_mot.config"
@@ -90,19 +90,10 @@ class MoTTrainer(ReliabilityMixin, torchtitan.train.Trainer):
     def post_dataloading_process(
         self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
-        """TorchTitan's split into (inputs, labels, extra_inputs, extra_kwargs), except that
-        `modality_ids` travel in `extra_kwargs` (every pipeline stage needs them) and are
-        sharded with the tokens under context parallel. The parent is not called: it would
-        shard the tokens without the modality ids."""
-        inputs = input_dict["input"]
-        extra_inputs = {k: v for k, v in input_dict.items() if k != "input"}
-        extra_kwargs: dict[str, Any] = {}
-        if getattr(self.model_args, "attn_type", "sdpa") in ("flex", "varlen"):
-            extra_kwargs["attention_masks"] = self.model_parts[0].get_attention_masks(
-                input_batch=inputs, tokenizer=self.tokenizer, extra_inputs=extra_inputs
-            )
-        return prepare_mot_inputs(
-            inputs, labels, extra_inputs, extra_kwargs,
+        """`modality_ids` travel in `extra_kwargs` (every pipeline stage needs them) and are
+        sharded with the tokens under context parallel (`split_mot_batch`)."""
+        return split_mot_batch(
+            input_dict, labels, self.model_parts[0], self.tokenizer,
             self.parallel_dims, self.job_config, self.device,
         )
 

@@ -25,7 +25,7 @@ from torchtitan.tools.logging import logger
 
 from .data.dataloader import build_mot_validation_dataloader
 from .data.tokenizer import MultimodalTokenizer
-from .infra.inputs import prepare_mot_inputs
+from .infra.inputs import split_mot_batch
 from .loss import MoTLoss
 
 
@@ -96,17 +96,9 @@ class MoTValidator(Validator):
         """As `MoTTrainer.post_dataloading_process`: `modality_ids` go to `extra_kwargs`
         (every pipeline stage needs them) and are sharded with the tokens under context
         parallel; the parent would leave them on the first stage, unsharded."""
-        inputs = input_dict["input"]
-        extra_inputs = {k: v for k, v in input_dict.items() if k != "input"}
-        extra_kwargs: dict[str, Any] = {}
-        model_args = getattr(model_parts[0], "model_args", None)
-        if getattr(model_args, "attn_type", "sdpa") in ("flex", "varlen"):
-            extra_kwargs["attention_masks"] = model_parts[0].get_attention_masks(
-                input_batch=inputs, tokenizer=self.tokenizer, extra_inputs=extra_inputs
-            )
-        return prepare_mot_inputs(
-            inputs, labels, extra_inputs, extra_kwargs,
-            self.parallel_dims, self.job_config, inputs.device,
+        return split_mot_batch(
+            input_dict, labels, model_parts[0], self.tokenizer,
+            self.parallel_dims, self.job_config, input_dict["input"].device,
         )
 
     def _forward(

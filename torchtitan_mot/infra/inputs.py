@@ -10,8 +10,10 @@ reach every stage and, under context parallel, be sharded exactly like the token
 from typing import Any
 
 import torch
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.attention.flex_attention import BlockMask
+from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.context_parallel import cp_shard
@@ -62,15 +64,8 @@ def prepare_mot_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
     """Move `modality_ids` to `extra_kwargs` (every pipeline stage) and apply context parallel.
 
-    Call it from `Trainer.post_dataloading_process` on UNSHARDED tensors, i.e. in place of
-    the base class's `prepare_context_parallel_input` step::
-
-        inputs = input_dict["input"]
-        extra_inputs = {k: v for k, v in input_dict.items() if k != "input"}
-        extra_kwargs = {}
-        if attn_type in ("flex", "varlen"):
-            extra_kwargs["attention_masks"] = model.get_attention_masks(...)
-        return prepare_mot_inputs(inputs, labels, extra_inputs, extra_kwargs, ...)
+    Works on UNSHARDED tensors, in place of the base class's `prepare_context_parallel_input`
+    step (`split_mot_batch` is the whole `post_dataloading_process`).
 
     Pipeline microbatching splits `extra_kwargs` tensors along the batch dim, like `inputs`.
     """
@@ -104,3 +99,31 @@ def prepare_mot_inputs(
         if masks is not None:
             extra_kwargs["attention_masks"] = masks
     return inputs, labels, extra_inputs, extra_kwargs
+
+
+def split_mot_batch(
+    input_dict: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    model: nn.Module,
+    tokenizer: BaseTokenizer | None,
+    parallel_dims: ParallelDims,
+    job_config: JobConfig,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+    """`Trainer.post_dataloading_process` for MoT (training and validation alike).
+
+    TorchTitan's split into (inputs, labels, extra_inputs, extra_kwargs) with flex/varlen
+    attention masks, then `prepare_mot_inputs`. TorchTitan's own version cannot be reused:
+    it would shard the tokens for context parallel without the modality ids.
+    """
+    inputs = input_dict["input"]
+    extra_inputs = {k: v for k, v in input_dict.items() if k != "input"}
+    extra_kwargs: dict[str, Any] = {}
+    model_args = getattr(model, "model_args", None)
+    if getattr(model_args, "attn_type", "sdpa") in ("flex", "varlen"):
+        extra_kwargs["attention_masks"] = model.get_attention_masks(
+            input_batch=inputs, tokenizer=tokenizer, extra_inputs=extra_inputs
+        )
+    return prepare_mot_inputs(
+        inputs, labels, extra_inputs, extra_kwargs, parallel_dims, job_config, device
+    )
