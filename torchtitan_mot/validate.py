@@ -186,34 +186,7 @@ class MoTValidator(Validator):
         return losses
 
 
-def build_mot_validator(
-    job_config: JobConfig,
-    dp_world_size: int,
-    dp_rank: int,
-    tokenizer: MultimodalTokenizer,
-    parallel_dims: ParallelDims,
-    loss_fn: LossFunction,
-    validation_context: ValidationContext,
-    maybe_enable_amp: AbstractContextManager[None],
-    metrics_processor: MetricsProcessor | None = None,
-    pp_schedule: _PipelineSchedule | None = None,
-    pp_has_first_stage: bool | None = None,
-    pp_has_last_stage: bool | None = None,
-) -> MoTValidator:
-    """`TrainSpec.build_validator_fn` for MoT (the signature TorchTitan's Trainer calls)."""
-    if metrics_processor is None:
-        raise ValueError("the MoT validator logs through the trainer's metrics processor")
-    return MoTValidator(
-        job_config=job_config,
-        dp_world_size=dp_world_size,
-        dp_rank=dp_rank,
-        tokenizer=tokenizer,
-        parallel_dims=parallel_dims,
-        loss_fn=loss_fn,
-        validation_context=validation_context,
-        maybe_enable_amp=maybe_enable_amp,
-        metrics_processor=metrics_processor,
-        pp_schedule=pp_schedule,
-        pp_has_first_stage=pp_has_first_stage,
-        pp_has_last_stage=pp_has_last_stage,
-    )
+def build_mot_validator(**kwargs: Any) -> MoTValidator:
+    """`TrainSpec.build_validator_fn` for MoT (TorchTitan's Trainer passes keyword arguments,
+    always including its metrics processor, through which the validator logs)."""
+    return MoTValidator(**kwargs)
