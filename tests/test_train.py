@@ -18,17 +18,18 @@ DEMO = REPO / "assets" / "demo" / "text_image"
 STEP_RE = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+)\s+grad_norm:\s*([\d.]+)")
 
 
-def make_duplicated_demo(root: Path) -> Path:
-    """The demo dataset with its train rows written twice.
+def make_duplicated_demo(root: Path, copies: int = 4) -> Path:
+    """The demo dataset with its train rows written `copies` times.
 
-    Data-parallel ranks read contiguous shards, so with two copies every rank of a DP=2 run
-    reads exactly the samples of a single process: exact DP-vs-single parity.
+    Data-parallel ranks read contiguous shards, so with 4 copies every rank of a DP=2 or
+    DP=4 (HSDP 2x2) run reads exactly the samples of a single process: exact DP-vs-single
+    parity.
     """
     data_dir = root / "data"
     data_dir.mkdir(parents=True)
     shutil.copy(DEMO / "meta.json", data_dir / "meta.json")
     rows = (DEMO / "train.jsonl").read_text()
-    (data_dir / "train.jsonl").write_text(rows + rows)
+    (data_dir / "train.jsonl").write_text(rows * copies)
     return data_dir
 
 
@@ -109,6 +110,7 @@ def test_single_process_loss_falls(single):
 
 
 FSDP2 = ["--parallelism.data_parallel_shard_degree", "2"]
+HSDP2X2 = ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2"]
 DDP2 = ["--parallelism.data_parallel_shard_degree", "1", "--parallelism.data_parallel_replicate_degree", "2"]
 TP2 = ["--parallelism.tensor_parallel_degree", "2"]
 PP2 = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_microbatch_size", "1"]
@@ -120,6 +122,7 @@ PP2 = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_pa
     [
         pytest.param(FSDP2, 2, 0, id="fsdp2"),
         pytest.param(DDP2, 2, 0, id="ddp2"),
+        pytest.param(HSDP2X2, 4, 0, id="hsdp2x2"),
         pytest.param(TP2, 2, 0, id="tp2"),
         pytest.param(PP2, 2, 1, id="pp2"),
         pytest.param(FSDP2 + TP2, 4, 0, id="fsdp2xtp2"),
