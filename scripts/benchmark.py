@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import statistics
 import time
 
@@ -39,6 +40,7 @@ from torchtitan.config.job_config import Compile as CompileConfig
 from torchtitan.models.llama3.infra.parallelize import apply_compile
 
 from torchtitan_mot import mot_args
+from torchtitan_mot.infra.cpu import keep_freed_memory_resident
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -68,6 +70,10 @@ def parse_args() -> argparse.Namespace:
                    help="parameter and activation dtype (no autocast)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--host-malloc", choices=("resident", "default"), default="resident",
+                   help="CPU: keep freed memory in glibc's heap between steps (see "
+                        "torchtitan_mot.infra.cpu.keep_freed_memory_resident) or leave "
+                        "glibc's defaults, under which page faults dominate the step time")
     return p.parse_args()
 
 
@@ -160,6 +166,7 @@ class Runner:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.dense = args.n_modalities == 1
         self.times: list[float] = []
+        self.page_faults: list[int] = []
         self.in_step_peak = 0
 
     def _train_step(self, tokens: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
@@ -178,6 +185,7 @@ class Runner:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             start_bytes = torch.cuda.memory_allocated()
+        faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         self._train_step(tokens, labels, ids)
         if cuda:
@@ -185,6 +193,7 @@ class Runner:
         elapsed = time.perf_counter() - t0
         if measure:
             self.times.append(elapsed)
+            self.page_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
             if cuda:
                 peak = torch.cuda.max_memory_allocated() - start_bytes
                 self.in_step_peak = max(self.in_step_peak, peak)
@@ -231,6 +240,7 @@ def main() -> None:
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
+    resident = a.device == "cpu" and a.host_malloc == "resident" and keep_freed_memory_resident()
     args = build_args(a)
     mix = base_mix(a.mix, args.n_modalities)
     counters.clear()
@@ -241,7 +251,8 @@ def main() -> None:
           f"compile={a.compile} dim={args.dim} n_layers={args.n_layers} n_heads={args.n_heads} "
           f"n_kv_heads={args.n_kv_heads or args.n_heads} vocab={a.vocab} seq_len={a.seq_len} "
           f"batch={a.batch} mix={[round(f, 3) for f in mix.tolist()]}±{a.mix_jitter} "
-          f"placement={a.placement} warmup={a.warmup} steps={a.steps}")
+          f"placement={a.placement} warmup={a.warmup} steps={a.steps} "
+          f"host_malloc={'resident' if resident else 'default'}")
 
     gen = torch.Generator().manual_seed(a.seed)
     seen_mixes: list[list[float]] = []
@@ -270,7 +281,8 @@ def main() -> None:
                      else "torch.profiler CPU allocator total")
     header = (f"{'model':<8} {'params':>9} {'median ms':>10} {'min ms':>8} {'p10-p90 ms':>17} "
               f"{'tok/s':>9} "
-              f"{'TFLOP/s':>8} {'state MiB':>10} {'in-step MiB':>12} {'total MiB':>10}")
+              f"{'TFLOP/s':>8} {'state MiB':>10} {'in-step MiB':>12} {'total MiB':>10} "
+              f"{'faults/step':>11}")
     print(f"in-step memory from: {memory_source}")
     print(header)
     print("-" * len(header))
@@ -283,7 +295,8 @@ def main() -> None:
         tflops = r.flops_per_token * tokens_per_step / med / 1e12
         print(f"{r.name:<8} {r.n_params / 1e6:>8.2f}M {med * 1e3:>10.1f} "
               f"{min(r.times) * 1e3:>8.1f} {spread:>17} {tokens_per_step / med:>9.0f} "
-              f"{tflops:>8.3f} {state:>10.1f} {peak:>12.1f} {state + peak:>10.1f}")
+              f"{tflops:>8.3f} {state:>10.1f} {peak:>12.1f} {state + peak:>10.1f} "
+              f"{statistics.median(r.page_faults):>11.0f}")
     # Per-step ratio of the paired (same batch) steps: a steadier statistic than the ratio of
     # medians on a noisy box.
     paired = [m / d for m, d in zip(mot.times, dense.times)]

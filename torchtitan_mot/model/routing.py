@@ -12,6 +12,9 @@ tokens again in every sublayer. Instead we
 
 The per-modality matmul is one opaque custom op (`mot::routed_mm`) with fixed output shapes,
 so `torch.compile(fullgraph=True)` traces a block once, whatever the modality mix of a batch.
+It slices by group offsets held in HOST memory: `build_routing` copies the n_modalities
+counts to the host once per forward, before any block runs (on a GPU that is the one
+device->host sync of the forward), so no block ever waits for the device.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ class Routing:
     """Token grouping shared by all layers of one forward.
 
     `order[i]` is the flat (batch*seq) index of the i-th token in modality-sorted order,
-    `inverse` undoes it, `sorted_ids` are the modality ids in sorted order and `offsets`
-    are the cumulative group ends (the `torch._grouped_mm` convention). `order is None`
+    `inverse` undoes it, `sorted_ids` are the modality ids in sorted order (all on the
+    tokens' device) and `offsets` are the cumulative group ends (the `torch._grouped_mm`
+    convention) in host memory, read by `routed_mm` without a device sync. `order is None`
     means a single modality: the sort is the identity and is skipped.
     """
 
@@ -77,18 +81,22 @@ class _PermuteRows(torch.autograd.Function):
 
 
 def build_routing(modality_ids: torch.Tensor, n_modalities: int) -> Routing:
-    """Group the tokens of a (batch, seq) id tensor by modality without leaving the device."""
+    """Group the tokens of a (batch, seq) id tensor by modality.
+
+    The permutation stays on the device; only the n_modalities group ends come to the host
+    (one small copy per forward instead of one sync per routed matmul).
+    """
     ids = modality_ids.reshape(-1)
     if n_modalities == 1:
         # The dense twin: every token takes modality 0's weights, no permutation.
         zeros = torch.zeros_like(ids)
-        offsets = torch.full((1,), ids.numel(), dtype=torch.int32, device=ids.device)
+        offsets = torch.full((1,), ids.numel(), dtype=torch.int32)
         return Routing(None, None, zeros, offsets, 1)
     order = torch.argsort(ids, stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     counts = torch.bincount(ids, minlength=n_modalities)
-    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    offsets = torch.cumsum(counts, 0).to(device="cpu", dtype=torch.int32)
     return Routing(order, inverse, ids.index_select(0, order), offsets, n_modalities)
 
 
@@ -138,7 +146,9 @@ def check_modality_ids(modality_ids: torch.Tensor, n_modalities: int) -> None:
 
 @torch.library.custom_op("mot::routed_mm", mutates_args=())
 def routed_mm(x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor) -> torch.Tensor:
-    """y[s:e] = x[s:e] @ weights[m].T for modality m's sorted slice [s, e)."""
+    """y[s:e] = x[s:e] @ weights[m].T for modality m's sorted slice [s, e).
+
+    `offsets` (group ends) live on the host, so reading them never syncs a GPU."""
     out = x.new_empty(x.shape[0], weights[0].shape[0])
     start = 0
     for w, end in zip(weights, offsets.tolist()):
