@@ -15,9 +15,12 @@ Memory is measured, not estimated, and split in two parts that are comparable on
   * state: bytes of this model's parameters and AdamW state (exact, from the tensors);
   * in-step peak: the most memory the step allocates above its starting point (gradients,
     activations, temporaries). On CUDA this is `max_memory_allocated() - memory_allocated()`
-    over the step; on CPU (no allocator statistics) it is the peak of the CPU allocator's
-    running total reported to `torch.profiler(profile_memory=True)` during one extra,
-    untimed step per model.
+    over the step; on CPU (no allocator statistics) it is the peak of live tensor bytes
+    tracked by torch's MemTracker during one extra, untimed step per model.
+
+Page faults per step are printed too: with glibc's default settings a CPU step re-faults
+its activations from the OS and the two models can differ by 10% for that reason alone, so
+by default the benchmark keeps freed memory resident (`--host-malloc`).
 
 Example:
     python scripts/benchmark.py --flavor debugmodel --seq-len 2048 --batch 4 --steps 20
@@ -33,9 +36,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch._C._profiler import _EventType
 from torch._dynamo.utils import counters
-from torch.profiler import profile, ProfilerActivity
+from torch.distributed._tools.mem_tracker import MemTracker
 from torchtitan.config.job_config import Compile as CompileConfig
 from torchtitan.models.llama3.infra.parallelize import apply_compile
 
@@ -44,6 +46,7 @@ from torchtitan_mot.infra.cpu import keep_freed_memory_resident
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_TOTAL = "Total"  # MemTracker's key for the sum over tensor categories
 
 
 def parse_args() -> argparse.Namespace:
@@ -198,20 +201,21 @@ class Runner:
                 peak = torch.cuda.max_memory_allocated() - start_bytes
                 self.in_step_peak = max(self.in_step_peak, peak)
 
-    def profile_cpu_memory(self, batch: tuple[torch.Tensor, ...]) -> None:
-        """Peak bytes allocated during one untimed step, from the profiler's allocation log."""
+    def track_cpu_memory(self, batch: tuple[torch.Tensor, ...]) -> None:
+        """Peak bytes of live tensors above the step's start, over one untimed step.
+
+        torch's MemTracker follows every tensor storage the step creates (a dispatch mode
+        plus weakrefs), so this is the exact analogue of CUDA's `max_memory_allocated`,
+        independent of how the host allocator reuses or returns memory.
+        """
         tokens, labels, ids = batch
         self.optimizer.zero_grad(set_to_none=True)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        tracker = MemTracker()
+        tracker.track_external(self.model, self.optimizer)
+        with tracker:
+            start = tracker.get_tracker_snapshot("current")[self.device][_TOTAL]
             self._train_step(tokens, labels, ids)
-        peak = 0
-        stack = list(prof.profiler.kineto_results.experimental_event_tree())
-        while stack:
-            event = stack.pop()
-            if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-                peak = max(peak, event.extra_fields.total_allocated)
-            stack.extend(event.children)
-        self.in_step_peak = peak
+        self.in_step_peak = tracker.get_tracker_snapshot("peak")[self.device][_TOTAL] - start
 
     def state_bytes(self) -> int:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -270,7 +274,7 @@ def main() -> None:
     if a.device == "cpu":
         batch = make_batch(a, mix, gen)[:3]
         for runner in (mot, dense):
-            runner.profile_cpu_memory(batch)
+            runner.track_cpu_memory(batch)
 
     first = [round(f[0], 3) for f in seen_mixes]
     print(f"modality-0 fraction over measured steps: min {min(first)} max {max(first)} "
@@ -278,7 +282,7 @@ def main() -> None:
     print(f"active FLOPs per token (fwd+bwd, TorchTitan's count): mot {mot.flops_per_token:.4g}"
           f"  dense {dense.flops_per_token:.4g}")
     memory_source = ("cuda max_memory_allocated" if a.device == "cuda"
-                     else "torch.profiler CPU allocator total")
+                     else "torch.distributed._tools.mem_tracker.MemTracker (live tensors)")
     header = (f"{'model':<8} {'params':>9} {'median ms':>10} {'min ms':>8} {'p10-p90 ms':>17} "
               f"{'tok/s':>9} "
               f"{'TFLOP/s':>8} {'state MiB':>10} {'in-step MiB':>12} {'total MiB':>10} "
