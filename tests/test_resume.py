@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "train_configs" / "debug_mot.toml"
@@ -126,11 +127,44 @@ def _check_exact_resume(tmp_path: Path, nproc: int, extra: list[str]) -> None:
     assert f"Loading the checkpoint from {folder / 'step-5'}" in log
     assert "Training starts at step 6" in log
     got = tb_scalars(dump)
-    assert all(first[s] == expected[s] for s in range(1, 6) if s in first)
+    # The logged loss is a float32 scalar whose last bit differed between two otherwise
+    # identical runs once in CI (1 ulp at steps 5, 8 and 10 while steps 6, 7 and 9 matched
+    # exactly); the training state itself is compared bit for bit below.
+    ulp = lambda v: torch.finfo(torch.float32).eps * abs(v)  # noqa: E731
+    assert all(abs(first[s] - expected[s]) <= ulp(expected[s]) for s in range(1, 6) if s in first)
     diffs = {s: abs(got[s] - expected[s]) for s in range(6, 11)}
     print(f"resume nproc={nproc}: max abs loss diff steps 6-10 = {max(diffs.values())}")
-    assert [got[s] for s in range(6, 11)] == [expected[s] for s in range(6, 11)], diffs
+    assert all(diffs[s] <= ulp(expected[s]) for s in range(6, 11)), diffs
     assert (folder / "step-10" / ".metadata").exists()  # the step-10 save completed this time
+    straight_state = _checkpoint_tensors(tmp_path / "straight" / "checkpoint" / "step-10", tmp_path)
+    resumed_state = _checkpoint_tensors(folder / "step-10", tmp_path)
+    assert straight_state.keys() == resumed_state.keys()
+    model_keys = [k for k in straight_state if k.startswith("layers.")]
+    assert model_keys
+    for key in straight_state:
+        assert torch.equal(straight_state[key], resumed_state[key]), key
+
+
+def _checkpoint_tensors(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP checkpoint (model and optimizer), flattened by name."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = tmp_path / f"{checkpoint.parent.parent.name}-{checkpoint.name}.pt"
+    dcp_to_torch_save(checkpoint, target)
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            flat[prefix] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+
+    walk("", torch.load(target, weights_only=False))
+    return flat
 
 
 def test_exact_resume_single_process(tmp_path: Path) -> None:
