@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import resource
 import statistics
@@ -42,11 +43,30 @@ from torchtitan.config.job_config import Compile as CompileConfig
 from torchtitan.models.llama3.infra.parallelize import apply_compile
 
 from torchtitan_mot import mot_args
-from torchtitan_mot.infra.cpu import keep_freed_memory_resident
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _TOTAL = "Total"  # MemTracker's key for the sum over tensor categories
+
+
+def keep_freed_memory_resident() -> bool:
+    """Stop glibc from handing freed activation memory back to the OS between steps.
+
+    By default glibc serves big blocks with fresh `mmap`s and trims the top of its heap once
+    enough of it is free, so every training step page-faults its activations back in. On
+    the 2-core CI box that is tens of thousands of minor faults per step, and it varies with
+    the exact allocation sequence, so two models doing the same work can differ by ~10%.
+    With mmap for blocks and trimming both off, the memory of step N is reused by step N+1
+    (RSS stays at the peak, which a training step reaches every step anyway).
+    Returns False (and changes nothing) where the C library is not glibc. It is not airtight
+    on every host: the faults/step column shows what is left.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except AttributeError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,7 +95,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--host-malloc", choices=("resident", "default"), default="resident",
                    help="CPU: keep freed memory in glibc's heap between steps (see "
-                        "torchtitan_mot.infra.cpu.keep_freed_memory_resident) or leave "
+                        "keep_freed_memory_resident) or leave "
                         "glibc's defaults, under which page faults dominate the step time")
     return p.parse_args()
 

@@ -126,31 +126,3 @@ def test_fsdp_gradients_on_gloo_equal_full_batch_gradients(tmp_path):
     )
     assert proc.returncode == 0 and "FSDP_GRADS_OK" in proc.stdout, proc.stdout + proc.stderr
 
-
-_REFAULTS = """
-import resource, sys, torch
-from torchtitan_mot.infra.cpu import keep_freed_memory_resident
-if sys.argv[1] == "resident":
-    assert keep_freed_memory_resident()
-def step():  # a training step's worth of activations: allocated, touched, freed
-    xs = [torch.ones(4 * 2**20) for _ in range(8)]  # 8 x 16 MiB
-    del xs
-step()
-step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc mallopt")
-def test_keep_freed_memory_resident_stops_refaulting_a_steps_memory():
-    """A later identical 'step' reuses the earlier ones' pages instead of faulting 128 MiB
-    back in from the OS (glibc's default: about 32k minor faults every step)."""
-    faults = {
-        mode: int(subprocess.run([sys.executable, "-c", _REFAULTS, mode], check=True,
-                                 capture_output=True, text=True).stdout.split()[-1])
-        for mode in ("default", "resident")
-    }
-    assert faults["default"] > 16_000, faults
-    assert faults["resident"] < 1_000, faults

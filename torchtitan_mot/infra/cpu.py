@@ -6,7 +6,6 @@ index to `barrier`. `enable_cpu_fallback()` patches exactly those spots, in plac
 when `torch.accelerator.is_available()` is False, so GPU runs see stock TorchTitan.
 """
 
-import ctypes
 import importlib
 import os
 import resource
@@ -128,25 +127,6 @@ def _rebind_device(module: ModuleType) -> None:
         module.device_type = "cpu"
     if hasattr(module, "device_module"):
         module.device_module = torch.cpu
-
-
-def keep_freed_memory_resident() -> bool:
-    """Stop glibc from handing freed activation memory back to the OS between steps.
-
-    By default glibc serves big blocks with fresh `mmap`s and trims the top of its heap once
-    enough of it is free, so every training step page-faults its activations back in. On
-    the 2-core CI box that is tens of thousands of minor faults per step, and it varies with
-    the exact allocation sequence, so two models doing the same work can differ by 10-20%.
-    With mmap for blocks and trimming both off, the memory of step N is reused by step N+1
-    (RSS stays at the peak, which a training step reaches every step anyway).
-    Returns False (and changes nothing) where the C library is not glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except AttributeError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
 
 
 def enable_cpu_fallback() -> bool:
