@@ -1,5 +1,6 @@
 """The CPU fallback patches stock TorchTitan 0.2.2 so it runs (and averages correctly) on gloo."""
 
+import mmap
 import subprocess
 import sys
 import textwrap
@@ -50,10 +51,14 @@ def test_host_memory_monitor_reports_rss_and_mfu_stays_finite():
     assert 0 < base.max_reserved_pct < 100
     assert (base.num_alloc_retries, base.num_ooms) == (0, 0)
 
-    block = torch.ones(64 * 1024 * 1024, dtype=torch.uint8)  # 64 MiB touched
+    # 64 MiB of fresh pages, touched. (A tensor could reuse pages the process's malloc
+    # already holds resident, and RSS would not move.)
+    block = mmap.mmap(-1, 64 * 1024 * 1024)
+    for offset in range(0, len(block), mmap.PAGESIZE):
+        block[offset] = 1
     grown = monitor.get_peak_stats()
     assert grown.max_reserved_gib >= base.max_reserved_gib + 0.05
-    del block
+    block.close()
     monitor.reset_peak_stats()
     if Path("/proc/self/clear_refs").exists():
         assert monitor.get_peak_stats().max_reserved_gib < grown.max_reserved_gib
@@ -125,4 +130,3 @@ def test_fsdp_gradients_on_gloo_equal_full_batch_gradients(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0 and "FSDP_GRADS_OK" in proc.stdout, proc.stdout + proc.stderr
-
