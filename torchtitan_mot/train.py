@@ -19,7 +19,7 @@ from torchtitan.config import ConfigManager, JobConfig
 from torchtitan.components.loss import LossFunction
 
 from torchtitan_mot.infra.cpu import enable_cpu_fallback
-from torchtitan_mot.infra.inputs import split_mot_batch
+from torchtitan_mot.infra.inputs import keep_modality_ids_on_host, split_mot_batch
 from torchtitan_mot.reliability import ReliabilityMixin
 
 DEFAULT_CONFIG_MODULE = "torchtitan_mot.config"
@@ -86,6 +86,11 @@ class MoTTrainer(ReliabilityMixin, torchtitan.train.Trainer):
             group = self.parallel_dims.get_mesh("dp_replicate").get_group()
             for module in replicated:
                 module.register_comm_hook(group, _allreduce_sum_hook)
+
+    def batch_generator(self, data_iterable):
+        """TorchTitan's batches with `modality_ids` kept in host memory, where the model
+        counts the tokens per modality without a device->host copy."""
+        return keep_modality_ids_on_host(super().batch_generator(data_iterable))
 
     def post_dataloading_process(
         self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor

@@ -25,7 +25,7 @@ from torchtitan.tools.logging import logger
 
 from .data.dataloader import build_mot_validation_dataloader
 from .data.tokenizer import MultimodalTokenizer
-from .infra.inputs import split_mot_batch
+from .infra.inputs import keep_modality_ids_on_host, split_mot_batch
 from .loss import MoTLoss
 
 
@@ -150,11 +150,14 @@ class MoTValidator(Validator):
 
         max_steps = self.job_config.validation.steps
         num_steps = 0
-        for input_dict, labels in self.validation_dataloader:
+        for input_dict, labels in keep_modality_ids_on_host(iter(self.validation_dataloader)):
             if max_steps != -1 and num_steps >= max_steps:
                 break
             self.metrics_processor.ntokens_since_last_log += labels.numel()
-            input_dict = {k: v.to(device_type) for k, v in input_dict.items()}
+            input_dict = {
+                k: v.to(device_type) if isinstance(v, torch.Tensor) else v
+                for k, v in input_dict.items()
+            }
             labels = labels.to(device_type)
             inputs, labels, extra_inputs, extra_kwargs = self.post_dataloading_process(
                 input_dict, labels, model_parts

@@ -25,7 +25,7 @@ from torchtitan.distributed import ParallelDims  # noqa: E402
 from torchtitan.distributed.pipeline_parallel import pipeline_llm  # noqa: E402
 from torchtitan.distributed.utils import clip_grad_norm_  # noqa: E402
 
-from torchtitan_mot.infra.inputs import prepare_mot_inputs  # noqa: E402
+from torchtitan_mot.infra.inputs import HostTensor, prepare_mot_inputs  # noqa: E402
 from torchtitan_mot.infra.parallelize import parallelize_mot  # noqa: E402
 from torchtitan_mot.loss import modality_cross_entropy  # noqa: E402
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer  # noqa: E402
@@ -128,7 +128,7 @@ def run_case(name: str, init: dict) -> dict:
         n_tokens["n"] = (labels != -100).sum()
         tokens, ids, labels = tokens[rows], ids[rows], labels[rows]
         inputs, labels, extra_inputs, extra_kwargs = prepare_mot_inputs(
-            tokens, labels, {"modality_ids": ids}, {}, pd, jc, torch.device("cpu"))
+            tokens, labels, {"modality_ids": HostTensor(ids)}, {}, pd, jc, torch.device("cpu"))
         with ctx():
             if pp > 1:
                 out: list[torch.Tensor] = []
@@ -179,7 +179,7 @@ def cp_sharding_check() -> dict:
         jc.parallelism.context_parallel_load_balancer = lb
         extra_kwargs = {} if masks is None else {"attention_masks": masks}
         inp, lab, extra_inputs, kw = prepare_mot_inputs(
-            tokens, labels, {"modality_ids": TABLE[tokens]}, extra_kwargs, pd, jc,
+            tokens, labels, {"modality_ids": HostTensor(TABLE[tokens])}, extra_kwargs, pd, jc,
             torch.device("cpu"))
         pos = kw["positions"].long()
         out[str(lb)] = dict(

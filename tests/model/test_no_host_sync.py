@@ -126,3 +126,24 @@ def test_no_scalar_reads_outside_routed_mm() -> None:
     with _ScalarReads() as control:  # the detector does see a host read
         torch.ones(2).sum().item()
     assert control.reads == 1
+
+
+def test_host_ids_spare_the_forward_any_device_read() -> None:
+    """With the ids in host memory, as the trainer passes them, a whole forward and backward
+    (routing, blocks, head) reads nothing back from the model's device. The model runs on the
+    meta device, whose tensors hold no data: any device->host read (`.item()`, `.tolist()`,
+    `.cpu()`, a data-dependent output size) would raise."""
+    with torch.device("meta"):
+        model = MoTTransformer(MoTModelArgs(n_modalities=N_MOD, qk_norm=True, **SHAPE))
+    tokens = torch.empty(BATCH, SEQ, dtype=torch.long, device="meta")
+    for ids in _mixes():
+        logits = model(tokens, modality_ids=ids)
+        logits.sum().backward()
+        assert logits.device.type == "meta"
+        assert logits.shape == (BATCH, SEQ, SHAPE["vocab_size"])
+    assert all(p.grad is not None for p in model.parameters())
+    # The detector: reading data back from the meta device fails, as it would have to for
+    # ids that live on the device (their group sizes must come back to the host).
+    with pytest.raises(NotImplementedError):
+        model(tokens, modality_ids=_mixes()[0].to("meta"))
+

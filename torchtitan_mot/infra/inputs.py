@@ -5,8 +5,13 @@ TorchTitan 0.2.2 splits a batch into `extra_inputs` (first pipeline stage only) 
 `positions`. Every MoT block needs the modality of every token, so `modality_ids` must
 reach every stage and, under context parallel, be sharded exactly like the tokens
 (including the load balancer's reordering).
+
+The ids stay in host memory up to the model (`HostTensor`): the model counts the modality
+group sizes there, so its forward never copies anything back from the device.
 """
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +24,28 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.context_parallel import cp_shard
 
 MODALITY_IDS = "modality_ids"
+
+
+@dataclass(frozen=True)
+class HostTensor:
+    """A batch tensor that must not be moved to the device with the rest of the batch.
+
+    TorchTitan's `train_step` moves every `torch.Tensor` of a batch to the device before
+    `post_dataloading_process`. Modality ids are wanted on the host: `build_routing` counts
+    the tokens per modality there (no device->host copy; the model moves the ids itself).
+    """
+
+    tensor: torch.Tensor
+
+
+def keep_modality_ids_on_host(
+    batches: Iterator[tuple[dict[str, Any], torch.Tensor]],
+) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    """Wrap each batch's `modality_ids` in `HostTensor` (`split_mot_batch` unwraps them)."""
+    for input_dict, labels in batches:
+        if isinstance(input_dict.get(MODALITY_IDS), torch.Tensor):
+            input_dict = {**input_dict, MODALITY_IDS: HostTensor(input_dict[MODALITY_IDS])}
+        yield input_dict, labels
 
 
 def shard_for_context_parallel(
@@ -67,12 +94,16 @@ def prepare_mot_inputs(
     Works on UNSHARDED tensors, in place of the base class's `prepare_context_parallel_input`
     step (`split_mot_batch` is the whole `post_dataloading_process`).
 
-    Pipeline microbatching splits `extra_kwargs` tensors along the batch dim, like `inputs`.
+    Pipeline microbatching splits `extra_kwargs` tensors along the batch dim, like `inputs`
+    (host tensors too). Ids kept on the host (`HostTensor`) are unwrapped and stay there,
+    except under context parallel, where they are sharded on the device with the tokens.
     """
     extra_inputs = dict(extra_inputs)
     extra_kwargs = dict(extra_kwargs)
     if MODALITY_IDS in extra_inputs:
         extra_kwargs[MODALITY_IDS] = extra_inputs.pop(MODALITY_IDS)
+    if isinstance(extra_kwargs.get(MODALITY_IDS), HostTensor):
+        extra_kwargs[MODALITY_IDS] = extra_kwargs[MODALITY_IDS].tensor
     modality_ids = extra_kwargs.get(MODALITY_IDS)
     if modality_ids is not None and modality_ids.shape != inputs.shape:
         raise ValueError(
@@ -87,7 +118,7 @@ def prepare_mot_inputs(
         inputs, labels, positions, modality_ids, masks = shard_for_context_parallel(
             inputs,
             labels,
-            modality_ids,
+            None if modality_ids is None else modality_ids.to(inputs.device),
             extra_kwargs.get("attention_masks"),
             parallel_dims.get_mesh("cp"),
             device,

@@ -117,6 +117,8 @@ class MoTTransformer(Transformer):
         pipeline stage. Give the modality of every token either as `modality_ids`
         (batch, seq) ints or as the reference form `modality_masks`, one boolean
         (batch, seq) mask per modality. A dense twin (n_modalities=1) may omit both.
+        Ids in host memory (the trainer's choice) spare the forward its only
+        device->host copy.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         bs, seqlen = h.shape[:2]
@@ -140,7 +142,7 @@ class MoTTransformer(Transformer):
         if self.n_modalities > 1 and not torch.compiler.is_compiling():
             check_modality_ids(modality_ids, self.n_modalities)
 
-        routing = build_routing(modality_ids, self.n_modalities)
+        routing = build_routing(modality_ids, self.n_modalities, h.device)
         mesh = self.tp_mesh
         if mesh is not None and (bs * seqlen) % mesh.size():
             raise ValueError(
