@@ -91,7 +91,7 @@ def build_routing(
     Ids already on the device cost one small copy back (the n_modalities group ends).
     """
     host_ids = modality_ids.reshape(-1)
-    ids = host_ids.to(device or host_ids.device, non_blocking=True)
+    ids = _copy_without_waiting(host_ids, device or host_ids.device)
     if n_modalities == 1:
         # The dense twin: every token takes modality 0's weights, no permutation.
         zeros = torch.zeros_like(ids)
@@ -103,6 +103,17 @@ def build_routing(
     counts = torch.bincount(host_ids, minlength=n_modalities)
     offsets = torch.cumsum(counts, 0).to(device="cpu", dtype=torch.int32)
     return Routing(order, inverse, ids.index_select(0, order), offsets, n_modalities)
+
+
+def _copy_without_waiting(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t.to(device)` that never waits for the device. A blocking host->GPU copy synchronises
+    the stream, and from pageable memory even a non-blocking one may, so host tensors go
+    through page-locked memory (PyTorch keeps that buffer until the copy has run)."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def modality_ids_from_masks(
