@@ -260,6 +260,17 @@ def percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
+def median_ci(xs: list[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
+    """Bootstrap confidence interval of the median: how far a noisy shared machine leaves
+    the measured ratio from the one a quiet machine would give (fixed seed: reproducible)."""
+    gen = torch.Generator().manual_seed(0)
+    data = torch.tensor(xs, dtype=torch.float64)
+    picks = torch.randint(0, len(xs), (resamples, len(xs)), generator=gen)
+    medians = data[picks].median(dim=1).values
+    tail = (1 - level) / 2
+    return float(medians.quantile(tail)), float(medians.quantile(1 - tail))
+
+
 def main() -> None:
     a = parse_args()
     if a.threads is not None:
@@ -326,7 +337,9 @@ def main() -> None:
     # Per-step ratio of the paired (same batch) steps: a steadier statistic than the ratio of
     # medians on a noisy box.
     paired = [m / d for m, d in zip(mot.times, dense.times)]
+    lo, hi = median_ci(paired)
     print(f"paired per-step ratio: median {statistics.median(paired):.3f} "
+          f"(95% CI {lo:.3f}-{hi:.3f}) "
           f"p10-p90 {percentile(paired, 0.1):.3f}-{percentile(paired, 0.9):.3f}")
     if a.compile:
         recompiles, graphs, breaks = end_counts

@@ -23,4 +23,8 @@ def test_benchmark_smoke() -> None:
     assert float(rows["mot(2)"][1].rstrip("M")) > float(rows["dense"][1].rstrip("M"))
     assert float(rows["mot(2)"][8]) > float(rows["dense"][8])
     assert "host_malloc=resident" in out
+    paired = re.search(r"paired per-step ratio: median (\S+) \(95% CI (\S+)-(\S+)\)", out)
+    assert paired, out
+    median, lo, hi = map(float, paired.groups())
+    assert lo <= median <= hi
     assert re.search(r"^mot/dense step time ratio: \d+\.\d{3}$", out.strip().splitlines()[-1]), out
