@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchtitan_mot.model import MoTModelArgs, MoTTransformer
+from torchtitan_mot.model import HostTensor, MoTModelArgs, MoTTransformer
 from torchtitan_mot.model.routing import build_routing
 
 SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, rope_theta=500000,
@@ -129,15 +129,15 @@ def test_no_scalar_reads_outside_routed_mm() -> None:
 
 
 def test_host_ids_spare_the_forward_any_device_read() -> None:
-    """With the ids in host memory, as the trainer passes them, a whole forward and backward
-    (routing, blocks, head) reads nothing back from the model's device. The model runs on the
+    """With the ids in host memory (`HostTensor`, as the trainer passes them), a whole forward
+    and backward (routing, blocks, head) reads nothing back from the model's device. The model runs on the
     meta device, whose tensors hold no data: any device->host read (`.item()`, `.tolist()`,
     `.cpu()`, a data-dependent output size) would raise."""
     with torch.device("meta"):
         model = MoTTransformer(MoTModelArgs(n_modalities=N_MOD, qk_norm=True, **SHAPE))
     tokens = torch.empty(BATCH, SEQ, dtype=torch.long, device="meta")
     for ids in _mixes():
-        logits = model(tokens, modality_ids=ids)
+        logits = model(tokens, modality_ids=HostTensor(ids))
         logits.sum().backward()
         assert logits.device.type == "meta"
         assert logits.shape == (BATCH, SEQ, SHAPE["vocab_size"])

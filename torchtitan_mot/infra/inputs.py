@@ -11,7 +11,6 @@ group sizes there, so its forward never copies anything back from the device.
 """
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,25 +22,16 @@ from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.context_parallel import cp_shard
 
+from torchtitan_mot.model.routing import HostTensor
+
 MODALITY_IDS = "modality_ids"
-
-
-@dataclass(frozen=True)
-class HostTensor:
-    """A batch tensor that must not be moved to the device with the rest of the batch.
-
-    TorchTitan's `train_step` moves every `torch.Tensor` of a batch to the device before
-    `post_dataloading_process`. Modality ids are wanted on the host: `build_routing` counts
-    the tokens per modality there (no device->host copy; the model moves the ids itself).
-    """
-
-    tensor: torch.Tensor
 
 
 def keep_modality_ids_on_host(
     batches: Iterator[tuple[dict[str, Any], torch.Tensor]],
 ) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-    """Wrap each batch's `modality_ids` in `HostTensor` (`split_mot_batch` unwraps them)."""
+    """Wrap each batch's `modality_ids` in `HostTensor`, which TorchTitan's `train_step`
+    does not move to the device; the model unwraps them."""
     for input_dict, labels in batches:
         if isinstance(input_dict.get(MODALITY_IDS), torch.Tensor):
             input_dict = {**input_dict, MODALITY_IDS: HostTensor(input_dict[MODALITY_IDS])}
@@ -94,17 +84,18 @@ def prepare_mot_inputs(
     Works on UNSHARDED tensors, in place of the base class's `prepare_context_parallel_input`
     step (`split_mot_batch` is the whole `post_dataloading_process`).
 
-    Pipeline microbatching splits `extra_kwargs` tensors along the batch dim, like `inputs`
-    (host tensors too). Ids kept on the host (`HostTensor`) are unwrapped and stay there,
-    except under context parallel, where they are sharded on the device with the tokens.
+    Pipeline microbatching splits `extra_kwargs` along the batch dim, like `inputs`
+    (`HostTensor` is a pytree node: its ids are split too). Ids kept on the host stay
+    wrapped up to the model, except under context parallel, where they are sharded on the
+    device with the tokens.
     """
     extra_inputs = dict(extra_inputs)
     extra_kwargs = dict(extra_kwargs)
     if MODALITY_IDS in extra_inputs:
         extra_kwargs[MODALITY_IDS] = extra_inputs.pop(MODALITY_IDS)
-    if isinstance(extra_kwargs.get(MODALITY_IDS), HostTensor):
-        extra_kwargs[MODALITY_IDS] = extra_kwargs[MODALITY_IDS].tensor
     modality_ids = extra_kwargs.get(MODALITY_IDS)
+    if isinstance(modality_ids, HostTensor):
+        modality_ids = modality_ids.tensor
     if modality_ids is not None and modality_ids.shape != inputs.shape:
         raise ValueError(
             f"modality_ids shape {tuple(modality_ids.shape)} != inputs {tuple(inputs.shape)}"

@@ -15,6 +15,7 @@ from .feedforward import ffn_hidden_dim, MoTFeedForward
 from .routing import (
     build_routing,
     check_modality_ids,
+    HostTensor,
     ModalityRMSNorm,
     modality_ids_from_masks,
     Routing,
@@ -108,7 +109,7 @@ class MoTTransformer(Transformer):
     def forward(
         self,
         tokens: torch.Tensor,
-        modality_ids: torch.Tensor | None = None,
+        modality_ids: torch.Tensor | HostTensor | None = None,
         modality_masks: Sequence[torch.Tensor] | None = None,
         attention_masks: AttentionMasksType | None = None,
         positions: torch.Tensor | None = None,
@@ -117,9 +118,11 @@ class MoTTransformer(Transformer):
         pipeline stage. Give the modality of every token either as `modality_ids`
         (batch, seq) ints or as the reference form `modality_masks`, one boolean
         (batch, seq) mask per modality. A dense twin (n_modalities=1) may omit both.
-        Ids in host memory (the trainer's choice) spare the forward its only
-        device->host copy.
+        Ids in host memory spare the forward its only device->host copy; wrap them in
+        `HostTensor` (the trainer does) so FSDP / DDP do not move them to the device first.
         """
+        if isinstance(modality_ids, HostTensor):
+            modality_ids = modality_ids.tensor
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         bs, seqlen = h.shape[:2]
         if modality_masks is not None:

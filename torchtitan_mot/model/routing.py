@@ -24,8 +24,25 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial
+
+
+@dataclass(frozen=True)
+class HostTensor:
+    """Modality ids that must stay in host memory until `build_routing` has counted them.
+
+    TorchTitan's `train_step`, FSDP2's and DDP's root pre-forward all move every
+    `torch.Tensor` argument to the device (a blocking copy); this wrapper is not a tensor, so
+    they pass it through. It is a pytree node, so pipeline parallel still splits the ids
+    into microbatches along with the tokens.
+    """
+
+    tensor: torch.Tensor
+
+
+pytree.register_dataclass(HostTensor)
 
 
 @dataclass
