@@ -9,6 +9,7 @@ per-modality loss statistics to the metrics processor.
 import os
 import socket
 import sys
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -87,7 +88,9 @@ class MoTTrainer(ReliabilityMixin, torchtitan.train.Trainer):
             for module in replicated:
                 module.register_comm_hook(group, _allreduce_sum_hook)
 
-    def batch_generator(self, data_iterable):
+    def batch_generator(
+        self, data_iterable: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]
+    ) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
         """TorchTitan's batches with `modality_ids` kept in host memory, where the model
         counts the tokens per modality without a device->host copy."""
         return keep_modality_ids_on_host(super().batch_generator(data_iterable))
