@@ -150,7 +150,7 @@ class MoTValidator(Validator):
 
         max_steps = self.job_config.validation.steps
         num_steps = 0
-        for input_dict, labels in keep_modality_ids_on_host(iter(self.validation_dataloader)):
+        for input_dict, labels in keep_modality_ids_on_host(self.validation_dataloader):
             if max_steps != -1 and num_steps >= max_steps:
                 break
             self.metrics_processor.ntokens_since_last_log += labels.numel()

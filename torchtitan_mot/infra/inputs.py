@@ -10,7 +10,7 @@ The ids stay in host memory up to the model (`HostTensor`): the model counts the
 group sizes there, so its forward never copies anything back from the device.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ MODALITY_IDS = "modality_ids"
 
 
 def keep_modality_ids_on_host(
-    batches: Iterator[tuple[dict[str, Any], torch.Tensor]],
+    batches: Iterable[tuple[dict[str, Any], torch.Tensor]],
 ) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
     """Wrap each batch's `modality_ids` in `HostTensor`, which TorchTitan's `train_step`
     does not move to the device; the model unwraps them."""

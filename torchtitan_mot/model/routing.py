@@ -107,8 +107,8 @@ def build_routing(
     `device` without waiting for it, so the forward has no device->host transfer at all.
     Ids already on the device cost one small copy back (the n_modalities group ends).
     """
-    host_ids = modality_ids.reshape(-1)
-    ids = _copy_without_waiting(host_ids, device or host_ids.device)
+    given = modality_ids.reshape(-1)  # counted where it lives: on the host, no device read
+    ids = _copy_without_waiting(given, device or given.device)
     if n_modalities == 1:
         # The dense twin: every token takes modality 0's weights, no permutation.
         zeros = torch.zeros_like(ids)
@@ -117,7 +117,7 @@ def build_routing(
     order = torch.argsort(ids, stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    counts = torch.bincount(host_ids, minlength=n_modalities)
+    counts = torch.bincount(given, minlength=n_modalities)
     offsets = torch.cumsum(counts, 0).to(device="cpu", dtype=torch.int32)
     return Routing(order, inverse, ids.index_select(0, order), offsets, n_modalities)
 
