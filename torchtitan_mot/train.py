@@ -19,6 +19,7 @@ from torch.distributed._composable.replicate import DDP as ReplicatedModule
 from torchtitan.config import ConfigManager, JobConfig
 from torchtitan.components.loss import LossFunction
 
+from torchtitan_mot.compat import discard_pipeline_metadata_loss
 from torchtitan_mot.infra.cpu import enable_cpu_fallback
 from torchtitan_mot.infra.inputs import keep_modality_ids_on_host, split_mot_batch
 from torchtitan_mot.reliability import ReliabilityMixin
@@ -117,13 +118,19 @@ class MoTTrainer(ReliabilityMixin, torchtitan.train.Trainer):
                 input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
             )
         self.pp_loss_fn.divisor = global_valid_tokens
+        records = getattr(self.loss_fn, "n_records", 0)
         try:
             # Losses come back already divided; the parent's division must be a no-op.
-            return super().forward_backward_step(
+            loss = super().forward_backward_step(
                 input_dict=input_dict, labels=labels, global_valid_tokens=1.0
             )
         finally:
             self.pp_loss_fn.divisor = 1.0
+        if self.pp_has_last_stage and hasattr(self.loss_fn, "discard_records"):
+            discard_pipeline_metadata_loss(
+                self.loss_fn, records, self.job_config.parallelism, labels.shape[0]
+            )
+        return loss
 
     def train_step(self, data_iterator) -> None:
         # Per-modality stats are logged for this step only, like the total loss: drop what

@@ -16,7 +16,10 @@ from torchtitan_mot.model.routing import build_routing, ModalityLinear, Modality
 
 SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, rope_theta=500000,
              max_seq_len=32)
-MATMULS = {"mot.routed_mm.default", "mot.routed_mm_backward.default", "aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
+FORWARD_OPS = {"mot.routed_mm.default", "mot.routed_mm_recompute.default"}
+MATMULS = FORWARD_OPS | {
+    "mot.routed_mm_backward.default", "aten.mm.default", "aten.addmm.default", "aten.bmm.default"
+}
 
 
 class _MatmulDtypes(TorchDispatchMode):
@@ -48,7 +51,7 @@ def test_every_projection_runs_in_the_autocast_dtype(dtype: torch.dtype) -> None
     tokens, ids = torch.randint(0, 97, (2, 32)), torch.randint(0, 3, (2, 32))
     with _MatmulDtypes() as mode, torch.autocast("cpu", dtype=dtype):
         out = model(tokens, modality_ids=ids)
-    routed = [d for f, d in mode.seen if f == "mot.routed_mm.default"]
+    routed = [d for f, d in mode.seen if f in FORWARD_OPS]
     assert len(routed) == 2 * 7, mode.seen  # wq wk wv wo w1 w2 w3 per layer
     assert all(d == {dtype} for _, d in mode.seen), mode.seen
     assert out.dtype == dtype

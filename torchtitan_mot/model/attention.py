@@ -34,9 +34,10 @@ class MoTAttention(nn.Module):
         self.enable_gqa = self.n_heads > self.n_kv_heads
         dim = model_args.dim
         self.wq = ModalityLinear(dim, self.n_heads * self.head_dim, n_mod)
-        self.wk = ModalityLinear(dim, self.n_kv_heads * self.head_dim, n_mod)
+        # sac_save: selective op AC saves wq and wv outputs, recomputes wk and wo (Llama3's rate)
+        self.wk = ModalityLinear(dim, self.n_kv_heads * self.head_dim, n_mod, sac_save=False)
         self.wv = ModalityLinear(dim, self.n_kv_heads * self.head_dim, n_mod)
-        self.wo = ModalityLinear(self.n_heads * self.head_dim, dim, n_mod)
+        self.wo = ModalityLinear(self.n_heads * self.head_dim, dim, n_mod, sac_save=False)
         self.q_norm = self.k_norm = None
         if model_args.qk_norm:
             self.q_norm = ModalityRMSNorm(self.head_dim, n_mod, model_args.norm_eps)

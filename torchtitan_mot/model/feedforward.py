@@ -23,7 +23,8 @@ class MoTFeedForward(nn.Module):
         super().__init__()
         self.w1 = ModalityLinear(dim, hidden_dim, n_modalities)
         self.w2 = ModalityLinear(hidden_dim, dim, n_modalities)
-        self.w3 = ModalityLinear(dim, hidden_dim, n_modalities)
+        # selective op AC saves w1 and w2 outputs and recomputes w3 (Llama3's every other mm)
+        self.w3 = ModalityLinear(dim, hidden_dim, n_modalities, sac_save=False)
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x, routing)) * self.w3(x, routing), routing)

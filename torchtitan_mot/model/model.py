@@ -164,5 +164,9 @@ class MoTTransformer(Transformer):
         h = self.norm(h) if self.norm is not None else h
         # Full activations in original order: what the output head, or the next pipeline
         # stage, expects on every tensor-parallel rank (their grads arrive replicated).
-        h = routing.unsort(gather_tokens(h, mesh, grad_is_partial=False)).view(bs, seqlen, -1)
-        return self.output(h) if self.output is not None else h
+        h = routing.unsort(gather_tokens(h, mesh, grad_is_partial=False), (bs, seqlen, -1))
+        if self.output is not None:
+            return self.output(h)
+        # A pipeline stage's output must not be a view (zero-bubble schedules detach it in
+        # place); only the dense twin's unpermuted stream still is one.
+        return h.clone() if h._base is not None else h
