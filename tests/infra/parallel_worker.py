@@ -182,8 +182,10 @@ def cp_sharding_check() -> dict:
             tokens, labels, {"modality_ids": HostTensor(TABLE[tokens])}, extra_kwargs, pd, jc,
             torch.device("cpu"))
         pos = kw["positions"].long()
+        ids = kw["modality_ids"]
         out[str(lb)] = dict(
-            ids_follow_tokens=bool((TABLE[inp] == kw["modality_ids"]).all()),
+            ids_on_host=isinstance(ids, HostTensor),
+            ids_follow_tokens=bool((TABLE[inp] == getattr(ids, "tensor", ids)).all()),
             tokens_at_positions=bool((tokens.gather(1, pos) == inp).all()),
             labels_at_positions=bool((labels.gather(1, pos) == lab).all()),
             local_len=int(inp.shape[1]),

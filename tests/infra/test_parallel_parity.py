@@ -86,12 +86,15 @@ def test_four_process_parity(four_proc: dict, case: str) -> None:
 
 
 def test_context_parallel_modality_ids_follow_tokens(two_proc: dict) -> None:
-    """After CP sharding (any load balancer) each rank's modality ids are those of its tokens."""
+    """After CP sharding (any load balancer) each rank's modality ids are those of its
+    tokens, and host ids stay on the host."""
     for rank, shards in enumerate(two_proc["cp_sharding"]):
         for balancer, r in shards.items():
             assert r["ids_follow_tokens"], (rank, balancer)
             assert r["tokens_at_positions"] and r["labels_at_positions"], (rank, balancer)
             assert r["local_len"] == 128 and r["extra_inputs_empty"] and r["mask_sharded"]
+            # sharded on the host (no device round trip), except ptrr (needs the BlockMask)
+            assert r["ids_on_host"] == (balancer != "ptrr"), (rank, balancer)
         # no balancer: contiguous chunks; head-tail: rank 0 holds the first AND last quarter
         assert shards["None"]["positions_contiguous"]
         assert shards["headtail"]["positions_contiguous"] == (rank == 1)

@@ -11,6 +11,8 @@ from importlib.metadata import version
 from typing import Protocol
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.experimental._attention import _HeadTailLoadBalancer
 from torchtitan.config.job_config import Parallelism
 from torchtitan.distributed import utils as dist_utils
 
@@ -66,3 +68,22 @@ def discard_pipeline_metadata_loss(
     extra = loss_fn.n_records - first - microbatches
     if extra > 0:
         loss_fn.discard_records(first, extra)
+
+
+def shard_on_host_for_context_parallel(
+    ids: torch.Tensor, cp_mesh: DeviceMesh, load_balancer_type: str | None
+) -> torch.Tensor | None:
+    """0.2.2's `cp_shard` builds its load-balancer index on the mesh's device, so host
+    tensors would have to go to the device (and MoT's ids back to the host).
+
+    Shards a host (batch, seq) tensor exactly as `cp_shard` shards the tokens (the same
+    head-tail reordering, then this rank's chunk of the sequence), without the device.
+    Returns None for the "ptrr" balancer, whose order depends on the device-side BlockMask.
+    """
+    if load_balancer_type not in (None, "headtail"):
+        return None
+    world, rank = cp_mesh.size(0), cp_mesh.get_local_rank()
+    if load_balancer_type == "headtail":
+        index = _HeadTailLoadBalancer(ids.shape[1], world, "cpu")._generate_indices()
+        ids = ids.index_select(1, index[0])
+    return ids.chunk(world, dim=1)[rank]
