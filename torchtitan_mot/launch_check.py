@@ -123,12 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv[:split])
     trainer_args = argv[split + 1:]
     # The trainer prints ConfigManager's warnings itself; keep the job output to one line here.
-    logging.getLogger().setLevel(logging.ERROR)
+    root = logging.getLogger()  # TorchTitan's logger
+    level = root.level
+    root.setLevel(logging.ERROR)
     try:
         print(f"launch_check: {check_launch(args.nodes, args.procs_per_node, trainer_args)}", flush=True)
     except LaunchError as e:
         print(f"launch_check: error: {e}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        root.setLevel(level)
     return 0
 
 
