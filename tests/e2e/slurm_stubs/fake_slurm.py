@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 # Resource requests a fake node cannot honour; accepted so the real script's directives parse.
 _SBATCH_RESOURCE_OPTIONS = {"--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--exclusive",
@@ -214,7 +215,7 @@ def srun(argv: list[str]) -> int:
             "SLURM_NPROCS": str(num_tasks)}
     if "--cpus-per-task" in options:
         step["SLURM_CPUS_PER_TASK"] = options["--cpus-per-task"]
-    files: dict[str, object] = {}
+    files: dict[str, IO[str]] = {}
     tasks: list[tuple[str, subprocess.Popen]] = []
     for task in range(num_tasks):
         node = nodes[task // per_node]
