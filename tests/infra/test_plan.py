@@ -82,3 +82,27 @@ def test_tp_and_pp_shard_every_stage() -> None:
     assert [(s.stage, s.rank) for s in plan.stages] == [(0, 0), (1, 4)]
     for s in plan.stages:
         assert "Shard(dim=0)" in s.sharding and "local (64, 256)" in s.sharding, s.sharding
+
+
+def test_selective_every_nth_layer_is_between_full_and_none() -> None:
+    """Layer SAC 2 on a 5-layer stage: layers 2 and 4 keep their input, 1, 3, 5 everything."""
+    from torchtitan.config import JobConfig
+
+    from torchtitan_mot.infra.plan import activation_bytes
+
+    args = mot_args["debugmodel"]
+    job = JobConfig()
+    job.training.seq_len, job.training.local_batch_size = 128, 2
+    s, h = 2 * 128, args.dim
+
+    def act(mode: str, option: str = "op") -> float:
+        job.activation_checkpoint.mode, job.activation_checkpoint.selective_ac_option = mode, option
+        return activation_bytes(args, job, 5, h, h, 4 * h, has_output=False, vocab_size=1)
+
+    block_none, block_full = MEGATRON_BLOCK * s * h, 2 * s * h
+    assert act("none") == 5 * block_none
+    assert act("full") == 5 * block_full + block_none
+    assert act("selective", "2") == 2 * block_full + 3 * block_none + block_none
+    assert act("full") < act("selective", "2") < act("none") + block_none
+    with pytest.raises(ValueError, match="activation_checkpoint.mode='memory_budget'"):
+        act("memory_budget")

@@ -16,6 +16,7 @@ import argparse
 import copy
 import re
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -356,8 +357,7 @@ def format_plan(plan: Plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
+    """Print the plan; exit 1 when the largest rank does not fit."""
     plan = check_plan(sys.argv[1:] if argv is None else argv)
     print(format_plan(plan))
     if not plan.fits:
