@@ -257,13 +257,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-replicate", type=int)
     p.add_argument("--dp-shard", type=int, help="-1: whatever is left")
     p.add_argument("--seq-len", type=int, help="default 8192 without --config")
-    p.add_argument("--local-batch-size", type=int,
-                   help="sequences per data-parallel rank per step (default without --config: 1, or 2*pp with PP)")
+    p.add_argument("--local-batch-size", type=int, help="sequences per data-parallel rank per step "
+                   "(default without --config: 1, or 2*pp with PP)")
     p.add_argument("--microbatch-size", type=int)
     p.add_argument("--ac", choices=["full", "selective", "none"], help="default full without --config")
     p.add_argument("--selective-ac-option", help="'op' or N (every Nth layer)")
     p.add_argument("--codebook-sizes", type=int, nargs="+",
-                   help="without --config: one per non-text modality (default 8192 each)")
+                   help="mot.codebook_sizes, one per non-text modality (default without --config: 8192 each)")
     return p
 
 
@@ -274,7 +274,8 @@ _TITAN_FLAGS = {
     "dp_shard": "--parallelism.data_parallel_shard_degree", "seq_len": "--training.seq_len",
     "local_batch_size": "--training.local_batch_size",
     "microbatch_size": "--parallelism.pipeline_parallel_microbatch_size",
-    "ac": "--activation_checkpoint.mode", "selective_ac_option": "--activation_checkpoint.selective_ac_option",
+    "ac": "--activation_checkpoint.mode",
+    "selective_ac_option": "--activation_checkpoint.selective_ac_option",
 }
 
 
@@ -299,9 +300,11 @@ def load_plan_inputs(argv: list[str]) -> tuple[str, JobConfig, int, float]:
         a.ac = a.ac or "full"
         n_mod = max(2, mot_args[a.flavor].n_modalities)  # the dense twin still reads image tokens
         modalities = ["text", "image", "speech"][:n_mod]
-        codebooks = a.codebook_sizes or [8192] * (n_mod - 1)
+        a.codebook_sizes = a.codebook_sizes or [8192] * (n_mod - 1)
         titan += ["--model.hf_assets_path", "", "--training.mixed_precision_param", "bfloat16",
-                  "--mot.modalities", ",".join(modalities), "--mot.codebook_sizes", *map(str, codebooks)]
+                  "--mot.modalities", ",".join(modalities)]
+    if a.codebook_sizes:
+        titan += ["--mot.codebook_sizes", *map(str, a.codebook_sizes)]
     for name, flag in _TITAN_FLAGS.items():
         if getattr(a, name) is not None:
             titan += [flag, str(getattr(a, name))]
