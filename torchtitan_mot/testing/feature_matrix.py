@@ -395,11 +395,12 @@ class FeatureMatrix:
 
 
 def parse_steps(log: str) -> dict[int, tuple[float, float]]:
-    """{step: (loss, grad_norm)} from a trainer log; ranks without the loss log -1 (PP)."""
+    """{step: (loss, grad_norm)} from a trainer log. Pipeline stages without the loss log a
+    negative placeholder (TorchTitan's -1, summed over data-parallel ranks)."""
     steps: dict[int, tuple[float, float]] = {}
     for m in STEP_RE.finditer(log):
         loss = float(m.group(2))
-        if loss != -1.0:
+        if not loss < 0:
             steps.setdefault(int(m.group(1)), (loss, float(m.group(3))))
     return steps
 
