@@ -13,6 +13,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .encode import Planned, encode_all
+from .encode import MediaReader, Planned, encode_all
 from .sources import AUDIO_SUFFIXES, IMAGE_SUFFIXES, Item, scan_hf, scan_media, scan_text_docs
 from .tokenizers import BadInput, ModalityTokenizer
 
@@ -81,6 +82,8 @@ class PrepareConfig:
             raise ValueError("nothing to prepare: give --images/--captions, --hf-dataset, --audio/--transcripts or --text-docs")
         if self.text_docs_ratio is not None and (self.text_docs is None or not 0 < self.text_docs_ratio < 1):
             raise ValueError("--text-docs-ratio needs --text-docs and a value in (0, 1)")
+        if self.image_mode not in ("L", "RGB"):
+            raise ValueError(f"--image-mode must be L or RGB, got {self.image_mode!r}")
         if self.order not in ORDERS:
             raise ValueError(f"--order must be one of {ORDERS}, got {self.order!r}")
         if self.image_tokenizer not in ("patch_vq", "chameleon"):
@@ -134,63 +137,46 @@ def _scan(cfg: PrepareConfig, skipped: list[str]) -> tuple[list[Item], list[Item
     return media, docs
 
 
-def _fit_sample(items: list[Item], cfg: PrepareConfig, load: Any, skipped: list[str], what: str) -> Any:
-    """Decoded media of up to `fit_items` items, drawn with the seed (bad ones skipped or raised)."""
+def _fit_sample(items: list[Item], cfg: PrepareConfig, load: MediaReader, what: str) -> Iterator[Any]:
+    """Decoded media of up to `fit_items` items, drawn with the seed. A bad item raises, or
+    with --skip-bad is left out here and counted when the encoding phase meets it."""
     rng = random.Random(cfg.seed)
     sample = rng.sample(items, min(cfg.fit_items, len(items)))
     for item in tqdm(sample, desc=f"fit {what}", disable=not cfg.progress):
         try:
             yield load(item)
-        except BadInput as e:
+        except BadInput:
             if not cfg.skip_bad:
                 raise
-            skipped.append(str(e))
 
 
-def _fit(cfg: PrepareConfig, media: list[Item], tmp: Path, skipped: list[str]) -> dict[str, dict[str, Any]]:
+def _fit(cfg: PrepareConfig, media: list[Item], tmp: Path) -> dict[str, dict[str, Any]]:
     """Fit/load one tokenizer per non-text modality, save it into `tmp`, return meta entries."""
-    from .audio import LogMelAudioTokenizer, read_audio
-    from .image import PatchVQImageTokenizer, open_image
+    from .audio import LogMelAudioTokenizer
+    from .image import PatchVQImageTokenizer
 
-    entries: dict[str, dict[str, Any]] = {}
+    hf = (cfg.hf_dataset, cfg.hf_split, cfg.image_column) if cfg.hf_dataset else None
+    read = MediaReader(hf, cfg.patch_size if cfg.image_tokenizer == "patch_vq" else 1, cfg.sample_rate)
+    made: dict[str, ModalityTokenizer] = {}
     images = [i for i in media if i.modality == "image"]
     audio = [i for i in media if i.modality == "speech"]
-    # Bad items met while fitting are met again while encoding and counted there, once.
-    fit_skipped: list[str] = []
-    if images:
-        tok: ModalityTokenizer
-        if cfg.image_tokenizer == "chameleon":
-            from .chameleon import ChameleonImageTokenizer
+    if images and cfg.image_tokenizer == "chameleon":
+        from .chameleon import ChameleonImageTokenizer
 
-            tok = ChameleonImageTokenizer.from_pretrained(cfg.chameleon_dir)
-        else:
-            if cfg.hf_dataset is not None:
-                from .sources import open_hf_dataset
-
-                hf = open_hf_dataset(cfg.hf_dataset, cfg.hf_split, cfg.image_column)
-            def load(item: Item) -> Any:
-                if isinstance(item.media, int):
-                    value = hf[item.media][cfg.image_column]
-                    data = value.get("bytes") or (Path(value["path"]).read_bytes() if value.get("path") else b"")
-                    return open_image(data, item.origin, cfg.patch_size)
-                return open_image(item.media, item.origin, cfg.patch_size)
-
-            tok = PatchVQImageTokenizer.fit(
-                _fit_sample(images, cfg, load, fit_skipped, "image codebook"),
-                cfg.image_size, cfg.patch_size, cfg.image_mode, cfg.image_codebook_size, cfg.seed,
-            )
-        entries["image"] = tok.save(tmp)
-        entries["image"]["codebook_size"] = tok.codebook_size
-        entries["image"]["tokens_per_item"] = tok.tokens_per_item
+        made["image"] = ChameleonImageTokenizer.from_pretrained(cfg.chameleon_dir)
+    elif images:
+        made["image"] = PatchVQImageTokenizer.fit(
+            _fit_sample(images, cfg, read, "image codebook"),
+            cfg.image_size, cfg.patch_size, cfg.image_mode, cfg.image_codebook_size, cfg.seed,
+        )
     if audio:
-        tok = LogMelAudioTokenizer.fit(
-            _fit_sample(audio, cfg, lambda it: read_audio(it.media, it.origin, cfg.sample_rate), fit_skipped,
-                        "audio codebook"),
+        made["speech"] = LogMelAudioTokenizer.fit(
+            _fit_sample(audio, cfg, read, "audio codebook"),
             cfg.sample_rate, cfg.n_fft, cfg.hop_length, cfg.n_mels, cfg.audio_codebook_size, cfg.seed,
         )
-        entries["speech"] = tok.save(tmp)
-        entries["speech"]["codebook_size"] = tok.codebook_size
-        entries["speech"]["tokens_per_item"] = None
+    entries = {}
+    for modality, tok in made.items():
+        entries[modality] = {**tok.save(tmp), "codebook_size": tok.codebook_size, "tokens_per_item": tok.tokens_per_item}
     return entries
 
 
@@ -286,7 +272,7 @@ def prepare(cfg: PrepareConfig) -> Path:
 
 def _build(cfg: PrepareConfig, media: list[Item], docs: list[Item], tmp: Path, skipped: list[str]) -> dict[str, Any]:
     start = time.perf_counter()
-    tokenizers = _fit(cfg, media, tmp, skipped)
+    tokenizers = _fit(cfg, media, tmp)
     fitted = time.perf_counter()
     modalities = ["text"] + [m for m in ("image", "speech") if m in tokenizers]
 

@@ -23,6 +23,27 @@ Row = dict[str, Any]
 Entries = dict[str, dict[str, Any]]  # modality -> tokenizer entry of meta.json
 
 
+class MediaReader:
+    """Decodes an item's media: a PIL image (at least `min_side` pixels a side) or a mono
+    waveform at `sample_rate`; BadInput names the item."""
+
+    def __init__(self, hf: tuple[str, str, str] | None, min_side: int, sample_rate: int) -> None:
+        self._hf_spec, self._hf = hf, None
+        self.min_side, self.sample_rate = min_side, sample_rate
+
+    def __call__(self, item: Item) -> Any:
+        if item.modality == "speech":
+            return read_audio(str(item.media), item.origin, self.sample_rate)
+        if not isinstance(item.media, int):
+            return open_image(str(item.media), item.origin, self.min_side)
+        if self._hf is None:
+            assert self._hf_spec is not None, "a dataset row without --hf-dataset"
+            self._hf = open_hf_dataset(*self._hf_spec)
+        value = self._hf[item.media][self._hf_spec[2]] or {}
+        data = value.get("bytes") or (Path(value["path"]).read_bytes() if value.get("path") else b"")
+        return open_image(data, item.origin, self.min_side)
+
+
 class Encoder:
     """Decodes an item's media and tokenizes it with the dataset's tokenizers."""
 
@@ -30,25 +51,8 @@ class Encoder:
         self.tokenizers: dict[str, ModalityTokenizer] = {
             m: tokenizer_from_entry(dataset_dir, e) for m, e in entries.items()
         }
-        self._hf_spec = hf
-        self._hf: Any = None
-
-    def media(self, item: Item) -> Any:
-        """Decoded media of one item (PIL image or waveform); BadInput names the item."""
-        tok = self.tokenizers[item.modality]
-        if item.modality == "speech":
-            return read_audio(str(item.media), item.origin, tok.sample_rate)
-        min_side = getattr(tok, "patch_size", 1)
-        if isinstance(item.media, int):
-            if self._hf is None:
-                assert self._hf_spec is not None
-                self._hf = open_hf_dataset(*self._hf_spec)
-            value = self._hf[item.media][self._hf_spec[2]]
-            data = value.get("bytes") if value else None
-            if not data and value and value.get("path"):
-                data = Path(value["path"]).read_bytes()
-            return open_image(data or b"", item.origin, min_side)
-        return open_image(str(item.media), item.origin, min_side)
+        image, speech = self.tokenizers.get("image"), self.tokenizers.get("speech")
+        self.media = MediaReader(hf, getattr(image, "patch_size", 1), getattr(speech, "sample_rate", 0))
 
     def encode(self, chunk: list[Planned]) -> list[Row | str]:
         out: list[Row | str] = [""] * len(chunk)
