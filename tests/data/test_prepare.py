@@ -37,6 +37,8 @@ def test_images_captions_docs(tmp_path: Path) -> None:
     assert len(meta["files"]["train"]) == shard_count(24, 8) == 4
     field = pq.read_schema(out / meta["files"]["train"][0]).field("segments").type
     assert field.value_type.field("tokens").type == pa.list_(pa.int32())  # ids, not JSON text
+    # 8 validation rows: row groups of 1 row, so 8 streaming ranks can share them.
+    assert pq.ParquetFile(out / meta["files"]["validation"][0]).metadata.num_row_groups == 8
     rows = read_rows(out, "train") + read_rows(out, "validation")
     kinds = [tuple(s["modality"] for s in r["segments"]) for r in rows]
     assert kinds.count(("text",)) == 8

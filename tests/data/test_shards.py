@@ -64,7 +64,7 @@ def test_modalities_from_meta_and_conflicts(tmp_path: Path) -> None:
         next(iter(build_mot_dataloader(1, 0, build_mot_tokenizer(bad), bad)))
     with pytest.raises(ValueError, match=r"\[mot\].codebook_sizes is set to \[64\] but \[mot\].modalities is not"):
         build_mot_tokenizer(config(ds, "--mot.codebook_sizes", "64"))
-    with pytest.raises(ValueError, match=r"has no meta.json to take it from"):
+    with pytest.raises(ValueError, match=r"nor \[validation\].dataset_path \(None\) has a meta.json"):
         build_mot_tokenizer(config(tmp_path / "nowhere"))
 
 

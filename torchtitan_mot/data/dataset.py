@@ -49,8 +49,9 @@ def check_meta(meta_path: Path, modalities: list[str], codebook_sizes: list[int]
 
 
 def fill_modalities_from_meta(job_config: JobConfig) -> None:
-    """Unset `[mot].modalities` / `codebook_sizes` are taken from the training dataset's
-    meta.json (set ones are checked against it when the data is loaded)."""
+    """Unset `[mot].modalities` / `codebook_sizes` are taken from the dataset's meta.json
+    (`[training].dataset_path`, else `[validation].dataset_path`); set ones are checked
+    against it when the data is loaded."""
     mot = job_config.mot
     if mot.modalities:
         if not mot.codebook_sizes and len(mot.modalities) > 1:
@@ -58,14 +59,15 @@ def fill_modalities_from_meta(job_config: JobConfig) -> None:
         return
     if mot.codebook_sizes:
         raise ValueError(f"[mot].codebook_sizes is set to {mot.codebook_sizes} but [mot].modalities is not")
-    meta_path = Path(job_config.training.dataset_path or "") / "meta.json"
-    if not job_config.training.dataset_path or not meta_path.is_file():
+    paths = [job_config.training.dataset_path, job_config.validation.dataset_path]
+    metas = [Path(p) / "meta.json" for p in paths if p and (Path(p) / "meta.json").is_file()]
+    if not metas:
         raise ValueError(
-            "[mot].modalities is not set and [training].dataset_path "
-            f"({job_config.training.dataset_path!r}) has no meta.json to take it from: set "
-            "[mot].modalities and [mot].codebook_sizes"
+            "[mot].modalities is not set and neither [training].dataset_path "
+            f"({paths[0]!r}) nor [validation].dataset_path ({paths[1]!r}) has a meta.json to "
+            "take it from: set [mot].modalities and [mot].codebook_sizes"
         )
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(metas[0].read_text())
     mot.modalities = list(meta["modalities"])
     mot.codebook_sizes = [int(meta["codebook_sizes"][m]) for m in mot.modalities[1:]]
 

@@ -36,7 +36,8 @@ HELP = {
     "fit_items": "at most this many items (seeded sample) fit each codebook",
     "validation_fraction": "fraction of rows in the validation split (seeded)",
     "shard_rows": "target rows per parquet shard (the count is rounded to divide evenly)",
-    "row_group_rows": "rows per parquet row group (the unit the streaming loader assigns to readers)",
+    "row_group_rows": "rows per parquet row group (the unit the streaming loader assigns to readers); "
+    "smaller where a split would otherwise have fewer than 256 row groups",
     "text_tokenizer": "HF tokenizer directory the dataset is meant for; meta.json then counts text in its tokens",
     "seed": "seed for the split, the order and codebook fitting",
     "num_workers": "encoding processes (0: this process)",

@@ -31,6 +31,9 @@ ORDERS = ("text-first", "media-first", "random")
 FORMAT = "torchtitan_mot.parquet/1"
 SEGMENT = pa.struct([("modality", pa.string()), ("text", pa.string()), ("tokens", pa.list_(pa.int32()))])
 SCHEMA = pa.schema([("segments", pa.list_(SEGMENT))])
+# Row groups are what the streaming loader hands out; a split gets at least this many (rows
+# permitting) so even a small validation split feeds this many data-parallel ranks.
+MIN_ROW_GROUPS = 256
 
 
 @dataclass
@@ -187,6 +190,7 @@ class _ShardWriter:
         self.root, self.split, self.cfg = root, split, cfg
         n = shard_count(rows, cfg.shard_rows) if rows else 0
         self.plan = [rows // n + (k < rows % n) for k in range(n)] if n else []
+        self.group_rows = min(cfg.row_group_rows, max(1, rows // MIN_ROW_GROUPS))
         (root / split).mkdir()
         self.files: list[str] = []
         self._buffer: list[dict[str, Any]] = []
@@ -202,7 +206,7 @@ class _ShardWriter:
         self._buffer.append(row)
         self._in_shard += 1
         self.rows += 1
-        if len(self._buffer) >= self.cfg.row_group_rows:
+        if len(self._buffer) >= self.group_rows:
             self._flush()
         if self._in_shard >= self.plan[len(self.files) - 1] and len(self.files) < len(self.plan):
             self._close_shard()
