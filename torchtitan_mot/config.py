@@ -9,13 +9,15 @@ from dataclasses import dataclass, field
 
 @dataclass
 class MoT:
-    modalities: list[str] = field(default_factory=lambda: ["text", "image"])
+    modalities: list[str] = field(default_factory=list)
     """Modality names in modality-id order. "text" must come first (id 0): it owns the text
-    tokenizer's vocabulary and the special tokens. Must match the dataset's modalities."""
+    tokenizer's vocabulary and the special tokens. Must match the dataset's modalities.
+    Empty: taken from `[training].dataset_path`'s meta.json (with `codebook_sizes`)."""
 
-    codebook_sizes: list[int] = field(default_factory=lambda: [256])
+    codebook_sizes: list[int] = field(default_factory=list)
     """Codebook size of each NON-text modality, in the order of `modalities[1:]`. The unified
-    vocabulary places each codebook (plus a begin and an end marker) after the text vocabulary."""
+    vocabulary places each codebook (plus a begin and an end marker) after the text vocabulary.
+    Empty: taken from the training dataset's meta.json, like `modalities`."""
 
     loss_weights: list[float] = field(default_factory=list)
     """Loss weight per modality (same order as `modalities`), applied by the modality of the

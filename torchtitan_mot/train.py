@@ -20,6 +20,7 @@ from torchtitan.config import ConfigManager, JobConfig
 from torchtitan.components.loss import LossFunction
 
 from torchtitan_mot.compat import discard_pipeline_metadata_loss
+from torchtitan_mot.data.dataset import fill_modalities_from_meta
 from torchtitan_mot.infra.cpu import enable_cpu_fallback
 from torchtitan_mot.infra.inputs import keep_modality_ids_on_host, split_mot_batch
 from torchtitan_mot.reliability import ReliabilityMixin
@@ -141,7 +142,8 @@ class MoTTrainer(ReliabilityMixin, torchtitan.train.Trainer):
 
 
 class _MoTConfigManager(ConfigManager):
-    """ConfigManager whose `job.custom_config_module` defaults to `torchtitan_mot.config`."""
+    """ConfigManager whose `job.custom_config_module` defaults to `torchtitan_mot.config` and
+    whose unset `[mot].modalities` / `codebook_sizes` come from the dataset's meta.json."""
 
     def parse_args(self, args: list[str] | None = None) -> JobConfig:
         args = list(sys.argv[1:] if args is None else args)
@@ -149,7 +151,11 @@ class _MoTConfigManager(ConfigManager):
         toml_values = self._maybe_load_toml(args) or {}
         if not given and not toml_values.get("job", {}).get("custom_config_module"):
             args += [_CONFIG_MODULE_FLAGS[0], DEFAULT_CONFIG_MODULE]
-        return super().parse_args(args)
+        job_config = super().parse_args(args)
+        if hasattr(job_config, "mot"):
+            # Before the trainer copies [mot] anywhere (e.g. into the optimizer config).
+            fill_modalities_from_meta(job_config)
+        return job_config
 
 
 def _default_single_process_env() -> None:
