@@ -136,3 +136,26 @@ def test_checkpoint_of_another_setting_is_refused(tmp_path) -> None:
                        match=r"mot.untie setting.*checkpoint keys the model does not have: "
                              r"layers\.0\.attention\.wk\.1\.weight"):
         check_checkpoint_matches(str(tmp_path), ffn_only.state_dict())
+
+
+def test_config_reaches_model_args_and_bad_values_fail_at_start_up() -> None:
+    """`--mot.untie` (TorchTitan's comma-separated list flag) goes through update_from_config."""
+    from pathlib import Path
+
+    from torchtitan.config import ConfigManager
+
+    config = Path(__file__).resolve().parents[2] / "train_configs" / "debug_mot.toml"
+
+    def args_for(flavor: str, untie: str) -> MoTModelArgs:
+        job = ConfigManager().parse_args(["--job.config_file", str(config), "--job.custom_config_module",
+                                          "torchtitan_mot.config", "--mot.untie", untie])
+        args = copy.deepcopy(mot_args[flavor])
+        args.update_from_config(job)
+        return args
+
+    assert args_for("debugmodel", "ffn,norms").untie == ["ffn", "norms"]
+    assert args_for("debugmodel_dense", "").untie == []
+    with pytest.raises(ValueError, match=r"mot\.untie = \['ffn', 'mlp'\]: unknown component"):
+        args_for("debugmodel", "ffn,mlp")
+    with pytest.raises(ValueError, match=r"mot\.untie = \[\]: with nothing untied"):
+        args_for("debugmodel", "")
