@@ -167,11 +167,12 @@ def plot_settings(path: Path, curves: dict[str, dict[str, Curve]], modalities: l
     ratios = {name: {k: steps_to_match(c[k], curves["dense"][k]) for k in ["total", *modalities]}
               for name, c in curves.items() if name != "dense"}
     fig, axes = plt.subplots(1, len(modalities), figsize=(4.6 * len(modalities), 3.8), squeeze=False)
+    colors = {name: f"C{i}" for i, name in enumerate(curves)}
     for ax, key in zip(axes[0], modalities):
-        for i, (name, c) in enumerate(curves.items()):
+        for name, c in curves.items():
             label = name if name == "dense" else f"{name} ({format_ratio(ratios[name][key])})"
-            ax.plot(*zip(*c[key]), color=f"C{i}", marker=".", label=label)
-        ax.axhline(curves["dense"][key][-1][1], color="C0", ls=":", lw=1)
+            ax.plot(*zip(*c[key]), color=colors[name], marker=".", label=label)
+        ax.axhline(curves["dense"][key][-1][1], color=colors["dense"], ls=":", lw=1)
         ax.set_title(f"{key}: validation loss (steps-to-match)", fontsize=9)
         ax.set_xlabel("step")
         lo = min(v for c in curves.values() for _, v in c[key])
