@@ -168,7 +168,7 @@ def check_checkpoint_matches(
     if problems:
         raise CheckpointMismatchError(
             f"checkpoint {checkpoint_id} does not fit this model (another flavor, modality "
-            "count or vocabulary?); nothing was loaded: " + " | ".join(problems)
+            "count, mot.untie setting or vocabulary?); nothing was loaded: " + " | ".join(problems)
         )
 
 

@@ -334,7 +334,7 @@ class ModalityLinear(nn.ModuleList):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self.converted:
-            return self._forward_children(x, routing)
+            return self[0](x) if len(self) == 1 else self._forward_children(x, routing)
         weights = [self._plain_weight(i) for i in range(len(self))]
         device_type = x.device.type
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
