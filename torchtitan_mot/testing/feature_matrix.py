@@ -239,7 +239,7 @@ CUSTOM_SCHEDULE_CSV = _csv_rank(0, 2) + "\n" + _csv_rank(1, 3) + "\n"
 (0, 2) and (1, 3), 8 microbatches, backward split into I (input) and W (weight) actions."""
 
 CI_SUBSET = (
-    "default", "2d_compile", "pp_zbv", "float8_emulation", "cpu_offload+opt_in_bwd+TP+DP+CP",
+    "2d_compile", "pp_zbv", "float8_emulation", "cpu_offload+opt_in_bwd+TP+DP+CP",
     "precision_autocast_bf16", "precision_ddp2_autocast", "precision_fsdp2_bf16",
     "precision_pure_bf16", "precision_pp2_fsdp2_bf16", "precision_tp2_default",
 )
