@@ -49,6 +49,23 @@ def test_modalities_are_untied() -> None:
     assert not torch.allclose(a, b)
 
 
+def test_seed_api_positional_and_flattened_masks() -> None:
+    """The seed's documented call, `logits = model(tokens, modality_masks)` with masks
+    flattened to (batch*seq,), means exactly what (batch, seq) ids mean."""
+    torch.manual_seed(0)
+    mot = MoTTransformer(MoTModelArgs(n_modalities=3, **SHAPE))
+    with torch.no_grad():
+        mot.init_weights()
+    tokens = torch.randint(0, 97, (3, 32))
+    ids = torch.randint(0, 3, (3, 32))
+    modality_masks = [(ids == m).flatten() for m in range(3)]
+    expected = mot(tokens, modality_ids=ids)
+    assert torch.equal(mot(tokens, modality_masks), expected)
+    assert torch.equal(mot(tokens, modality_masks=modality_masks), expected)
+    with pytest.raises(ValueError, match="not both"):
+        mot(tokens, modality_masks, modality_masks=modality_masks)
+
+
 def test_modality_masks_equal_modality_ids() -> None:
     torch.manual_seed(0)
     mot = MoTTransformer(MoTModelArgs(n_modalities=3, **SHAPE))

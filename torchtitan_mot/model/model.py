@@ -122,15 +122,26 @@ class MoTTransformer(Transformer):
         """`tokens` are (batch, seq) ids, or (batch, seq, dim) activations on a later
         pipeline stage. Give the modality of every token either as `modality_ids`
         (batch, seq) ints or as the reference form `modality_masks`, one boolean
-        (batch, seq) mask per modality. A dense twin (n_modalities=1) may omit both.
+        (batch, seq) or flattened (batch*seq,) mask per modality, also positionally
+        (`model(tokens, masks)`). A dense twin (n_modalities=1) may omit both.
         Ids in host memory spare the forward its only device->host copy; wrap them in
         `HostTensor` (the trainer does) so FSDP / DDP do not move them to the device first.
         """
         if isinstance(modality_ids, HostTensor):
             modality_ids = modality_ids.tensor
+        elif isinstance(modality_ids, (list, tuple)):
+            # The reference API: `model(tokens, modality_masks)`, masks given positionally.
+            if modality_masks is not None:
+                raise ValueError("give modality_ids or modality_masks, not both")
+            modality_ids, modality_masks = None, modality_ids
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         bs, seqlen = h.shape[:2]
         if modality_masks is not None:
+            # The reference flattens masks to (batch*seq,); same tokens, same meaning.
+            modality_masks = [
+                m.view(bs, seqlen) if m.dim() == 1 and m.numel() == bs * seqlen else m
+                for m in modality_masks
+            ]
             if modality_ids is not None:
                 raise ValueError("give modality_ids or modality_masks, not both")
             if len(modality_masks) != self.n_modalities:
