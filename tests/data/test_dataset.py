@@ -90,6 +90,17 @@ def test_state_dict_resume(tmp_path: Path, tok: MultimodalTokenizer) -> None:
     assert stream_of(head + list(fresh)) == stream_of(ref)
 
 
+def test_unreadable_meta_and_empty_split_are_named(tmp_path: Path, tok: MultimodalTokenizer) -> None:
+    path = write_dataset(tmp_path / "a", [GOOD])
+    (path / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"a/meta.json is not valid JSON"):
+        MultimodalDataset(str(path), "train", tok, seq_len=8)
+    empty = write_dataset(tmp_path / "b", [])
+    for streaming in (False, True):
+        with pytest.raises(ValueError, match=r"b/train.jsonl has no rows"):
+            MultimodalDataset(str(empty), "train", tok, seq_len=8, streaming=streaming)
+
+
 def test_meta_mismatch(tmp_path: Path, tok: MultimodalTokenizer) -> None:
     bad = write_dataset(tmp_path / "a", [], meta={"modalities": ["text", "image"], "codebook_sizes": {"image": 256}})
     with pytest.raises(ValueError, match=r"meta.json declares modalities \['text', 'image'\].*\[mot\].modalities"):
@@ -117,6 +128,11 @@ BAD_ROWS = [
     ({"segments": [{"text": "x"}]}, r"segments\[0\]: missing field 'modality'"),
     ({"segments": [{"modality": "image"}]}, r"segments\[0\]: missing field 'tokens' for a 'image' segment"),
     ({"segments": [{"modality": "text"}]}, r"segments\[0\]: missing field 'text' for a 'text' segment"),
+    ({"segments": [{"modality": "text", "text": 7}]}, r"segments\[0\].text must be a string, got int"),
+    ({"segments": [{"modality": "text", "text": ["a", "b"]}]}, r"segments\[0\].text must be a string, got list"),
+    ({"segments": [{"modality": "image", "tokens": "12"}]}, r"segments\[0\].tokens must be a list of token ids, got str"),
+    ({"segments": [{"modality": "image", "tokens": ["a"]}]}, r"segments\[0\].tokens: "),
+    ({"segments": "text"}, r"'segments' must be a non-empty list"),
 ]
 
 

@@ -31,9 +31,20 @@ class BadSampleError(ValueError):
     """A malformed row; skippable with `[mot].skip_bad_samples`, unlike config errors."""
 
 
+def read_meta(meta_path: Path) -> dict[str, Any]:
+    """A dataset's meta.json; a file that is not a JSON object is named in the error."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} must hold a JSON object, got {type(meta).__name__}")
+    return meta
+
+
 def check_meta(meta_path: Path, modalities: list[str], codebook_sizes: list[int]) -> None:
     """`meta.json` must describe exactly the configured modalities and codebooks."""
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(meta_path)
     if list(meta.get("modalities", [])) != list(modalities):
         raise ValueError(
             f"{meta_path} declares modalities {meta.get('modalities')} "
@@ -67,7 +78,7 @@ def fill_modalities_from_meta(job_config: JobConfig) -> None:
             f"({paths[0]!r}) nor [validation].dataset_path ({paths[1]!r}) has a meta.json to "
             "take it from: set [mot].modalities and [mot].codebook_sizes"
         )
-    meta = json.loads(metas[0].read_text())
+    meta = read_meta(metas[0])
     mot.modalities = list(meta["modalities"])
     mot.codebook_sizes = [int(meta["codebook_sizes"][m]) for m in mot.modalities[1:]]
 
@@ -153,7 +164,7 @@ def load_split(
         if not meta.is_file():
             raise FileNotFoundError(f"{meta} is missing: a MoT dataset directory needs meta.json")
         check_meta(meta, modalities, codebook_sizes)
-        shards = json.loads(meta.read_text()).get("files", {}).get(split)
+        shards = read_meta(meta).get("files", {}).get(split)
         if shards is not None:
             return _load_shards(root, split, [root / f for f in shards], streaming, dp_rank, dp_world_size)
         for ext, builder in _FILE_BUILDERS:
@@ -163,6 +174,9 @@ def load_split(
         else:
             raise FileNotFoundError(f"no {split}.jsonl/.json/.parquet in {root}")
         source = str(data_file)
+        if data_file.stat().st_size == 0:
+            # (HuggingFace's json builder raises a bare StopIteration on an empty file.)
+            raise ValueError(f"{source} has no rows")
         try:
             ds = load_dataset(builder, data_files={split: source}, split=split, streaming=streaming)
         except _UNREADABLE as e:
@@ -264,11 +278,15 @@ class MultimodalDataset(IterableDataset, Stateful):
             value = seg.get(field)
             if value is None:
                 raise self._bad(row, f"{where}: missing field '{field}' for a {modality!r} segment")
+            expected = str if modality == TEXT else (list, tuple)
+            if not isinstance(value, expected):
+                kind = "a string" if modality == TEXT else "a list of token ids"
+                raise self._bad(row, f"{where}.{field} must be {kind}, got {type(value).__name__}")
             if len(value) == 0:
                 raise self._bad(row, f"{where}.{field}: empty {modality!r} segment")
             try:
                 ids += tok.encode_segment(modality, **{field: value})
-            except ValueError as e:
+            except (ValueError, TypeError) as e:
                 raise self._bad(row, f"{where}.{field}: {e}") from None
         ids.append(tok.eos_id)
         return ids
