@@ -13,12 +13,15 @@ ARGS = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_
 
 def _parallelize(seq_len: int = 64, args: dict | None = None, async_tp: bool = False,
                  converters: tuple[str, ...] = (), compile_model: bool = False,
-                 **degrees) -> None:
+                 validation_seq_len: int | None = None, **degrees) -> None:
     d = dict(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1) | degrees
     world = d["dp_replicate"] * d["dp_shard"] * d["cp"] * d["tp"] * d["pp"]
     pd = ParallelDims(**d, ep=1, etp=1, world_size=world)
     jc = JobConfig()
     jc.training.seq_len = seq_len
+    if validation_seq_len is not None:
+        jc.validation.enable = True
+        jc.validation.seq_len = validation_seq_len
     jc.parallelism.tensor_parallel_degree = d["tp"]
     jc.parallelism.pipeline_parallel_degree = d["pp"]
     jc.parallelism.context_parallel_degree = d["cp"]
@@ -47,6 +50,8 @@ def test_seq_len_must_split_over_tp_and_cp() -> None:
         _parallelize(seq_len=30, tp=2)
     with pytest.raises(ValueError, match=r"training.seq_len=36 must be divisible .* = 8"):
         _parallelize(seq_len=36, cp=2, tp=2)
+    with pytest.raises(ValueError, match=r"validation.seq_len=30 must be divisible .* = 4"):
+        _parallelize(seq_len=64, validation_seq_len=30, tp=2)
 
 
 def test_pp_must_not_exceed_layers() -> None:

@@ -5,6 +5,7 @@ non-text modality (begin marker, end marker, codebook), Chameleon style.
 `token_modality_table`) and generation all ask it.
 """
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -216,8 +217,19 @@ def build_mot_tokenizer(job_config: JobConfig) -> MultimodalTokenizer:
     from .dataset import fill_modalities_from_meta
 
     fill_modalities_from_meta(job_config)
+    return _cached_tokenizer(
+        str(job_config.model.hf_assets_path),
+        tuple(job_config.mot.modalities),
+        tuple(job_config.mot.codebook_sizes),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(
+    hf_assets_path: str, modalities: tuple[str, ...], codebook_sizes: tuple[int, ...]
+) -> MultimodalTokenizer:
+    """The trainer asks for the tokenizer several times at start-up (model args, loss,
+    dataloader, validator); its JSON is read once per process and layout."""
     return MultimodalTokenizer(
-        job_config.model.hf_assets_path,
-        modalities=job_config.mot.modalities,
-        codebook_sizes=job_config.mot.codebook_sizes,
+        hf_assets_path, modalities=list(modalities), codebook_sizes=list(codebook_sizes)
     )

@@ -53,12 +53,15 @@ def validate_parallelism(model_args: MoTModelArgs, parallel_dims: ParallelDims, 
             f"parallelism.tensor_parallel_degree={p.tensor_parallel_degree} must divide "
             f"n_heads={model_args.n_heads} and n_kv_heads={n_kv}"
         )
-    seq_len = job_config.training.seq_len
-    if seq_len % parallel_dims.seq_len_divisor:
-        raise ValueError(
-            f"training.seq_len={seq_len} must be divisible by tensor_parallel_degree "
-            f"({tp}) x 2 x context_parallel_degree ({cp}) = {parallel_dims.seq_len_divisor}"
-        )
+    lengths = {"training.seq_len": job_config.training.seq_len}
+    if job_config.validation.enable:
+        lengths["validation.seq_len"] = job_config.validation.seq_len
+    for name, seq_len in lengths.items():
+        if seq_len % parallel_dims.seq_len_divisor:
+            raise ValueError(
+                f"{name}={seq_len} must be divisible by tensor_parallel_degree "
+                f"({tp}) x 2 x context_parallel_degree ({cp}) = {parallel_dims.seq_len_divisor}"
+            )
     # Sequence parallel shards the flat batch*seq token axis over TP; with seq_len % tp == 0
     # every (micro)batch of whole sequences splits evenly, so no separate check is needed.
     if pp > model_args.n_layers:
