@@ -42,15 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch.distributed._tools.mem_tracker import MemTracker
-from torch import nn
 from torchtitan.config.job_config import Compile as CompileConfig
 from torchtitan.models.llama3.infra.parallelize import apply_compile
 from torchtitan.models.llama3.model.args import TransformerModelArgs
-from torchtitan.models.llama3.model.model import Transformer
 from torchtitan.tools.utils import get_peak_flops
 
 from torchtitan_mot import mot_args
-from torchtitan_mot.model import MoTModelArgs, MoTTransformer
+from torchtitan_mot.model import MoTModelArgs
+from torchtitan_mot.perf import build_model, split_counts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _TOTAL = "Total"  # MemTracker's key for the sum over tensor categories
@@ -146,15 +145,6 @@ def base_mix(spec: str | None, n_modalities: int) -> torch.Tensor:
     return mix / mix.sum()
 
 
-def split_counts(fractions: torch.Tensor, total: int) -> list[int]:
-    """Integer token counts per modality summing to `total` (largest remainder)."""
-    exact = fractions * total
-    counts = exact.floor().long()
-    rest = total - int(counts.sum())
-    counts[torch.argsort(exact - counts, descending=True)[:rest]] += 1
-    return counts.tolist()
-
-
 def modality_row(counts: list[int], placement: str, segment_len: int,
                  gen: torch.Generator) -> torch.Tensor:
     """One sequence's modality ids with exactly `counts[m]` tokens of modality m."""
@@ -193,15 +183,7 @@ class Runner:
     def __init__(self, name: str, args: TransformerModelArgs, a: argparse.Namespace) -> None:
         self.name = name
         self.device = torch.device(a.device)
-        self.model: nn.Module
-        with torch.device(self.device):
-            self.model = MoTTransformer(args) if isinstance(args, MoTModelArgs) else Transformer(args)
-        with torch.no_grad():
-            self.model.init_weights()
-        # Module.to(dtype) would also cast the complex RoPE table to a real dtype (dropping
-        # its imaginary part), so only the parameters change dtype.
-        for param in self.model.parameters():
-            param.data = param.data.to(DTYPES[a.dtype])
+        self.model = build_model(args, self.device, DTYPES[a.dtype])
         self.n_params, self.flops_per_token = args.get_nparams_and_flops(self.model, a.seq_len)
         if a.compile:
             apply_compile(self.model, CompileConfig(enable=True, components=["model"]))
