@@ -16,6 +16,7 @@ from .routing import (
     build_routing,
     check_modality_ids,
     HostTensor,
+    ModalityLinear,
     ModalityRMSNorm,
     modality_ids_from_masks,
     Routing,
@@ -103,6 +104,9 @@ class MoTTransformer(Transformer):
         )
         self.norm = nn.RMSNorm(model_args.dim, eps=model_args.norm_eps)
         self.output = nn.Linear(model_args.dim, model_args.vocab_size, bias=False)
+        for name, module in self.named_modules():
+            if isinstance(module, ModalityLinear):
+                module.fqn = name
         self.tp_mesh: DeviceMesh | None = None
         """Set by tensor parallel: blocks then see this rank's chunk of the sorted tokens."""
 

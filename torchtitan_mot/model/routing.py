@@ -62,6 +62,11 @@ class Routing:
     offsets: torch.Tensor
     n_modalities: int
 
+    def group_sizes(self) -> list[int]:
+        """Tokens per modality as Python ints, read off the host-side offsets."""
+        ends = self.offsets.tolist()
+        return [end - start for start, end in zip([0, *ends[:-1]], ends)]
+
     def sort(self, x: torch.Tensor) -> torch.Tensor:
         """(T, ...) tensor in original flat order -> modality-sorted order."""
         if self.order is None or self.inverse is None:
@@ -177,7 +182,12 @@ def check_modality_ids(modality_ids: torch.Tensor, n_modalities: int) -> None:
 # --- the per-modality matmul ---------------------------------------------------------------
 
 
-@torch.library.custom_op("mot::routed_mm", mutates_args=())
+# A custom op with a host tensor input makes Inductor skip CUDA graphs for its graph; the
+# tag says so explicitly (replayed graphs would bake in one batch's slice bounds).
+_OP_TAGS = (torch.Tag.cudagraph_unsafe,)
+
+
+@torch.library.custom_op("mot::routed_mm", mutates_args=(), tags=_OP_TAGS)
 def routed_mm(x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor) -> torch.Tensor:
     """y[s:e] = x[s:e] @ weights[m].T for modality m's sorted slice [s, e).
 
@@ -196,20 +206,29 @@ def _(x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor) -> to
     return x.new_empty(x.shape[0], weights[0].shape[0])
 
 
-@torch.library.custom_op("mot::routed_mm_backward", mutates_args=())
+@torch.library.custom_op("mot::routed_mm_backward", mutates_args=(), tags=_OP_TAGS)
 def routed_mm_backward(
-    grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    offsets: torch.Tensor,
+    weight_needs_grad: list[bool],
 ) -> list[torch.Tensor]:
-    """[grad_x, grad_w_0, ...]; an absent modality gets a zero gradient, never None, so
-    data-parallel ranks reduce the same set of gradients."""
+    """[grad_x, grad_w_0, ...]. An absent modality gets a zero gradient, never None, so
+    data-parallel ranks reduce the same set of gradients; a weight that needs no gradient
+    (a frozen modality) gets an empty one and costs no GEMM."""
     grad_x = x.new_empty(x.shape)
-    grad_ws = [torch.empty_like(w) for w in weights]
+    grad_ws = [
+        torch.empty_like(w) if needed else w.new_empty(0)
+        for w, needed in zip(weights, weight_needs_grad)
+    ]
     start = 0
-    for w, gw, end in zip(weights, grad_ws, offsets.tolist()):
+    for w, gw, needed, end in zip(weights, grad_ws, weight_needs_grad, offsets.tolist()):
         if end > start:
             torch.mm(grad[start:end], w, out=grad_x[start:end])
-            torch.mm(grad[start:end].t(), x[start:end], out=gw)
-        else:
+            if needed:
+                torch.mm(grad[start:end].t(), x[start:end], out=gw)
+        elif needed:
             gw.zero_()
         start = end
     return [grad_x, *grad_ws]
@@ -217,19 +236,30 @@ def routed_mm_backward(
 
 @routed_mm_backward.register_fake
 def _(
-    grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    offsets: torch.Tensor,
+    weight_needs_grad: list[bool],
 ) -> list[torch.Tensor]:
-    return [x.new_empty(x.shape), *[w.new_empty(w.shape) for w in weights]]
+    return [
+        x.new_empty(x.shape),
+        *[w.new_empty(w.shape if needed else 0) for w, needed in zip(weights, weight_needs_grad)],
+    ]
 
 
 def _routed_mm_setup_context(ctx, inputs, output) -> None:
     x, weights, offsets = inputs
+    ctx.weight_needs_grad = [w.requires_grad for w in weights]
     ctx.save_for_backward(x, offsets, *weights)
 
 
 def _routed_mm_backward(ctx, grad: torch.Tensor):
     x, offsets, *weights = ctx.saved_tensors
-    grad_x, *grad_ws = routed_mm_backward(grad.contiguous(), x, weights, offsets)
+    grad_x, *grad_ws = routed_mm_backward(
+        grad.contiguous(), x, weights, offsets, ctx.weight_needs_grad
+    )
+    grad_ws = [g if needed else None for g, needed in zip(grad_ws, ctx.weight_needs_grad)]
     return grad_x, grad_ws, None
 
 
@@ -255,18 +285,57 @@ class ModalityLinear(nn.ModuleList):
 
     Parameters are named `<name>.<modality_id>.weight`: the dense Llama3 name with the
     modality inserted, which keeps warm start and tensor-parallel plans readable.
+
+    Plain `nn.Linear` children are multiplied by one `mot::routed_mm` call. A model
+    converter may swap them for a subclass with its own forward (TorchTitan's float8
+    converter makes them torchao `Float8Linear`s): each child then runs its own forward on
+    its modality's slice, so the conversion takes effect for every modality.
     """
 
     def __init__(self, in_features: int, out_features: int, n_modalities: int) -> None:
         super().__init__(
             nn.Linear(in_features, out_features, bias=False) for _ in range(n_modalities)
         )
+        self.fqn = ""
+        """Set by the model to this module's name, for errors that must name a parameter."""
+
+    @property
+    def converted(self) -> bool:
+        """Whether a model converter replaced the children by a Linear with its own forward."""
+        return type(self[0]) is not nn.Linear
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if self.converted:
+            return self._forward_children(x, routing)
+        weights = [self._plain_weight(i) for i in range(len(self))]
+        device_type = x.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            # Autocast does not reach inside a custom op: cast as it would cast F.linear's
+            # operands (fp32 master weights, gradients flow back through the cast).
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weights = x.to(dtype), [w.to(dtype) for w in weights]
         if len(self) == 1:
-            return F.linear(x, _local(self[0].weight))
-        weights = [_local(linear.weight) for linear in self]
+            return F.linear(x, weights[0])
         return routed_mm(x.contiguous(), weights, routing.offsets)
+
+    def _plain_weight(self, modality: int) -> torch.Tensor:
+        weight = _local(self[modality].weight)
+        if type(weight) not in (torch.Tensor, nn.Parameter):
+            raise TypeError(
+                f"{self.fqn}.{modality}.weight is a {type(weight).__name__}: mot::routed_mm "
+                "multiplies plain tensors. Weight subclasses come with a converted Linear "
+                "(e.g. quantize.linear.float8), whose own forward MoT calls per modality."
+            )
+        return weight
+
+    def _forward_children(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Each converted child on its modality's slice of the sorted tokens."""
+        outs = []
+        for linear, rows in zip(self, torch.split(x, routing.group_sizes())):
+            # No tokens: a plain (empty) matmul still gives this weight a zero gradient,
+            # so every data-parallel rank reduces the same gradients.
+            outs.append(linear(rows) if rows.shape[0] else F.linear(rows, linear.weight))
+        return torch.cat(outs)
 
 
 class _RoutedRMSNorm(torch.autograd.Function):
@@ -276,7 +345,8 @@ class _RoutedRMSNorm(torch.autograd.Function):
     gathered (T, dim) scale for the backward of the product: two extra activations per
     norm, 12% more activation memory than the dense twin at debugmodel size. Here
     only x, the per-token rstd and the ids are saved; backward recomputes the cheap rest.
-    Statistics are computed in (at least) float32, as in the fused kernel.
+    Statistics and the weight product are computed in (at least) float32 and rounded once
+    to x's dtype, as in the fused kernel.
     """
 
     @staticmethod
@@ -284,7 +354,8 @@ class _RoutedRMSNorm(torch.autograd.Function):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, rstd, weight, ids)
-        return (xf * rstd).to(x.dtype) * _per_token(weight, ids, x.dim())
+        # Normalise and scale in float32, round once (as F.rms_norm; output in x's dtype).
+        return (xf * rstd * _per_token(weight.to(xf.dtype), ids, x.dim())).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
