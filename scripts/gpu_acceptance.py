@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -421,10 +422,8 @@ def stage_float8(ctx: Context) -> str:
     ctx.need_cuda("float8 GEMMs")
     if torch.cuda.get_device_capability(ctx.device) < (8, 9):
         raise Skipped(f"needs SM89+ for float8, this GPU is SM{''.join(map(str, torch.cuda.get_device_capability(ctx.device)))}")
-    try:
-        import torchao  # noqa: F401
-    except ImportError as e:
-        raise Skipped("torchao is not installed") from e
+    if importlib.util.find_spec("torchao") is None:
+        raise Skipped("torchao is not installed")
     from torchtitan.config import ConfigManager
     from torchtitan.distributed import ParallelDims
     from torchtitan.protocols.model_converter import build_model_converters

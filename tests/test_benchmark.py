@@ -1,5 +1,6 @@
 """`scripts/benchmark.py` runs end to end and prints what the README's tables quote."""
 
+import os
 import re
 import subprocess
 import sys
@@ -11,11 +12,13 @@ REPO = Path(__file__).resolve().parents[1]
 def test_benchmark_smoke() -> None:
     """Tiny shape, two measured steps: the table (MoT, dense twin, TorchTitan's Llama3), the
     paired ratios and the two ratio lines."""
+    # The script imports this checkout's package (cwd is not on a script's sys.path).
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = subprocess.run(
         [sys.executable, "scripts/benchmark.py", "--dim", "128", "--n-layers", "2",
          "--n-heads", "2", "--seq-len", "64", "--batch", "2", "--vocab", "64",
          "--steps", "2", "--warmup", "1", "--threads", "1", "--device", "cpu"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=True,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True,
     ).stdout
     rows = {line.split()[0]: line.split() for line in out.splitlines()
             if line.startswith(("mot(2)", "dense", "llama3"))}
