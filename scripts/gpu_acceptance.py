@@ -62,7 +62,12 @@ from torch._dynamo.utils import counters
 from torchtitan_mot import mot_args
 from torchtitan_mot.model import HostTensor, MoTModelArgs
 from torchtitan_mot.model.routing import routed_mm
-from torchtitan_mot.perf import build_model, matmul_microbench
+from torchtitan_mot.perf import (
+    build_model,
+    document_causal_mask,
+    matmul_microbench,
+    packed_documents,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_RE = re.compile(r"step:\s*(\d+)\s+loss:\s*([-\d.naif]+)")
@@ -247,31 +252,6 @@ def stage_model(ctx: Context, mode: str) -> str:
 
 
 # --- stage 2: document-causal attention ------------------------------------------------------
-
-
-def packed_documents(batch: int, seq: int, eos_id: int, gen: torch.Generator) -> torch.Tensor:
-    """Token ids with documents of random lengths (one ending exactly at a row's end)."""
-    tokens = torch.randint(eos_id + 1, eos_id + 100, (batch, seq), generator=gen)
-    for b in range(batch):
-        pos = -1
-        while True:
-            pos += int(torch.randint(1, seq // 3, (1,), generator=gen))
-            if pos >= seq:
-                break
-            tokens[b, pos] = eos_id
-    tokens[0, -1] = eos_id
-    return tokens
-
-
-def document_causal_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """(batch, 1, seq, seq) boolean: causal and within the same document (a document ends
-    with its eos token), the sdpa reference."""
-    doc = torch.cumsum(tokens == eos_id, dim=1)
-    doc = doc - (tokens == eos_id).long()  # the eos token belongs to the document it ends
-    seq = tokens.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=tokens.device).tril()
-    same = doc.unsqueeze(2) == doc.unsqueeze(1)
-    return (same & causal).unsqueeze(1)
 
 
 def stage_attention(ctx: Context, kind: str) -> str:

@@ -1,6 +1,7 @@
 """What the benchmarks and the GPU acceptance check measure with: a model of any shape ready
 to train outside the trainer, token counts for a modality mix, a timer that waits for the
-device, and the per-modality matmul microbenchmark (`F.linear` vs `mot::routed_mm` vs
+device, packed documents with their document-causal mask (the sdpa reference for flex and
+varlen attention), and the per-modality matmul microbenchmark (`F.linear` vs `mot::routed_mm` vs
 `torch._grouped_mm`) that decides whether grouped GEMMs are worth their stacked weights.
 """
 
@@ -113,3 +114,28 @@ def matmul_microbench(
         name: median_ms(fn, device, iters, warmup)
         for name, fn in (("linear", linear), ("routed_mm", routed), ("grouped_mm", grouped))
     }
+
+
+def packed_documents(batch: int, seq: int, eos_id: int, gen: torch.Generator) -> torch.Tensor:
+    """Token ids with documents of random lengths (one ending exactly at a row's end)."""
+    tokens = torch.randint(eos_id + 1, eos_id + 100, (batch, seq), generator=gen)
+    for b in range(batch):
+        pos = -1
+        while True:
+            pos += int(torch.randint(1, seq // 3, (1,), generator=gen))
+            if pos >= seq:
+                break
+            tokens[b, pos] = eos_id
+    tokens[0, -1] = eos_id
+    return tokens
+
+
+def document_causal_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(batch, 1, seq, seq) boolean: causal and within the same document (a document ends
+    with its eos token), the sdpa reference."""
+    doc = torch.cumsum(tokens == eos_id, dim=1)
+    doc = doc - (tokens == eos_id).long()  # the eos token belongs to the document it ends
+    seq = tokens.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=tokens.device).tril()
+    same = doc.unsqueeze(2) == doc.unsqueeze(1)
+    return (same & causal).unsqueeze(1)
