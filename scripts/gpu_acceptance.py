@@ -114,13 +114,21 @@ class Result:
 
 def run_logged(cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None) -> str:
     """Run `cmd` from the repository root with its output in `log`; return the output
-    (colours removed). A non-zero exit raises with the log's tail."""
+    (colours removed). A non-zero exit raises with the log's tail. On a timeout (or the
+    stage's alarm) the whole process group is killed: torchrun's workers would otherwise
+    outlive it and hold the GPUs the next stage needs."""
     log.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=full_env, stdout=f, stderr=subprocess.STDOUT,
-                              timeout=timeout)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=max(1.0, timeout))
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     text = ANSI.sub("", log.read_text())
     if proc.returncode != 0:
         tail = "\n".join(text.splitlines()[-25:])
