@@ -405,23 +405,34 @@ def stage_fsdp(ctx: Context) -> str:
 def stage_float8(ctx: Context) -> str:
     """TorchTitan's float8 converter on a 1B-class MoT: the converted model trains three
     compiled steps with finite losses close to bf16 autocast, and the converted Linears
-    actually run (MoT reads per-modality weights through `mot::routed_mm`, so a converted
-    module whose forward is never called would be float8 in name only)."""
-    ctx.need_cuda("float8 GEMMs")
-    if torch.cuda.get_device_capability(ctx.device) < (8, 9):
-        raise Skipped(f"needs SM89+ for float8, this GPU is SM{''.join(map(str, torch.cuda.get_device_capability(ctx.device)))}")
+    actually run (MoT reads plain per-modality weights through `mot::routed_mm`, so a
+    converted module whose forward is never called would be float8 in name only).
+    CPU smoke: torchao's emulated float8 numerics, eager, tiny shape."""
+    if ctx.cuda and torch.cuda.get_device_capability(ctx.device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(ctx.device)
+        raise Skipped(f"float8 needs SM89+, this GPU is SM{major}{minor}")
+    if not ctx.cuda and not ctx.smoke:
+        raise Skipped("needs CUDA (float8 GEMMs)")
     if importlib.util.find_spec("torchao") is None:
         raise Skipped("torchao is not installed")
     from torchtitan.config import ConfigManager
+    from torchtitan.config.job_config import Compile as CompileConfig
     from torchtitan.distributed import ParallelDims
+    from torchtitan.models.llama3.infra.parallelize import apply_compile
     from torchtitan.protocols.model_converter import build_model_converters
 
-    job_config = ConfigManager().parse_args(["--model.converters", "quantize.linear.float8"])
+    job_config = ConfigManager().parse_args(
+        ["--model.converters", "quantize.linear.float8"]
+        + (["--quantize.linear.float8.emulate"] if ctx.smoke else []))
     parallel_dims = ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1,
                                  world_size=1)
-    args = dataclasses.replace(mot_args["debugmodel_3modality"], dim=2048, n_layers=16,
-                               n_heads=32, n_kv_heads=8, vocab_size=32768, max_seq_len=4096)
-    batch, seq = 1, 4096
+    if ctx.smoke:
+        args, batch, seq = tiny_3modality(), 2, 64
+    else:
+        args = dataclasses.replace(mot_args["debugmodel_3modality"], dim=2048, n_layers=16,
+                                   n_heads=32, n_kv_heads=8)
+        batch, seq = 1, 4096
+    args = dataclasses.replace(args, vocab_size=2048 if ctx.smoke else 32768, max_seq_len=seq)
     gen = torch.Generator().manual_seed(0)
     ids = five_mixes(batch, seq, args.n_modalities, gen)[0]
     tokens = torch.randint(0, args.vocab_size, (batch, seq), generator=gen).to(ctx.device)
@@ -432,9 +443,11 @@ def stage_float8(ctx: Context) -> str:
         model = build_model(args, ctx.device, torch.float32)
         if name == "float8":
             build_model_converters(job_config, parallel_dims).convert(model)
-            converted = [m for m in model.modules() if type(m).__name__ == "Float8Linear"]
+            # The per-modality projections (the output head is a plain Linear, converted too).
+            converted = [m for fqn, m in model.named_modules()
+                         if fqn.startswith("layers.") and type(m).__name__ == "Float8Linear"]
             if not converted:
-                raise AssertionError("the float8 converter converted no Linear")
+                raise AssertionError("the float8 converter converted no per-modality Linear")
 
             def count(*_: object) -> None:
                 nonlocal calls
@@ -442,10 +455,8 @@ def stage_float8(ctx: Context) -> str:
 
             for m in converted:
                 m.register_forward_hook(count)
-        from torchtitan.config.job_config import Compile as CompileConfig
-        from torchtitan.models.llama3.infra.parallelize import apply_compile
-
-        apply_compile(model, CompileConfig(enable=True, components=["model"]))
+        if not ctx.smoke:  # emulated float8 runs eager only
+            apply_compile(model, CompileConfig(enable=True, components=["model"]))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         losses[name] = []
         for _ in range(3):
@@ -456,10 +467,11 @@ def stage_float8(ctx: Context) -> str:
             opt.step()
             losses[name].append(loss.item())
         del model, opt
-        torch.cuda.empty_cache()
+        if ctx.cuda:
+            torch.cuda.empty_cache()
     rel = abs(losses["float8"][0] - losses["bf16"][0]) / losses["bf16"][0]
     figures = (f"losses bf16 {losses['bf16'][-1]:.3f} float8 {losses['float8'][-1]:.3f} "
-               f"(step-1 rel diff {rel:.1e}), float8 Linear forwards {calls}")
+               f"(step-1 rel diff {rel:.1e}), per-modality float8 Linear forwards {calls}")
     if not all(math.isfinite(x) for x in losses["float8"]) or rel > 5e-2:
         raise AssertionError(f"float8 run is off: {figures}")
     if calls == 0:
