@@ -1,9 +1,12 @@
-"""Dataloader throughput (tokens/s) on the demo data, CPU only.
+"""Dataloader throughput (tokens/s), CPU only.
 
-    python scripts/bench_data.py [--variant text_image_speech] [--batches 50]
+    python scripts/bench_data.py [--variant text_image_speech]        # the bundled demo data
+    python scripts/bench_data.py --dataset DIR --seq-len 8192 --batch-size 1 --workers 0 1 2
 
-Times `--batches` batches after a warm-up batch (worker start-up excluded) for every
-combination of num_workers {0, 2}, seq_len {512, 2048}, map-style and streaming; batch 8.
+Times `--batches` batches after a warm-up batch (worker start-up excluded), map-style and
+streaming, for every listed worker count and sequence length. With `--dataset`, modalities
+and codebook sizes come from the dataset's meta.json (e.g. parquet shards written by
+`python -m torchtitan_mot.data.prepare`).
 """
 
 import argparse
@@ -18,19 +21,17 @@ from torchtitan_mot.data import build_mot_dataloader, build_mot_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tokens_per_second(variant: str, seq_len: int, num_workers: int, streaming: bool, batches: int) -> float:
-    meta = {"text_image": ("text,image", ["256"]), "text_image_speech": ("text,image,speech", ["256", "256"])}
-    modalities, sizes = meta[variant]
+def tokens_per_second(
+    dataset: Path, tokenizer: Path, seq_len: int, batch_size: int, num_workers: int, streaming: bool, batches: int
+) -> float:
     cfg = ConfigManager().parse_args(
         [
             "--job.custom_config_module", "torchtitan_mot.config",
-            "--model.hf_assets_path", str(ROOT / "assets" / "tokenizer"),
-            "--training.dataset_path", str(ROOT / "assets" / "demo" / variant),
+            "--model.hf_assets_path", str(tokenizer),
+            "--training.dataset_path", str(dataset),
             "--training.seq_len", str(seq_len),
-            "--training.local_batch_size", "8",
+            "--training.local_batch_size", str(batch_size),
             "--training.dataloader.num_workers", str(num_workers),
-            "--mot.modalities", modalities,
-            "--mot.codebook_sizes", *sizes,
             *(["--mot.streaming"] if streaming else []),
         ]
     )
@@ -45,12 +46,18 @@ def tokens_per_second(variant: str, seq_len: int, num_workers: int, streaming: b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="text_image_speech", choices=["text_image", "text_image_speech"])
+    parser.add_argument("--dataset", type=Path, help="a MoT dataset directory (overrides --variant)")
+    parser.add_argument("--tokenizer", type=Path, default=ROOT / "assets" / "tokenizer", help="text tokenizer")
+    parser.add_argument("--seq-len", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--batches", type=int, default=50)
     args = parser.parse_args()
-    print(f"variant={args.variant} batch=8 batches={args.batches}")
+    dataset = args.dataset or ROOT / "assets" / "demo" / args.variant
+    print(f"dataset={dataset} batch={args.batch_size} batches={args.batches}")
     print(f"{'mode':>10} {'workers':>7} {'seq_len':>7} {'tokens/s':>12}")
-    for streaming, workers, seq_len in itertools.product([False, True], [0, 2], [512, 2048]):
-        tps = tokens_per_second(args.variant, seq_len, workers, streaming, args.batches)
+    for streaming, workers, seq_len in itertools.product([False, True], args.workers, args.seq_len):
+        tps = tokens_per_second(dataset, args.tokenizer, seq_len, args.batch_size, workers, streaming, args.batches)
         mode = "streaming" if streaming else "map"
         print(f"{mode:>10} {workers:>7} {seq_len:>7} {tps:>12,.0f}", flush=True)
 

@@ -2,6 +2,7 @@
 
     python scripts/compare_dense.py                    # text + image, debugmodel vs debugmodel_dense
     python scripts/compare_dense.py --three-modality   # text + image + speech, debugmodel_3modality
+    python scripts/compare_dense.py --untie ffn --untie attention   # + MoT with only those untied
     python scripts/compare_dense.py --config train_configs/mot_37M.toml --steps 2000 --seeds 3
 
 Each model is trained by the real trainer (`python -m torchtitan_mot.train`, the command users
@@ -12,7 +13,10 @@ validation losses are read back from TensorBoard events. Writes `assets/mot_vs_d
 per modality, the paper's measure: the fraction of the dense run's steps MoT needs to reach
 the dense run's final validation loss (`>1.00` if it never does); with `--seeds K` its mean
 and spread over K seeds (each seed changes initialisation; the data order is the dataset's).
-Extra trainer flags go after `--`.
+Extra trainer flags go after `--`. Each `--untie SETTING` (a `mot.untie` value, e.g. `ffn` or
+`attention,norms`) also trains the MoT flavor with only those components untied; the first
+seed's runs then share one figure (`--untie-png`) and steps-to-match is printed for each
+setting against the same dense run.
 """
 
 import argparse
@@ -140,6 +144,55 @@ def plot(path: Path, runs: list[dict[str, dict[str, Curve]]], modalities: list[s
     plt.close(fig)
 
 
+def untie_runs(settings: list[str]) -> dict[str, str]:
+    """Run name -> `mot.untie` value for every `--untie` setting, checked before any training."""
+    from torchtitan_mot.model.args import check_untie, UNTIE_COMPONENTS
+
+    runs: dict[str, str] = {}
+    for setting in settings:
+        components = setting.split(",")
+        try:
+            check_untie(components, n_modalities=2, setting=f"--untie {setting}")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        name = "untie-" + "+".join(c for c in UNTIE_COMPONENTS if c in components)
+        if set(components) == set(UNTIE_COMPONENTS):
+            raise SystemExit(f"--untie {setting} is full MoT, which is always trained")
+        if name in runs:
+            raise SystemExit(f"--untie {setting} repeats --untie {runs[name]}")
+        runs[name] = setting
+    return runs
+
+
+def plot_settings(path: Path, curves: dict[str, dict[str, Curve]], modalities: list[str],
+                  title: str) -> dict[str, dict[str, float]]:
+    """Every run in one panel per modality; returns steps-to-match of each run but dense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = {name: {k: steps_to_match(c[k], curves["dense"][k]) for k in ["total", *modalities]}
+              for name, c in curves.items() if name != "dense"}
+    fig, axes = plt.subplots(1, len(modalities), figsize=(4.6 * len(modalities), 3.8), squeeze=False)
+    colors = {name: f"C{i}" for i, name in enumerate(curves)}
+    for ax, key in zip(axes[0], modalities):
+        for name, c in curves.items():
+            label = name if name == "dense" else f"{name} ({format_ratio(ratios[name][key])})"
+            ax.plot(*zip(*c[key]), color=colors[name], marker=".", label=label)
+        ax.axhline(curves["dense"][key][-1][1], color=colors["dense"], ls=":", lw=1)
+        ax.set_title(f"{key}: validation loss (steps-to-match)", fontsize=9)
+        ax.set_xlabel("step")
+        lo = min(v for c in curves.values() for _, v in c[key])
+        ax.set_ylim(lo - 0.05 * abs(lo), lo + 2.0)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return ratios
+
+
 def format_ratio(r: float) -> str:
     return f"{r:.2f}" if r <= 1.0 else ">1.00"
 
@@ -191,6 +244,9 @@ def main() -> None:
     p.add_argument("--png", type=Path, default=REPO / "assets" / "mot_vs_dense.png")
     p.add_argument("--csv", type=Path, default=REPO / "assets" / "mot_vs_dense.csv")
     p.add_argument("--skip-training", action="store_true", help="re-plot existing runs in --out")
+    p.add_argument("--untie", action="append", default=[],
+                   help="also train MoT with only these components untied (repeatable), e.g. ffn")
+    p.add_argument("--untie-png", type=Path, default=REPO / "assets" / "untie_ablation.png")
     p.add_argument("extra", nargs="*", help="trainer overrides, after `--`")
     args = p.parse_args()
     if args.seeds < 1:
@@ -201,6 +257,8 @@ def main() -> None:
     from torchtitan_mot import dense_twin_flavor
 
     flavors = {"mot": flavor, "dense": dense_twin_flavor(flavor)}
+    untie = untie_runs(args.untie)
+    flavors.update(dict.fromkeys(untie, flavor))
     seeds = list(range(args.seed, args.seed + args.seeds))
     keys = ["total", *modalities]
     runs: list[dict[str, dict[str, Curve]]] = []
@@ -209,7 +267,9 @@ def main() -> None:
         seconds = {}
         for name, model_flavor in flavors.items():
             if not args.skip_training:
-                seconds[name] = train(name, model_flavor, out / name, seed, args, extra)
+                untie_flags = ["--mot.untie", untie[name]] if name in untie else []
+                seconds[name] = train(name, model_flavor, out / name, seed, args,
+                                      extra + untie_flags)
         curves = {name: read_curves(out / name, modalities) for name in flavors}
         runs.append(curves)
         for name in flavors:
@@ -230,6 +290,13 @@ def main() -> None:
     for key in keys:
         per_seed = "" if len(seeds) == 1 else "; per seed " + " ".join(map(format_ratio, ratios[key]))
         print(f"steps-to-match {key}: {summarize(ratios[key])}{per_seed}")
+    if untie:
+        by_run = plot_settings(args.untie_png, runs[0], modalities,
+                               f"mot.untie settings vs full MoT and dense, {flavors['mot']}, "
+                               f"{args.steps} steps, seed {seeds[0]}")
+        print(f"wrote {args.untie_png}")
+        for name, r in by_run.items():
+            print(f"steps-to-match {name}: " + "  ".join(f"{k} {format_ratio(v)}" for k, v in r.items()))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torchtitan.config import ConfigManager
 
-from torchtitan_mot.data.image_codec import DEFAULT_CODEBOOK, ImageCodec, save_png_grid
+from torchtitan_mot.data.image_codec import ImageCodec, save_png_grid
 from torchtitan_mot.data.tokenizer import build_mot_tokenizer
 from torchtitan_mot.generate import generate_segment, load_model, resolve_checkpoint
 
@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--image-tokens", type=int, default=None, help="default: the dataset's meta.json")
-    p.add_argument("--codebook", default=str(DEFAULT_CODEBOOK))
+    p.add_argument("--codebook", default=str(REPO / "assets" / "demo" / "image_codebook.npy"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "assets" / "generated_grid.png")
     args = p.parse_args()

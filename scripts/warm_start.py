@@ -1,14 +1,15 @@
 """Warm start an MoT model from a dense Llama3 checkpoint.
 
     python scripts/warm_start.py --dense DIR --flavor debugmodel \
-        --config train_configs/debug_mot.toml --out DIR [--seed 0] [--force]
+        --config train_configs/debug_mot.toml --out DIR [--seed 0] [--force] [--untie ffn,norms]
 
 `--dense` is either a TorchTitan DCP checkpoint folder (a `step-N` folder holding
 `.metadata`; model-only or a full training checkpoint, of which only the model entries are
 read) or a HuggingFace Llama folder of `*.safetensors` (converted with TorchTitan's
 `Llama3StateDictAdapter.from_hf`). The output is a model-only MoT DCP checkpoint for
 `--checkpoint.initial_load_path OUT`, in which every modality copy of every attention, FFN
-and norm weight is the dense weight (so the MoT starts as exactly the dense model), the
+and norm weight (only the components `--untie` / the config's `mot.untie` lists have
+several copies) is the dense weight (so the MoT starts as exactly the dense model), the
 embedding and output head are copied, and vocabulary rows the dense model lacks (modality
 markers, codebooks) start at the mean dense row plus small seeded noise.
 
@@ -78,8 +79,11 @@ def load_dense(path: Path, model_args: Any) -> dict[str, torch.Tensor]:
     )
 
 
-def mot_target(config: Path, flavor: str) -> tuple[Any, dict[str, torch.Tensor]]:
-    """(model args, meta-device MoT state dict) for `flavor` under the job config `config`."""
+def mot_target(
+    config: Path, flavor: str, untie: list[str] | None = None
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(model args, meta-device MoT state dict) for `flavor` under the job config `config`
+    (`untie`, if given, overrides the config's `mot.untie`)."""
     import copy
 
     from torchtitan.config import ConfigManager
@@ -92,6 +96,7 @@ def mot_target(config: Path, flavor: str) -> tuple[Any, dict[str, torch.Tensor]]
             "--job.config_file", str(config),
             "--job.custom_config_module", "torchtitan_mot.config",
             "--model.flavor", flavor,
+            *(["--mot.untie", ",".join(untie)] if untie is not None else []),
         ]
     )
     if flavor not in torchtitan_mot.mot_args:
@@ -112,18 +117,21 @@ def prepare_out(out: Path, force: bool) -> Path:
     return tmp
 
 
-def warm_start(dense: Path, config: Path, flavor: str, out: Path, seed: int, force: bool) -> None:
+def warm_start(
+    dense: Path, config: Path, flavor: str, out: Path, seed: int, force: bool,
+    untie: list[str] | None = None,
+) -> None:
     from torchtitan_mot.model.state_dict_adapter import untie_dense_state_dict
 
     tmp = prepare_out(out, force)
-    model_args, target = mot_target(config, flavor)
+    model_args, target = mot_target(config, flavor, untie)
     mot_sd = untie_dense_state_dict(load_dense(dense, model_args), target, seed=seed)
     dcp.save(mot_sd, checkpoint_id=str(tmp), no_dist=True)
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     tmp.rename(out)
     print(f"wrote MoT checkpoint ({flavor}, {model_args.n_modalities} modalities, "
-          f"vocab {model_args.vocab_size}) to {out}")
+          f"untied {model_args.untie}, vocab {model_args.vocab_size}) to {out}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,8 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output DCP folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise in new vocabulary rows")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--untie", type=lambda s: s.split(","), default=None,
+                        help="comma-separated components with per-modality copies, e.g. ffn,norms "
+                             "(default: the config's mot.untie); train with the same --mot.untie")
     args = parser.parse_args(argv)
-    warm_start(args.dense, args.config, args.flavor, args.out, args.seed, args.force)
+    warm_start(args.dense, args.config, args.flavor, args.out, args.seed, args.force, args.untie)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def _modality_of(model: torch.nn.Module) -> dict[str, int | None]:
     """Parameter name -> modality id (None: shared), from the module structure."""
     out: dict[str, int | None] = {name: None for name, _ in model.named_parameters()}
     for mname, module in model.named_modules():
-        if isinstance(module, (ModalityLinear, ModalityRMSNorm)):
+        if isinstance(module, (ModalityLinear, ModalityRMSNorm)) and len(module) > 1:
             for m, child in enumerate(module):
                 for pname, _ in child.named_parameters():
                     out[f"{mname}.{m}.{pname}"] = m
@@ -77,8 +77,23 @@ def test_bad_settings_are_rejected() -> None:
     with pytest.raises(ValueError, match="lr_multipliers has 3 entries but mot.modalities has 2"):
         _config(lr_multipliers=[1.0, 1.0, 1.0])
     dense = MoTTransformer(MoTModelArgs(**{**TINY, "n_modalities": 1}))
-    with pytest.raises(ValueError, match="1 modality weight sets but mot.modalities lists 2"):
+    with pytest.raises(ValueError, match="no per-modality weights: they need an MoT flavor"):
         build_mot_optimizers([dense], _config(frozen_modalities=["image"]), None)
+
+
+def test_untie_subset_freezes_only_untied_copies() -> None:
+    """With `untie=["ffn"]` the single-copy attention and norms are shared: freezing image
+    leaves them trainable at the base lr; only the image FFN copies are frozen."""
+    model = MoTTransformer(MoTModelArgs(**TINY, untie=["ffn"]))
+    opt = build_mot_optimizers([model], _config(frozen_modalities=["image"], lr_multipliers=[0.5, 1.0]), None)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f"layers.{i}.feed_forward.{w}.1.weight" for i in (0, 1) for w in ("w1", "w2", "w3")}
+    shared, text = opt.optimizers[0].param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert (shared["lr"], text["lr"]) == (1e-2, 5e-3)
+    assert {names[id(p)] for p in text["params"]} == {
+        f"layers.{i}.feed_forward.{w}.0.weight" for i in (0, 1) for w in ("w1", "w2", "w3")}
+    assert "layers.0.attention.wq.0.weight" in {names[id(p)] for p in shared["params"]}
 
 
 def test_dense_twin_without_per_modality_settings_gets_one_group() -> None:

@@ -12,6 +12,7 @@ from torchtitan_mot import mot_args
 from torchtitan_mot.data.tokenizer import VocabLayout
 from torchtitan_mot.generate import generate_segment, load_model, sample_token
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
+from torchtitan_mot.reliability import CheckpointMismatchError
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT = VocabLayout(text_vocab_size=40, modalities=("text", "image", "speech"), codebook_sizes=(12, 9))
@@ -97,3 +98,7 @@ def test_load_model_reads_a_dcp_checkpoint(tmp_path: Path) -> None:
     tokens = torch.randint(0, args.vocab_size, (1, 16))
     ids = torch.zeros_like(tokens)
     torch.testing.assert_close(loaded(tokens, modality_ids=ids), saved.eval()(tokens, modality_ids=ids))
+    # A config with another mot.untie must not read a subset of the checkpoint silently.
+    cfg.mot.untie = ["ffn"]
+    with pytest.raises(CheckpointMismatchError, match=r"layers\.0\.attention\.wk\.1\.weight"):
+        load_model(cfg, tmp_path)

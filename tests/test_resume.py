@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tb_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "train_configs" / "debug_mot.toml"
@@ -51,19 +52,6 @@ def run_trainer(tmp_path: Path, args: list[str], nproc: int = 1, check: bool = T
     if check:
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result
-
-
-def tb_scalars(dump: Path, tag: str = "loss_metrics/global_avg_loss") -> dict[int, float]:
-    """step -> value of `tag` from every TensorBoard event file under `dump` (later files win)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted(dump.rglob("events.out.tfevents.*"), key=os.path.getmtime):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
 
 
 def _process_tree(pid: int) -> list[int]:

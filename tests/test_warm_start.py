@@ -219,3 +219,32 @@ def test_trainer_loads_warm_start(tmp_path: Path) -> None:
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert f"Loading the checkpoint from {tmp_path / 'mot'}" in log
+
+
+@pytest.mark.slow
+def test_untie_subset_warm_start_trains_and_other_setting_is_refused(tmp_path: Path) -> None:
+    """`--untie ffn` warm start feeds a `--mot.untie ffn` run (start-up summary names the
+    setting); the same checkpoint is refused by full MoT, naming the missing copies."""
+    llama = _dense_like("debugmodel", 1000)
+    dcp.save(llama.state_dict(), checkpoint_id=str(tmp_path / "dense"), no_dist=True)
+    _run_script("--dense", str(tmp_path / "dense"), "--flavor", "debugmodel",
+                "--config", str(CONFIG), "--out", str(tmp_path / "mot"), "--untie", "ffn")
+
+    def train(name: str, *flags: str) -> tuple[int, str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "torchtitan_mot.train", "--job.config_file", str(CONFIG),
+             "--training.steps", "1", "--training.seq_len", "64", "--training.local_batch_size", "2",
+             "--metrics.no-enable-tensorboard", "--job.dump_folder", str(tmp_path / name),
+             "--checkpoint.enable", "--checkpoint.initial_load_path", str(tmp_path / "mot"),
+             "--checkpoint.interval", "1000", *flags],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+        )
+        return result.returncode, result.stdout + result.stderr
+
+    code, log = train("ffn", "--mot.untie", "ffn")
+    assert code == 0, log[-3000:]
+    assert "untied: ffn; params " in log
+    assert f"Loading the checkpoint from {tmp_path / 'mot'}" in log
+    code, log = train("full")
+    assert code != 0
+    assert "mot.untie setting" in log and "missing from the checkpoint: layers.0.attention.wk.1.weight" in log

@@ -9,13 +9,24 @@ from dataclasses import dataclass, field
 
 @dataclass
 class MoT:
-    modalities: list[str] = field(default_factory=lambda: ["text", "image"])
+    modalities: list[str] = field(default_factory=list)
     """Modality names in modality-id order. "text" must come first (id 0): it owns the text
-    tokenizer's vocabulary and the special tokens. Must match the dataset's modalities."""
+    tokenizer's vocabulary and the special tokens. Must match the dataset's modalities.
+    Empty: taken from `[training].dataset_path`'s meta.json (with `codebook_sizes`)."""
 
-    codebook_sizes: list[int] = field(default_factory=lambda: [256])
+    codebook_sizes: list[int] = field(default_factory=list)
     """Codebook size of each NON-text modality, in the order of `modalities[1:]`. The unified
-    vocabulary places each codebook (plus a begin and an end marker) after the text vocabulary."""
+    vocabulary places each codebook (plus a begin and an end marker) after the text vocabulary.
+    Empty: taken from the training dataset's meta.json, like `modalities`."""
+
+    untie: list[str] = field(default_factory=lambda: ["attention", "ffn", "norms"])
+    """Which block components get one weight set per modality (the paper's ablations, e.g.
+    `--mot.untie ffn` for modality-specific FFNs only): any of "attention" (wq/wk/wv/wo),
+    "ffn" (w1/w2/w3) and "norms" (attention_norm, ffn_norm, QK-norms), each at most once.
+    The rest is shared by all modalities, exactly the dense layer. The default (all three)
+    is full MoT. An empty list is rejected for an MoT flavor (use the dense one); a dense
+    flavor accepts only the default or []. Checkpoints of different settings do not load
+    into each other (the mismatched keys are listed). See docs/untie.md."""
 
     loss_weights: list[float] = field(default_factory=list)
     """Loss weight per modality (same order as `modalities`), applied by the modality of the
@@ -28,14 +39,15 @@ class MoT:
     """Skip (and count) malformed samples instead of stopping with an error."""
 
     frozen_modalities: list[str] = field(default_factory=list)
-    """Modalities whose untied weights (attention, FFN, norms) are not trained: they get
-    `requires_grad=False` and are left out of the optimizer, so neither updates nor weight
-    decay touch them (bitwise unchanged). Shared embedding / final norm / head still train.
+    """Modalities whose untied weights (those of the `untie` components) are not trained:
+    they get `requires_grad=False` and are left out of the optimizer, so neither updates nor
+    weight decay touch them (bitwise unchanged). Shared weights (embedding, final norm, head
+    and any component not in `untie`) still train.
     Needs `python -m torchtitan_mot.train` (MoTTrainer passes these settings on)."""
 
     lr_multipliers: list[float] = field(default_factory=list)
     """Learning-rate multiplier per modality (same order as `modalities`) for its untied
-    weights; shared weights use 1.0. Empty means 1.0 everywhere. The LR schedule scales
+    weights; shared weights (including components not in `untie`) use 1.0. Empty means 1.0 everywhere. The LR schedule scales
     every parameter group alike, so the ratios hold through warmup and decay."""
 
     nan_policy: str = "stop"

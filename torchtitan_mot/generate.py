@@ -18,6 +18,7 @@ from torchtitan.config import JobConfig
 from . import mot_args
 from .data.tokenizer import VocabLayout
 from .model import MoTTransformer
+from .reliability import check_checkpoint_matches
 
 
 def sample_token(
@@ -93,6 +94,9 @@ def load_model(job_config: JobConfig, checkpoint: str | Path, device: str = "cpu
         model = MoTTransformer(args)
         model.init_weights()  # also builds the non-persistent RoPE table
     state = model.state_dict()
+    # dcp.load reads only the model's keys: a checkpoint with extra copies (another
+    # mot.untie or flavor) would load silently; refuse it, listing the keys.
+    check_checkpoint_matches(str(resolve_checkpoint(checkpoint)), state)
     dcp.load(state, checkpoint_id=str(resolve_checkpoint(checkpoint)))
     model.load_state_dict(state)
     return model.requires_grad_(False).eval()

@@ -1,10 +1,20 @@
 """Cross-entropy weighted and reported per modality of the target token."""
 
+import os
+
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.config import JobConfig
+from torchtitan.tools import utils
 from torchtitan.tools.logging import logger
+
+
+def training_device() -> torch.device:
+    """The device TorchTitan's trainer trains on (`Trainer.device`): where every tensor
+    that reaches a collective must live (NCCL rejects host tensors; gloo hides that)."""
+    return torch.device(utils.device_type, int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def modality_cross_entropy(
@@ -24,8 +34,10 @@ def modality_cross_entropy(
         reduction="none",
         ignore_index=IGNORE_INDEX,
     )
-    if hasattr(ce, "full_tensor"):  # loss parallel returns a DTensor
-        ce = ce.full_tensor()
+    if isinstance(ce, DTensor):
+        # Loss parallel (vocab-sharded logits) yields the per-token CE replicated on every
+        # tensor-parallel rank: the local tensor is the full one, no communication needed.
+        ce = ce.to_local()
     flat = labels.flatten(0, 1)
     valid = (flat != IGNORE_INDEX).to(ce.dtype)
     modality = token_modality.index_select(0, flat.clamp(min=0))
@@ -38,8 +50,10 @@ def modality_cross_entropy(
 class MoTLoss:
     """Weighted token-sum cross-entropy (TorchTitan divides by the global token count).
 
-    Keeps detached per-modality sums and counts for `loss/<modality>` logging, popped by
-    the metrics processor at each log step.
+    Keeps detached per-modality sums and counts for `loss/<modality>` logging, one record
+    per call, popped by the metrics processor at each log step. Everything lives on
+    `device`, also on a pipeline stage that never computes the loss, because the popped
+    stats are all-reduced.
     """
 
     def __init__(
@@ -47,6 +61,7 @@ class MoTLoss:
         token_modality: torch.Tensor,
         modalities: list[str],
         loss_weights: list[float],
+        device: torch.device | str = "cpu",
         compile_backend: str | None = None,
     ) -> None:
         if loss_weights and len(loss_weights) != len(modalities):
@@ -55,33 +70,36 @@ class MoTLoss:
                 f"{len(modalities)}: {modalities}"
             )
         self.modalities = list(modalities)
-        self.token_modality = token_modality
-        self.weights = torch.tensor(loss_weights or [1.0] * len(modalities))
+        self.device = torch.device(device)
+        self.token_modality = token_modality.to(self.device)
+        self.weights = torch.tensor(loss_weights or [1.0] * len(modalities), device=self.device)
         self._fn = modality_cross_entropy
         if compile_backend is not None:
             self._fn = torch.compile(modality_cross_entropy, backend=compile_backend)
-        self._sums: torch.Tensor | None = None
-        self._counts: torch.Tensor | None = None
+        self._records: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.token_modality.device != labels.device:
-            self.token_modality = self.token_modality.to(labels.device)
-            self.weights = self.weights.to(labels.device)
         loss, sums, counts = self._fn(pred, labels, self.token_modality, self.weights)
-        sums, counts = sums.detach(), counts.detach()
-        if self._sums is None or self._counts is None:
-            self._sums, self._counts = sums, counts
-        else:
-            self._sums, self._counts = self._sums + sums, self._counts + counts
+        self._records.append((sums.detach(), counts.detach()))
         return loss
+
+    @property
+    def n_records(self) -> int:
+        """Calls recorded since the last pop."""
+        return len(self._records)
+
+    def discard_records(self, start: int, count: int) -> None:
+        """Forget `count` records from index `start` (calls that were not training steps)."""
+        del self._records[start : start + count]
 
     def pop_modality_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-modality CE sums and token counts accumulated on this rank since the last pop."""
         n = len(self.modalities)
-        device = self.token_modality.device
-        sums = self._sums if self._sums is not None else torch.zeros(n, device=device)
-        counts = self._counts if self._counts is not None else torch.zeros(n, device=device)
-        self._sums = self._counts = None
+        sums = torch.zeros(n, device=self.device)
+        counts = torch.zeros(n, device=self.device)
+        for s, c in self._records:
+            sums, counts = sums + s, counts + c
+        self._records = []
         return sums, counts
 
 
@@ -97,5 +115,6 @@ def build_mot_loss(job_config: JobConfig, **kwargs) -> MoTLoss:
         layout.token_modality_table(),
         job_config.mot.modalities,
         job_config.mot.loss_weights,
+        device=training_device(),
         compile_backend=backend,
     )

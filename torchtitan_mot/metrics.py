@@ -17,6 +17,8 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.protocols import BaseModelArgs
 from torchtitan.tools.logging import logger
 
+from torchtitan_mot.model.args import MoTModelArgs, UNTIE_COMPONENTS
+
 
 class ModalityLossStats(Protocol):
     """What the MoT loss function exposes to the metrics processor."""
@@ -84,6 +86,27 @@ def build_mot_metrics_processor(
     model_args: BaseModelArgs | None = None,
     tag: str | None = None,
 ) -> MoTMetricsProcessor:
-    """`TrainSpec.build_metrics_processor_fn` for MoT (same signature as the stock builder)."""
-    del model_args  # nothing model-specific is logged
-    return MoTMetricsProcessor(job_config, parallel_dims, tag)
+    """`TrainSpec.build_metrics_processor_fn` for MoT (same signature as the stock builder).
+
+    The trainer builds it right after the model args are final, so it also logs what the
+    run unties (see `log_untie_summary`).
+    """
+    processor = MoTMetricsProcessor(job_config, parallel_dims, tag)
+    if isinstance(model_args, MoTModelArgs):
+        log_untie_summary(processor, model_args)
+    return processor
+
+
+def log_untie_summary(processor: MetricsProcessor, model_args: MoTModelArgs) -> None:
+    """"untied: ffn, norms; params X, active Y" on the console, and the same figures as
+    step-0 scalars (`model/params`, `model/active_params`, `model/untied_<component>` = 0/1)
+    for TensorBoard / W&B, so runs of different `mot.untie` settings are told apart."""
+    total, active = model_args.param_counts()
+    untied = [c for c in UNTIE_COMPONENTS if model_args.n_copies(c) > 1]
+    logger.info(
+        f"untied: {', '.join(untied) or 'none (dense twin)'}; "
+        f"params {total:,}, active {active:,}"
+    )
+    metrics: dict[str, Any] = {"model/params": total, "model/active_params": active}
+    metrics.update({f"model/untied_{c}": float(c in untied) for c in UNTIE_COMPONENTS})
+    processor.logger.log(metrics, step=0)

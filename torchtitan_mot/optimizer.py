@@ -6,7 +6,9 @@ by `MoTTrainer` before the parent constructor) therefore replaces `job_config.op
 `ModalityOptimizerConfig` that carries the modality settings to `build_mot_optimizers`.
 
 Which parameters belong to which modality is read off the module structure, not the names:
-the i-th child of a `ModalityLinear` / `ModalityRMSNorm` holds modality i's weights.
+the i-th child of a `ModalityLinear` / `ModalityRMSNorm` with several children holds modality
+i's weights; one with a single child (a component `mot.untie` leaves shared, or the dense
+twin) is shared by all modalities.
 
 Frozen modalities get `requires_grad=False` and stay out of the optimizer. This works with
 FSDP2 here (tested bitwise with 2 gloo ranks): FSDP2 shards frozen and trainable parameters of
@@ -73,10 +75,11 @@ def use_modality_optimizer_settings(job_config: JobConfig) -> None:
 
 
 def modality_parameters(model: nn.Module) -> dict[int, list[nn.Parameter]]:
-    """Untied parameters by modality id; parameters not listed are shared by all modalities."""
+    """Untied parameters by modality id; parameters not listed are shared by all modalities
+    (including every single-child module: freezing it would freeze all modalities)."""
     groups: dict[int, list[nn.Parameter]] = {}
     for module in model.modules():
-        if isinstance(module, (ModalityLinear, ModalityRMSNorm)):
+        if isinstance(module, (ModalityLinear, ModalityRMSNorm)) and len(module) > 1:
             for modality, child in enumerate(module):
                 groups.setdefault(modality, []).extend(child.parameters())
     return groups
@@ -105,17 +108,20 @@ class MoTOptimizersContainer(OptimizersContainer):
         self.model_parts = model_parts
         self.step_guard: Callable[[], bool] | None = None
         all_params: list[nn.Parameter] = []
+        any_untied = False
         per_modality = bool(frozen_ids) or any(m != 1.0 for m in multipliers)
         for model in model_parts:
             # Without per-modality settings every parameter is in one group (the dense twin
             # has a single weight set whatever the data's modality count).
             by_modality = modality_parameters(model) if per_modality else {}
+            # A pipeline stage may hold no blocks; the dense twin holds no untied ones at all.
             if by_modality and len(by_modality) != len(multipliers):
                 raise ValueError(
                     f"the model has {len(by_modality)} modality weight sets but mot.modalities "
                     f"lists {len(multipliers)}: per-modality freezing / lr multipliers need an "
                     "MoT flavor with one weight set per modality (not the dense twin)"
                 )
+            any_untied = any_untied or bool(by_modality)
             untied = {id(p) for params in by_modality.values() for p in params}
             for modality in frozen_ids:
                 for p in by_modality.get(modality, []):
@@ -129,6 +135,11 @@ class MoTOptimizersContainer(OptimizersContainer):
                     param_groups.append({"params": trainable, "lr": lr})
             self.optimizers.append(optimizer_cls(param_groups, **optimizer_kwargs))
             all_params.extend(p for group in param_groups for p in group["params"])
+        if per_modality and not any_untied:
+            raise ValueError(
+                "mot.frozen_modalities / mot.lr_multipliers are set but the model has no "
+                "per-modality weights: they need an MoT flavor (not the dense twin)"
+            )
         self._validate_length(len(self.model_parts))
         self._post_init(all_params, optimizer_kwargs)
 

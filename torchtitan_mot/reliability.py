@@ -4,7 +4,7 @@ TorchTitan's `train_step` runs forward/backward for every microbatch, clips grad
 the optimizer, then (in `train`) may save a checkpoint. A NaN/inf loss would be stepped into
 the weights and the optimizer moments and then saved. `NonFiniteLossGuard` sees each
 microbatch loss (`record`, no host sync) and is asked by the optimizer container right before
-the step (`should_step`, one scalar all-reduce so every rank takes the same decision: with
+the step (`should_step`, one small all-reduce so every rank takes the same decision: with
 FSDP a rank that skipped while another stepped would diverge or hang). With
 `mot.nan_policy = "stop"` it raises `NonFiniteLossError` naming the step and this rank's
 per-modality losses; the exception leaves `train_step` before the optimizer step, so the
@@ -14,7 +14,8 @@ the data position move on) and training continues.
 
 `check_checkpoint_matches` compares the checkpoint about to be loaded with the model at
 start-up and lists every missing / unexpected key and shape mismatch (DCP alone names only
-the first missing key). `ReliabilityMixin` wires both into a `Trainer` subclass:
+the first missing key). The gradients are checked through the total norm TorchTitan computes for clipping (see
+`NonFiniteLossGuard.record_grad_norm`). `ReliabilityMixin` wires both into a `Trainer` subclass:
 `class MoTTrainer(ReliabilityMixin, torchtitan.train.Trainer)`.
 """
 
@@ -25,20 +26,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torchtitan.config import JobConfig
 from torchtitan.tools.logging import logger
+
+from torchtitan_mot.compat import clipped_grad_norm_to
 
 NAN_POLICIES = ("stop", "skip")
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a (possibly DTensor) gradient."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def per_modality_losses(
@@ -71,6 +68,7 @@ class NonFiniteLossGuard:
         self.skipped_steps: list[int] = []
         self._bad: torch.Tensor | None = None
         self._losses: list[torch.Tensor] = []
+        self._grad_norm: torch.Tensor | None = None
 
     def record(self, loss: torch.Tensor) -> None:
         """Remember a microbatch loss (device tensor; no host sync here)."""
@@ -79,29 +77,39 @@ class NonFiniteLossGuard:
         self._bad = bad if self._bad is None else self._bad | bad
         self._losses.append(loss)
 
-    def should_step(self, step: int, parameters: Iterable[torch.Tensor] = ()) -> bool:
-        """True if every rank's losses and gradients for this step are finite; resets.
+    def record_grad_norm(self, total_norm: torch.Tensor) -> None:
+        """Remember the step's total gradient norm, as computed for clipping.
+
+        TorchTitan's `clip_grad_norm_` reduces it over every mesh the gradients are sharded
+        on (FSDP / TP through DTensor, pipeline stages explicitly), so it is non-finite on
+        every rank as soon as one gradient element anywhere is: no second pass over the
+        gradients is needed to catch an overflow in backward.
+        """
+        self._grad_norm = total_norm.detach()
+
+    def should_step(self, step: int) -> bool:
+        """True if every rank's losses and the step's gradients are finite; resets.
 
         A finite loss can still give non-finite gradients (an overflow in backward, or
-        weights already at the edge of float range); the optimizer would then write NaN into
-        the weights, so the local gradients of `parameters` are checked too (one read of
-        each gradient, like the optimizer's own). Must be called on every rank once per
-        step: it is a collective when distributed.
+        weights already at the edge of float range); the optimizer would then write NaN
+        into the weights. Must be called on every rank once per step: it is a collective
+        when distributed (one 2-element all-reduce) and reads one value to the host.
         """
-        bad = self._bad if self._bad is not None else torch.tensor(False)
-        losses, self._bad, self._losses = self._losses, None, []
-        grads = [_local(p.grad) for p in parameters if p.grad is not None]
-        grad_bad = torch.tensor(False)
-        if grads:
-            norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
-            grad_bad = ~torch.isfinite(norms).all()
-        flag = torch.stack([bad.to(grad_bad.device), grad_bad]).to(torch.int32)
+        losses, bad, grad_norm = self._losses, self._bad, self._grad_norm
+        self._bad, self._losses, self._grad_norm = None, [], None
+        flags = [
+            torch.tensor(False) if bad is None else bad,
+            torch.tensor(False) if grad_norm is None else ~torch.isfinite(grad_norm),
+        ]
+        device = next((f.device for f in flags if f.device.type != "cpu"), flags[0].device)
+        flag = torch.stack([f.to(device) for f in flags]).to(torch.int32)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        if not bool(flag.any()):
+        loss_bad, grad_bad = flag.tolist()
+        if not (loss_bad or grad_bad):
             return True
         report = self.report(step, losses)
-        if not bool(flag[0]):
+        if not loss_bad:
             report += " (the loss was finite, the gradients were not)"
         if self.policy == "stop":
             raise NonFiniteLossError(
@@ -160,7 +168,7 @@ def check_checkpoint_matches(
     if problems:
         raise CheckpointMismatchError(
             f"checkpoint {checkpoint_id} does not fit this model (another flavor, modality "
-            "count or vocabulary?); nothing was loaded: " + " | ".join(problems)
+            "count, mot.untie setting or vocabulary?); nothing was loaded: " + " | ".join(problems)
         )
 
 
@@ -225,10 +233,13 @@ class ReliabilityMixin:
                 ModelWrapper(self.model_parts).state_dict(),
                 stage_only=self.parallel_dims.pp_enabled,
             )
-        params = [p for part in self.model_parts for p in part.parameters()]
-        self.optimizers.step_guard = lambda: self.nonfinite_guard.should_step(self.step, params)
+        self.optimizers.step_guard = lambda: self.nonfinite_guard.should_step(self.step)
 
     def forward_backward_step(self, **kwargs: Any) -> torch.Tensor:
         loss = super().forward_backward_step(**kwargs)  # type: ignore[misc]
         self.nonfinite_guard.record(loss)
         return loss
+
+    def train_step(self, data_iterator: Any) -> None:
+        with clipped_grad_norm_to(self.nonfinite_guard.record_grad_norm):
+            super().train_step(data_iterator)  # type: ignore[misc]

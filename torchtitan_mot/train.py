@@ -19,6 +19,8 @@ from torch.distributed._composable.replicate import DDP as ReplicatedModule
 from torchtitan.config import ConfigManager, JobConfig
 from torchtitan.components.loss import LossFunction
 
+from torchtitan_mot.compat import discard_pipeline_metadata_loss
+from torchtitan_mot.data.dataset import fill_modalities_from_meta
 from torchtitan_mot.infra.cpu import enable_cpu_fallback
 from torchtitan_mot.infra.inputs import keep_modality_ids_on_host, split_mot_batch
 from torchtitan_mot.reliability import ReliabilityMixin
@@ -117,13 +119,19 @@ class MoTTrainer(ReliabilityMixin, torchtitan.train.Trainer):
                 input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
             )
         self.pp_loss_fn.divisor = global_valid_tokens
+        records = getattr(self.loss_fn, "n_records", 0)
         try:
             # Losses come back already divided; the parent's division must be a no-op.
-            return super().forward_backward_step(
+            loss = super().forward_backward_step(
                 input_dict=input_dict, labels=labels, global_valid_tokens=1.0
             )
         finally:
             self.pp_loss_fn.divisor = 1.0
+        if self.pp_has_last_stage and hasattr(self.loss_fn, "discard_records"):
+            discard_pipeline_metadata_loss(
+                self.loss_fn, records, self.job_config.parallelism, labels.shape[0]
+            )
+        return loss
 
     def train_step(self, data_iterator) -> None:
         # Per-modality stats are logged for this step only, like the total loss: drop what
@@ -134,7 +142,8 @@ class MoTTrainer(ReliabilityMixin, torchtitan.train.Trainer):
 
 
 class _MoTConfigManager(ConfigManager):
-    """ConfigManager whose `job.custom_config_module` defaults to `torchtitan_mot.config`."""
+    """ConfigManager whose `job.custom_config_module` defaults to `torchtitan_mot.config` and
+    whose unset `[mot].modalities` / `codebook_sizes` come from the dataset's meta.json."""
 
     def parse_args(self, args: list[str] | None = None) -> JobConfig:
         args = list(sys.argv[1:] if args is None else args)
@@ -142,7 +151,11 @@ class _MoTConfigManager(ConfigManager):
         toml_values = self._maybe_load_toml(args) or {}
         if not given and not toml_values.get("job", {}).get("custom_config_module"):
             args += [_CONFIG_MODULE_FLAGS[0], DEFAULT_CONFIG_MODULE]
-        return super().parse_args(args)
+        job_config = super().parse_args(args)
+        if hasattr(job_config, "mot"):
+            # Before the trainer copies [mot] anywhere (e.g. into the optimizer config).
+            fill_modalities_from_meta(job_config)
+        return job_config
 
 
 def _default_single_process_env() -> None:

@@ -26,7 +26,7 @@ from torchtitan.tools.logging import logger
 from .data.dataloader import build_mot_validation_dataloader
 from .data.tokenizer import MultimodalTokenizer
 from .infra.inputs import keep_modality_ids_on_host, split_mot_batch
-from .loss import MoTLoss
+from .loss import MoTLoss, training_device
 
 
 class MoTValidator(Validator):
@@ -70,7 +70,9 @@ class MoTValidator(Validator):
         self.pp_has_first_stage = pp_has_first_stage
         self.pp_has_last_stage = pp_has_last_stage
         layout = tokenizer.layout
-        self.loss_fn = MoTLoss(layout.token_modality_table(), list(layout.modalities), [])
+        self.loss_fn = MoTLoss(
+            layout.token_modality_table(), list(layout.modalities), [], device=training_device()
+        )
         # Same convention as TorchTitan: a fixed step count re-loops a short split, so every
         # data-parallel rank runs the same number of (collective) forwards.
         self.validation_dataloader = build_mot_validation_dataloader(

@@ -145,7 +145,7 @@ def test_infinite_without_usable_samples_stops(tmp_path: Path, tok: MultimodalTo
 def test_image_codec_inverts_on_demo_data() -> None:
     from sklearn.datasets import load_digits
 
-    codec = ImageCodec.load()
+    codec = ImageCodec.load(ROOT / "assets" / "demo" / "image_codebook.npy")
     assert codec.codebook_size == 256
     images = load_digits().images
     tokens = codec.encode(images)
@@ -163,7 +163,7 @@ def test_image_codec_inverts_on_demo_data() -> None:
 def test_png_grid(tmp_path: Path) -> None:
     from torchtitan_mot.data.image_codec import save_png_grid
 
-    codec = ImageCodec.load()
+    codec = ImageCodec.load(ROOT / "assets" / "demo" / "image_codebook.npy")
     save_png_grid(codec.decode(np.arange(32).reshape(2, 16)), tmp_path / "g.png", titles=["a", "b"])
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -1,7 +1,8 @@
 """Multi-process worker for the parallelism parity tests (run under torchrun, gloo, CPU).
 
 `python -m torch.distributed.run --nproc_per_node=N tests/infra/parallel_worker.py OUT CASE...`
-runs every CASE after a single-process reference of the same 5 AdamW steps (computed on
+runs every CASE (a `CASES` key, or an `UNTIE_CASES` key: the same run with only some
+components untied) after a single-process reference of the same 5 AdamW steps (computed on
 every rank, deterministic) and writes, from rank 0, a JSON of max abs differences:
 per-step losses, first-step gradients and final parameters (full tensors).
 """
@@ -46,10 +47,21 @@ CASES = {
     "fsdp2_tp2": (2, 2, 1, "none", False, (2, 3), 2),
     "pp2_tp2": (1, 2, 2, "selective", False, (), 2),
 }
+# the same runs with only some components untied (mot.untie): case -> (base case, untie)
+UNTIE_CASES = {
+    "tp2_untie_ffn": ("tp2", ["ffn"]),
+    "tp2_untie_attention": ("tp2", ["attention"]),
+    "fsdp2_untie_ffn": ("fsdp2_rank1_text_only", ["ffn"]),
+    "fsdp2_untie_attention": ("fsdp2_rank1_text_only", ["attention"]),
+    "pp2_untie_ffn_norms": ("pp2", ["ffn", "norms"]),
+    "tp2_compile_untie_attention_norms": ("tp2_compile", ["attention", "norms"]),
+    "tp2_ac_full_untie_ffn": ("tp2_ac_full", ["ffn"]),
+}
+ALL_UNTIED = ["attention", "ffn", "norms"]
 
 
-def model_args(n_modalities: int) -> MoTModelArgs:
-    return MoTModelArgs(**(ARGS | dict(n_modalities=n_modalities)))
+def model_args(n_modalities: int, untie: list[str]) -> MoTModelArgs:
+    return MoTModelArgs(**(ARGS | dict(n_modalities=n_modalities, untie=untie)))
 
 
 def batches(text_only_rows: tuple[int, ...], n_modalities: int = 2):
@@ -74,8 +86,8 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def reference(init: dict, text_only_rows: tuple[int, ...], n_mod: int) -> dict:
-    model = MoTTransformer(model_args(n_mod))
+def reference(init: dict, text_only_rows: tuple[int, ...], n_mod: int, untie: list[str]) -> dict:
+    model = MoTTransformer(model_args(n_mod, untie))
     model.load_state_dict(init)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses, grads = [], {}
@@ -91,7 +103,7 @@ def reference(init: dict, text_only_rows: tuple[int, ...], n_mod: int) -> dict:
     return dict(losses=losses, grads=grads, params={n: full(p) for n, p in model.named_parameters()})
 
 
-def run_case(name: str, init: dict) -> dict:
+def run_case(name: str, init: dict, untie: list[str]) -> dict:
     dp, tp, pp, ac, compile_, text_rows, n_mod = CASES[name]
     world = dist.get_world_size()
     jc = JobConfig()
@@ -108,7 +120,7 @@ def run_case(name: str, init: dict) -> dict:
     jc.compile.backend = "aot_eager"
     pd = ParallelDims(dp_replicate=1, dp_shard=dp, cp=1, tp=tp, pp=pp, ep=1, etp=1, world_size=world)
     pd.build_mesh()
-    model = MoTTransformer(model_args(n_mod))
+    model = MoTTransformer(model_args(n_mod, untie))
     model.load_state_dict(init)
     n_tokens = {"n": 1.0}
     if pp > 1:
@@ -182,8 +194,10 @@ def cp_sharding_check() -> dict:
             tokens, labels, {"modality_ids": HostTensor(TABLE[tokens])}, extra_kwargs, pd, jc,
             torch.device("cpu"))
         pos = kw["positions"].long()
+        ids = kw["modality_ids"]
         out[str(lb)] = dict(
-            ids_follow_tokens=bool((TABLE[inp] == kw["modality_ids"]).all()),
+            ids_on_host=isinstance(ids, HostTensor),
+            ids_follow_tokens=bool((TABLE[inp] == getattr(ids, "tensor", ids)).all()),
             tokens_at_positions=bool((tokens.gather(1, pos) == inp).all()),
             labels_at_positions=bool((labels.gather(1, pos) == lab).all()),
             local_len=int(inp.shape[1]),
@@ -197,13 +211,6 @@ def cp_sharding_check() -> dict:
 def main() -> None:
     out_path, cases = sys.argv[1], sys.argv[2:]
     dist.init_process_group("gloo")
-    inits = {}
-    for n_mod in (1, 2):
-        torch.manual_seed(0)
-        init_model = MoTTransformer(model_args(n_mod))
-        with torch.no_grad():
-            init_model.init_weights()
-        inits[n_mod] = {k: v.clone() for k, v in init_model.state_dict().items()}
     results = {}
     for case in cases:
         if case == "cp_sharding":
@@ -212,9 +219,15 @@ def main() -> None:
             results[case] = shards
             continue
         torch._dynamo.reset()
-        n_mod = CASES[case][6]
-        ref = reference(inits[n_mod], CASES[case][5], n_mod)
-        got = run_case(case, inits[n_mod])
+        base, untie = UNTIE_CASES.get(case, (case, ALL_UNTIED))
+        n_mod = CASES[base][6]
+        torch.manual_seed(0)
+        init_model = MoTTransformer(model_args(n_mod, untie))
+        with torch.no_grad():
+            init_model.init_weights()
+        init = {k: v.clone() for k, v in init_model.state_dict().items()}
+        ref = reference(init, CASES[base][5], n_mod, untie)
+        got = run_case(base, init, untie)
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, (got["grads"], got["params"]))
         # under PP each rank holds only its stage's parameters; together they are all

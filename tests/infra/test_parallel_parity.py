@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("parallel_worker.py")
 TWO_PROC = ["tp2", "tp2_dense", "tp2_compile", "tp2_ac_full", "fsdp2_rank1_text_only", "pp2"]
 FOUR_PROC = ["fsdp2_tp2", "pp2_tp2"]
+# mot.untie subsets (parallel_worker.UNTIE_CASES): only some components per modality
+UNTIE = ["tp2_untie_ffn", "tp2_untie_attention", "fsdp2_untie_ffn", "fsdp2_untie_attention",
+         "pp2_untie_ffn_norms", "tp2_compile_untie_attention_norms", "tp2_ac_full_untie_ffn"]
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +39,7 @@ def _launch(nproc: int, cases: list[str], tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def two_proc(tmp_path_factory) -> dict:
-    return _launch(2, TWO_PROC + ["cp_sharding"], tmp_path_factory)
+    return _launch(2, TWO_PROC + UNTIE + ["cp_sharding"], tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +82,29 @@ def test_tensor_parallel_plan(two_proc: dict) -> None:
     assert len(placements) == two_proc["tp2"]["n_params"]  # every parameter is a DTensor
 
 
+@pytest.mark.parametrize("case", UNTIE)
+def test_untie_subset_parity(two_proc: dict, case: str) -> None:
+    result = two_proc[case]
+    _check(result)
+    assert result["compiled"] == ("compile" in case)
+    assert result["checkpointed"] == ("_ac_" in case)
+
+
+@pytest.mark.parametrize("case, untied, shared", [
+    ("tp2_untie_ffn", ("feed_forward.w1", "feed_forward.w2"), ("attention.wq", "attention.wo", "ffn_norm")),
+    ("tp2_untie_attention", ("attention.wq", "attention.wo"), ("feed_forward.w1", "attention.q_norm")),
+])
+def test_untie_subset_tensor_parallel_plan(two_proc: dict, case: str, untied, shared) -> None:
+    """Shared components have one sharded copy (`.0.`), untied ones one per modality."""
+    placements = two_proc[case]["placements"]
+    for name in untied:
+        assert f"layers.3.{name}.1.weight" in placements, name
+    for name in shared:
+        assert f"layers.3.{name}.0.weight" in placements and f"layers.3.{name}.1.weight" not in placements
+    assert placements["layers.3.attention.wo.0.weight"] == placements["layers.3.feed_forward.w2.0.weight"] == "(Shard(dim=1),)"
+    assert len(placements) == two_proc[case]["n_params"]
+
+
 @pytest.mark.parametrize("case", FOUR_PROC)
 def test_four_process_parity(four_proc: dict, case: str) -> None:
     _check(four_proc[case])
@@ -86,12 +112,15 @@ def test_four_process_parity(four_proc: dict, case: str) -> None:
 
 
 def test_context_parallel_modality_ids_follow_tokens(two_proc: dict) -> None:
-    """After CP sharding (any load balancer) each rank's modality ids are those of its tokens."""
+    """After CP sharding (any load balancer) each rank's modality ids are those of its
+    tokens, and host ids stay on the host."""
     for rank, shards in enumerate(two_proc["cp_sharding"]):
         for balancer, r in shards.items():
             assert r["ids_follow_tokens"], (rank, balancer)
             assert r["tokens_at_positions"] and r["labels_at_positions"], (rank, balancer)
             assert r["local_len"] == 128 and r["extra_inputs_empty"] and r["mask_sharded"]
+            # sharded on the host (no device round trip), except ptrr (needs the BlockMask)
+            assert r["ids_on_host"] == (balancer != "ptrr"), (rank, balancer)
         # no balancer: contiguous chunks; head-tail: rank 0 holds the first AND last quarter
         assert shards["None"]["positions_contiguous"]
         assert shards["headtail"]["positions_contiguous"] == (rank == 1)

@@ -12,6 +12,7 @@ ARGS = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_
 
 
 def _parallelize(seq_len: int = 64, args: dict | None = None, async_tp: bool = False,
+                 converters: tuple[str, ...] = (), compile_model: bool = False,
                  **degrees) -> None:
     d = dict(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1) | degrees
     world = d["dp_replicate"] * d["dp_shard"] * d["cp"] * d["tp"] * d["pp"]
@@ -22,8 +23,15 @@ def _parallelize(seq_len: int = 64, args: dict | None = None, async_tp: bool = F
     jc.parallelism.pipeline_parallel_degree = d["pp"]
     jc.parallelism.context_parallel_degree = d["cp"]
     jc.parallelism.enable_async_tensor_parallel = async_tp
+    jc.model.converters = list(converters)
+    jc.compile.enable = compile_model
     with torch.device("meta"):
         model = MoTTransformer(MoTModelArgs(**(ARGS | (args or {}))))
+    if "quantize.linear.float8" in converters:
+        from torchao.float8 import convert_to_float8_training, Float8LinearConfig
+
+        convert_to_float8_training(model, config=Float8LinearConfig(emulate=True),
+                                   module_filter_fn=lambda mod, fqn: fqn != "output")
     parallelize_mot(model, pd, jc)
 
 
@@ -54,3 +62,21 @@ def test_cp_refuses_varlen_attention() -> None:
 def test_async_tp_is_refused() -> None:
     with pytest.raises(ValueError, match=r"enable_async_tensor_parallel is not supported"):
         _parallelize(tp=2, async_tp=True)
+
+
+FLOAT8 = ("quantize.linear.float8",)
+
+
+def test_float8_with_compile_or_tp_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"model.converters \['quantize.linear.float8'\] with compile.enable"):
+        _parallelize(converters=FLOAT8, compile_model=True)
+    with pytest.raises(ValueError, match=r"quantize.linear.float8'\] with tensor_parallel_degree=2"):
+        _parallelize(converters=FLOAT8, tp=2)
+    _parallelize(converters=FLOAT8)  # eager, FSDP/DDP/single device: accepted
+
+
+def test_quantizers_that_do_nothing_for_mot_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"quantize.grouped_mm.float8'\]: grouped-GEMM quantization"):
+        _parallelize(converters=("quantize.grouped_mm.float8",))
+    with pytest.raises(ValueError, match=r"converted no per-modality projection"):
+        _parallelize(converters=("quantize.linear.mx",))  # named, but no Linear was swapped

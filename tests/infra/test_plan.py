@@ -1,48 +1,108 @@
-"""scripts/check_plan.py builds the real sharded model on meta under a fake process group."""
+"""check_plan (torchtitan_mot.infra.plan): the real sharded model on meta under a fake
+process group, and the memory model's formulas."""
 
-import re
-import subprocess
-import sys
+import copy
 from pathlib import Path
 
+import pytest
 import torch
 
+from torchtitan_mot import mot_args
+from torchtitan_mot.infra.plan import check_plan, format_plan, GIB, MEGATRON_BLOCK, USABLE
+from torchtitan_mot.model import MoTTransformer
+
 REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "train_configs").glob("*.toml"))
 
 
-def _check_plan(*args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "check_plan.py"), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_config_fits_its_stated_gpus(config: Path) -> None:
+    plan = check_plan(["--config", str(config)])
+    p = plan.job.parallelism
+    assert plan.ngpu == plan.dp_shard * p.data_parallel_replicate_degree * p.tensor_parallel_degree \
+        * p.pipeline_parallel_degree * p.context_parallel_degree
+    fsdp = plan.dp_shard * p.context_parallel_degree > 1
+    for stage in plan.stages:
+        # default reshard policy: every block unsharded under PP, two at a time otherwise
+        expected = (stage.layers if p.pipeline_parallel_degree > 1 else 2) if fsdp else 0
+        assert stage.unsharded_blocks == expected, format_plan(plan)
+    assert sum(s.layers for s in plan.stages) == mot_args[plan.job.model.flavor].n_layers
+    assert plan.worst.total_gib <= USABLE * plan.gpu_gib, format_plan(plan)
 
 
-def test_8b_on_8_gpus_fsdp() -> None:
-    import copy
+def test_missing_plan_comment_names_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "no_plan.toml"
+    config.write_text((REPO / "train_configs" / "debug_mot.toml").read_text().replace("# check_plan:", "#"))
+    with pytest.raises(ValueError, match=f"{config}: expected one '# check_plan:"):
+        check_plan(["--config", str(config)])
 
-    from torchtitan_mot import mot_args
-    from torchtitan_mot.model import MoTTransformer
 
-    args = copy.deepcopy(mot_args["8B_2modality"])
-    args.vocab_size = 128256 + 8192 + 2  # text + one codebook + begin/end markers
+def test_pp_keeps_every_block_unsharded_and_selective_op_estimate() -> None:
+    """Small case by hand: debugmodel, 4 GPUs = FSDP 2 x PP 2, selective op AC."""
+    seq_len, local_batch, micro = 256, 4, 1
+    plan = check_plan(["--flavor", "debugmodel", "--ngpu", "4", "--pp", "2", "--seq-len", str(seq_len),
+                       "--local-batch-size", str(local_batch), "--microbatch-size", str(micro),
+                       "--ac", "selective", "--selective-ac-option", "op", "--codebook-sizes", "256"])
+    args = copy.deepcopy(mot_args["debugmodel"])
+    args.vocab_size = 128256 + 2 + 256  # Llama3 text ids (no tokenizer given) + markers + codebook
+    assert plan.vocab.vocab_size == args.vocab_size
     with torch.device("meta"):
-        total = sum(p.numel() for p in MoTTransformer(args).parameters())
-    out = _check_plan("--flavor", "8B_2modality", "--ngpu", "8")
-    row = re.search(r"^\s+0\s+0\s+32\s+([\d.]+)B .*wq.0 \(Shard\(dim=0\),\) local \((\d+), 4096\)",
-                    out, re.M)
-    assert row, out
-    assert abs(float(row.group(1)) * 1e9 - total / 8) < 2e6  # FSDP: 1/8 of every parameter
-    assert int(row.group(2)) == 4096 // 8
-    assert "-> fits in 80 GiB" in out
+        model = MoTTransformer(args)
+    block = model.layers["0"]
+    block_numel = sum(p.numel() for p in block.parameters())
+    head_dim = args.dim // args.n_heads
+    wv_out = (args.n_kv_heads or args.n_heads) * head_dim
+    ffn_hidden = block.feed_forward.w1[0].weight.shape[0]
+
+    s, h = micro * seq_len, args.dim
+    in_flight = min(2, local_batch // micro)
+    per_layer = 2 * s * (h + h + wv_out + h + ffn_hidden + h)
+    first, last = plan.stages
+    assert first.layers + last.layers == args.n_layers
+    # bf16 params + fp32 grads of EVERY block of the stage, plus its non-block units
+    # (embedding on the first stage, final norm + head on the last), never resharded under PP
+    embed = model.tok_embeddings.weight.numel()
+    head = model.output.weight.numel() + sum(p.numel() for p in model.norm.parameters())
+    for stage, other in ((first, embed), (last, head)):
+        assert stage.unsharded_blocks == stage.layers
+        assert stage.fsdp_gib * GIB == pytest.approx(6 * (stage.layers * block_numel + other))
+    recompute = MEGATRON_BLOCK * s * h
+    assert first.act_gib * GIB == pytest.approx(in_flight * first.layers * per_layer + recompute)
+    logits = 2 * 4 * s * args.vocab_size
+    assert last.act_gib * GIB == pytest.approx(in_flight * last.layers * per_layer + recompute + logits)
+    # 16 B of model state per local parameter: FSDP 2 halves every parameter of the model
+    total = sum(p.numel() for p in model.parameters())
+    assert (first.state_gib + last.state_gib) * GIB == pytest.approx(16 * total / 2, rel=1e-3)
 
 
 def test_tp_and_pp_shard_every_stage() -> None:
-    out = _check_plan("--flavor", "debugmodel", "--ngpu", "8", "--tp", "2", "--pp", "2",
-                      "--seq-len", "256")
-    stages = re.findall(r"^\s+(\d)\s+(\d)\s+(\d)\s+.*wq.0 \((.*)\) local \((\d+), 256\)", out, re.M)
-    # stage 0 is simulated on rank 0, stage 1 on rank 4; 6 layers split 3/3 (embedding
-    # and output each count as a layer); wq's 256 rows: /2 (TP) then /2 (FSDP)
-    assert [s[:2] for s in stages] == [("0", "0"), ("1", "4")], out
-    assert all(int(s[4]) == 64 and "Shard(dim=0)" in s[3] for s in stages), out
+    plan = check_plan(["--flavor", "debugmodel", "--ngpu", "8", "--tp", "2", "--pp", "2",
+                       "--seq-len", "256"])
+    # stage 0 is simulated on rank 0, stage 1 on rank 4; wq's 256 rows: /2 (TP) then /2 (FSDP)
+    assert [(s.stage, s.rank) for s in plan.stages] == [(0, 0), (1, 4)]
+    for s in plan.stages:
+        assert "Shard(dim=0)" in s.sharding and "local (64, 256)" in s.sharding, s.sharding
+
+
+def test_selective_every_nth_layer_is_between_full_and_none() -> None:
+    """Layer SAC 2 on a 5-layer stage: layers 2 and 4 keep their input, 1, 3, 5 everything."""
+    from torchtitan.config import JobConfig
+
+    from torchtitan_mot.infra.plan import activation_bytes
+
+    args = mot_args["debugmodel"]
+    job = JobConfig()
+    job.training.seq_len, job.training.local_batch_size = 128, 2
+    s, h = 2 * 128, args.dim
+
+    def act(mode: str, option: str = "op") -> float:
+        job.activation_checkpoint.mode, job.activation_checkpoint.selective_ac_option = mode, option
+        return activation_bytes(args, job, 5, h, h, 4 * h, has_output=False, vocab_size=1)
+
+    block_none, block_full = MEGATRON_BLOCK * s * h, 2 * s * h
+    assert act("none") == 5 * block_none
+    assert act("full") == 5 * block_full + block_none
+    assert act("selective", "2") == 2 * block_full + 3 * block_none + block_none
+    assert act("full") < act("selective", "2") < act("none") + block_none
+    with pytest.raises(ValueError, match="activation_checkpoint.mode='memory_budget'"):
+        act("memory_budget")

@@ -101,7 +101,7 @@ class _ScalarReads(TorchDispatchMode):
             self.reads += 1
         if func._schema.name.startswith("mot::routed_mm"):
             self.routed_mm_calls += 1
-            offsets = args[2] if func._schema.name == "mot::routed_mm" else args[3]
+            offsets = args[3] if func._schema.name == "mot::routed_mm_backward" else args[2]
             assert offsets.device.type == "cpu", "routed_mm must get host-side offsets"
             self.offsets_seen.add(id(offsets))
         return func(*args, **(kwargs or {}))

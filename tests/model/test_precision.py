@@ -16,7 +16,10 @@ from torchtitan_mot.model.routing import build_routing, ModalityLinear, Modality
 
 SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, rope_theta=500000,
              max_seq_len=32)
-MATMULS = {"mot.routed_mm.default", "mot.routed_mm_backward.default", "aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
+FORWARD_OPS = {"mot.routed_mm.default", "mot.routed_mm_recompute.default"}
+MATMULS = FORWARD_OPS | {
+    "mot.routed_mm_backward.default", "aten.mm.default", "aten.addmm.default", "aten.bmm.default"
+}
 
 
 class _MatmulDtypes(TorchDispatchMode):
@@ -48,7 +51,7 @@ def test_every_projection_runs_in_the_autocast_dtype(dtype: torch.dtype) -> None
     tokens, ids = torch.randint(0, 97, (2, 32)), torch.randint(0, 3, (2, 32))
     with _MatmulDtypes() as mode, torch.autocast("cpu", dtype=dtype):
         out = model(tokens, modality_ids=ids)
-    routed = [d for f, d in mode.seen if f == "mot.routed_mm.default"]
+    routed = [d for f, d in mode.seen if f in FORWARD_OPS]
     assert len(routed) == 2 * 7, mode.seen  # wq wk wv wo w1 w2 w3 per layer
     assert all(d == {dtype} for _, d in mode.seen), mode.seen
     assert out.dtype == dtype
@@ -136,3 +139,34 @@ def test_weight_subclass_is_refused_naming_the_parameter() -> None:
     wq[0].weight = torch.nn.Parameter(wq[0].weight.detach().as_subclass(Odd))
     with pytest.raises(TypeError, match=r"layers\.1\.attention\.wq\.0\.weight is a Odd"):
         model(torch.randint(0, 97, (1, 32)), modality_ids=torch.zeros(1, 32, dtype=torch.long))
+
+
+def test_float8_conversion_runs_every_projection_through_float8() -> None:
+    """TorchTitan's float8 converter swaps the per-modality Linears for torchao Float8Linear;
+    each must then run its own (float8) forward on exactly its modality's tokens, and no
+    projection may fall back to the plain routed matmul."""
+    from torchao.float8 import convert_to_float8_training, Float8LinearConfig
+    from torchao.float8.float8_linear import Float8Linear
+
+    model, reference = _model(qk_norm=False), _model(qk_norm=False)
+    convert_to_float8_training(model, config=Float8LinearConfig(emulate=True),
+                               module_filter_fn=lambda mod, fqn: fqn != "output")
+    rows: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Float8Linear):
+            module.register_forward_hook(
+                lambda m, args, out, name=name: rows.__setitem__(name, args[0].shape[0]))
+    ids = torch.randint(0, 3, (2, 32), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(0, 97, (2, 32))
+    with _MatmulDtypes() as mode, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens, modality_ids=ids)
+    assert not [f for f, _ in mode.seen if f in FORWARD_OPS]
+    counts = torch.bincount(ids.flatten(), minlength=3).tolist()
+    linears = [n for n, m in model.named_modules() if isinstance(m, Float8Linear)]
+    assert len(linears) == 2 * 7 * 3 and set(rows) == set(linears)
+    assert all(rows[n] == counts[int(n.rsplit(".", 1)[1])] for n in linears)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference(tokens, modality_ids=ids)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.1, atol=0.1)
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -74,12 +74,13 @@ def test_projections_match_token_by_token_reference() -> None:
         torch.testing.assert_close(a, b)
 
 
-def test_routed_mm_opcheck() -> None:
+@pytest.mark.parametrize("op", [torch.ops.mot.routed_mm, torch.ops.mot.routed_mm_recompute])
+def test_routed_mm_opcheck(op) -> None:
     x = torch.randn(10, 4)
     ws = [torch.randn(3, 4, requires_grad=True) for _ in range(2)]
-    torch.library.opcheck(
-        torch.ops.mot.routed_mm.default, (x, ws, torch.tensor([4, 10], dtype=torch.int32))
-    )
+    torch.library.opcheck(op.default, (x, ws, torch.tensor([4, 10], dtype=torch.int32)))
+    ws[1].requires_grad_(False)  # a frozen modality's weight
+    torch.library.opcheck(op.default, (x, ws, torch.tensor([4, 10], dtype=torch.int32)))
 
 
 def test_masks_to_ids_and_errors() -> None:

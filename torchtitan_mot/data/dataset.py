@@ -12,11 +12,13 @@ from typing import Any, Iterator
 
 import torch
 import pyarrow as pa
+import pyarrow.parquet as pq
 from datasets import Dataset, IterableDataset as HFIterableDataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from datasets.distributed import split_dataset_by_node
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
+from torchtitan.config import JobConfig
 from torchtitan.tools.logging import logger
 
 from .tokenizer import TEXT, MultimodalTokenizer
@@ -46,6 +48,86 @@ def check_meta(meta_path: Path, modalities: list[str], codebook_sizes: list[int]
         )
 
 
+def fill_modalities_from_meta(job_config: JobConfig) -> None:
+    """Unset `[mot].modalities` / `codebook_sizes` are taken from the dataset's meta.json
+    (`[training].dataset_path`, else `[validation].dataset_path`); set ones are checked
+    against it when the data is loaded."""
+    mot = job_config.mot
+    if mot.modalities:
+        if not mot.codebook_sizes and len(mot.modalities) > 1:
+            raise ValueError(f"[mot].modalities is set to {mot.modalities} but [mot].codebook_sizes is not")
+        return
+    if mot.codebook_sizes:
+        raise ValueError(f"[mot].codebook_sizes is set to {mot.codebook_sizes} but [mot].modalities is not")
+    paths = [job_config.training.dataset_path, job_config.validation.dataset_path]
+    metas = [Path(p) / "meta.json" for p in paths if p and (Path(p) / "meta.json").is_file()]
+    if not metas:
+        raise ValueError(
+            "[mot].modalities is not set and neither [training].dataset_path "
+            f"({paths[0]!r}) nor [validation].dataset_path ({paths[1]!r}) has a meta.json to "
+            "take it from: set [mot].modalities and [mot].codebook_sizes"
+        )
+    meta = json.loads(metas[0].read_text())
+    mot.modalities = list(meta["modalities"])
+    mot.codebook_sizes = [int(meta["codebook_sizes"][m]) for m in mot.modalities[1:]]
+
+
+class ShardedParquetStream:
+    """Streaming reader of a split's parquet shards that never reads a row twice.
+
+    The unit of work is a parquet row group. Rank `r` of `R` owns units `r::R`; DataLoader
+    worker `w` of `W` on that rank owns the rank's units `w::W`. Each reader decodes only its
+    own row groups, whatever the shard count (HuggingFace's `split_dataset_by_node` instead has
+    every rank read every row and keep 1/R when the shard count is not a multiple of R).
+    Position (epoch, unit, row) is its resumable state.
+    """
+
+    def __init__(self, files: list[Path], rank: int, world_size: int) -> None:
+        units, first = [], 0
+        for path in files:
+            meta = pq.ParquetFile(path).metadata  # the footer only
+            for group in range(meta.num_row_groups):
+                n = meta.row_group(group).num_rows
+                units.append((str(path), group, first, n))
+                first += n
+        if len(units) < world_size:
+            raise ValueError(
+                f"{files[0].parent}: {len(units)} parquet row groups cannot feed {world_size} "
+                "data-parallel ranks; prepare the dataset with a smaller --row-group-rows"
+            )
+        self._rank_units = units[rank::world_size]
+        self.epoch = 0
+        self._unit, self._row = 0, 0
+
+    def reader_units(self) -> list[tuple[str, int, int, int]]:
+        """(file, row group, global index of its first row, rows) this reader owns."""
+        worker = get_worker_info()
+        if worker is None or worker.num_workers == 1:
+            return self._rank_units
+        return self._rank_units[worker.id :: worker.num_workers]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        units = self.reader_units()
+        while self._unit < len(units):
+            path, group, first, _ = units[self._unit]
+            table = pq.ParquetFile(path).read_row_group(group, columns=["segments"])
+            start = self._row
+            for i, row in enumerate(table.slice(start).to_pylist(), start=start):
+                self._row = i + 1
+                row[ROW_COLUMN] = first + i
+                yield row
+            self._unit, self._row = self._unit + 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._unit, self._row = epoch, 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "unit": self._unit, "row": self._row}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._unit, self._row = state["epoch"], state["unit"], state["row"]
+
+
 # What `datasets` raises for a truncated, corrupt or unreadable data file; none names the file.
 _UNREADABLE = (DatasetGenerationError, pa.ArrowInvalid, OSError)
 
@@ -56,11 +138,13 @@ def _unreadable(source: str, error: Exception) -> ValueError:
 
 
 def load_split(
-    dataset_path: str, split: str, streaming: bool, modalities: list[str], codebook_sizes: list[int]
-) -> tuple[Dataset | HFIterableDataset, str]:
-    """Load one split from a local directory (checked against meta.json) or a hub name.
+    dataset_path: str, split: str, streaming: bool, modalities: list[str], codebook_sizes: list[int],
+    dp_rank: int = 0, dp_world_size: int = 1,
+) -> tuple[Dataset | HFIterableDataset | ShardedParquetStream, str]:
+    """Load this rank's part of one split from a local directory (checked against
+    meta.json) or a hub name.
 
-    Returns the dataset with a global row-index column (for error messages) and a
+    Returns the data with a global row-index column (for error messages) and a
     human-readable source name.
     """
     root = Path(dataset_path)
@@ -69,6 +153,9 @@ def load_split(
         if not meta.is_file():
             raise FileNotFoundError(f"{meta} is missing: a MoT dataset directory needs meta.json")
         check_meta(meta, modalities, codebook_sizes)
+        shards = json.loads(meta.read_text()).get("files", {}).get(split)
+        if shards is not None:
+            return _load_shards(root, split, [root / f for f in shards], streaming, dp_rank, dp_world_size)
         for ext, builder in _FILE_BUILDERS:
             data_file = root / f"{split}.{ext}"
             if data_file.is_file():
@@ -87,7 +174,27 @@ def load_split(
         ds = ds.add_column(ROW_COLUMN, range(len(ds)))
     else:
         ds = ds.map(lambda _, idx: {ROW_COLUMN: idx}, with_indices=True)
-    return ds, source
+    return split_dataset_by_node(ds, rank=dp_rank, world_size=dp_world_size), source
+
+
+def _load_shards(
+    root: Path, split: str, files: list[Path], streaming: bool, dp_rank: int, dp_world_size: int
+) -> tuple[Dataset | ShardedParquetStream, str]:
+    """The parquet shards meta.json lists for `split` (written by `torchtitan_mot.data.prepare`)."""
+    source = str(root / split)
+    if not files:
+        raise FileNotFoundError(f"{root / 'meta.json'} lists no {split} shards")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{root / 'meta.json'} lists {split} shards that are missing: {missing[:3]}")
+    try:
+        if streaming:
+            return ShardedParquetStream(files, dp_rank, dp_world_size), source
+        ds = load_dataset("parquet", data_files={split: [str(f) for f in files]}, split=split)
+    except _UNREADABLE as e:
+        raise _unreadable(source, e) from e
+    ds = ds.add_column(ROW_COLUMN, range(len(ds)))
+    return split_dataset_by_node(ds, rank=dp_rank, world_size=dp_world_size), source
 
 
 class MultimodalDataset(IterableDataset, Stateful):
@@ -95,8 +202,9 @@ class MultimodalDataset(IterableDataset, Stateful):
 
     State = position in this rank's data + the packing buffer, so a resumed run sees exactly
     the tokens an uninterrupted run would. With DataLoader workers, map-style data is split
-    further per worker (each worker's state is saved by StatefulDataLoader); streaming data
-    is split per worker by `datasets` itself (by file shard).
+    further per worker (each worker's state is saved by StatefulDataLoader); streaming parquet
+    shards are split per worker by `ShardedParquetStream` (whole row groups), other streaming
+    data by `datasets` itself (by file shard).
     """
 
     def __init__(
@@ -112,10 +220,10 @@ class MultimodalDataset(IterableDataset, Stateful):
         infinite: bool = False,
     ) -> None:
         layout = tokenizer.layout
-        ds, self.source = load_split(
-            dataset_path, split, streaming, list(layout.modalities), list(layout.codebook_sizes)
+        self._data, self.source = load_split(
+            dataset_path, split, streaming, list(layout.modalities), list(layout.codebook_sizes),
+            dp_rank, dp_world_size,
         )
-        self._data = split_dataset_by_node(ds, rank=dp_rank, world_size=dp_world_size)
         self._tokenizer = tokenizer
         self._modality_table = layout.token_modality_table()
         self.seq_len = seq_len
@@ -218,7 +326,7 @@ class MultimodalDataset(IterableDataset, Stateful):
                 break
             self._sample_idx = 0
             logger.warning(f"Dataset {self.source} is being re-looped")
-            if isinstance(self._data, HFIterableDataset):
+            if not isinstance(self._data, Dataset):
                 # A new epoch makes `datasets` ignore the resume state it was loaded with.
                 self._data.set_epoch(self._data.epoch + 1)
 

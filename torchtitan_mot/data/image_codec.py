@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 PATCH = 2
-DEFAULT_CODEBOOK = Path(__file__).resolve().parents[2] / "assets" / "demo" / "image_codebook.npy"
 
 
 class ImageCodec:
@@ -32,7 +31,7 @@ class ImageCodec:
         return cls(km.cluster_centers_)
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_CODEBOOK) -> "ImageCodec":
+    def load(cls, path: str | Path) -> "ImageCodec":
         return cls(np.load(path))
 
     def save(self, path: str | Path) -> None:

@@ -14,7 +14,6 @@ SAMPLE_RATE = 16000
 N_FFT = 1024
 HOP = 512
 N_MELS = 40
-DEFAULT_CODEBOOK = Path(__file__).resolve().parents[2] / "assets" / "demo" / "speech_codebook.npy"
 
 
 def _mel_filterbank(sr: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = N_MELS) -> np.ndarray:
@@ -58,7 +57,7 @@ class SpeechCodec:
         return cls(km.cluster_centers_)
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_CODEBOOK) -> "SpeechCodec":
+    def load(cls, path: str | Path) -> "SpeechCodec":
         return cls(np.load(path))
 
     def save(self, path: str | Path) -> None:

@@ -211,7 +211,11 @@ class MultimodalTokenizer(BaseTokenizer):
 
 
 def build_mot_tokenizer(job_config: JobConfig) -> MultimodalTokenizer:
-    """Text tokenizer from `model.hf_assets_path`, layout from the `[mot]` section."""
+    """Text tokenizer from `model.hf_assets_path`, layout from the `[mot]` section (filled in
+    from the training dataset's meta.json where unset)."""
+    from .dataset import fill_modalities_from_meta
+
+    fill_modalities_from_meta(job_config)
     return MultimodalTokenizer(
         job_config.model.hf_assets_path,
         modalities=job_config.mot.modalities,

@@ -6,6 +6,7 @@ index to `barrier`. `enable_cpu_fallback()` patches exactly those spots, in plac
 when `torch.accelerator.is_available()` is False, so GPU runs see stock TorchTitan.
 """
 
+import functools
 import importlib
 import os
 import resource
@@ -15,9 +16,11 @@ from types import ModuleType
 
 import torch
 import torch.distributed.distributed_c10d as c10d
+from torch.distributed.fsdp import CPUOffloadPolicy
 from torch.distributed.fsdp._fully_shard import _fsdp_collectives
 
 from torchtitan.distributed import ParallelDims
+from torchtitan.distributed import utils as dist_utils_module
 
 # TorchTitan modules that bind `device_type` / `device_module` at import time (by value).
 _DEVICE_BOUND_MODULES = (
@@ -106,6 +109,23 @@ def _set_pg_timeouts_cpu(timeout: timedelta, parallel_dims: ParallelDims) -> Non
         c10d._set_pg_timeout(timeout, group)
 
 
+class _ProfileWithoutNoneActivity(torch.profiler.profile):
+    """0.2.2's `maybe_enable_profiling` passes `None` as the device activity when there is
+    no GPU; the profiler rejects it. Dropping it profiles the CPU alone."""
+
+    def __init__(self, *args, activities=None, **kwargs) -> None:
+        if activities is not None:
+            activities = [a for a in activities if a is not None]
+        super().__init__(*args, activities=activities, **kwargs)
+
+
+def _init_distributed_cpu(*args, enable_cpu_backend: bool = False, **kwargs) -> int:
+    """0.2.2's `init_distributed` adds `cpu:gloo` for CPU offload even when the device
+    backend is gloo on the CPU already (`cpu:gloo,cpu:gloo`, rejected)."""
+    return _stock_init_distributed(*args, enable_cpu_backend=False, **kwargs)
+
+
+_stock_init_distributed = dist_utils_module.init_distributed
 _stock_gradient_divide_factors = _fsdp_collectives._get_gradient_divide_factors
 
 
@@ -142,6 +162,7 @@ def enable_cpu_fallback() -> bool:
         return True
 
     from torchtitan.components import metrics
+    from torchtitan.models.llama3.infra import parallelize as llama3_parallelize
     from torchtitan.distributed import utils as dist_utils
     from torchtitan.tools import utils as tt_utils
 
@@ -162,6 +183,11 @@ def enable_cpu_fallback() -> bool:
     dist_utils.set_pg_timeouts = _set_pg_timeouts_cpu
     # FSDP2 reduce-scatter asks for AVG / PREMUL_SUM, which gloo rejects; force SUM + division.
     _fsdp_collectives._get_gradient_divide_factors = _sum_only_gradient_divide_factors
+    dist_utils.init_distributed = _init_distributed_cpu
+    # 0.2.2's apply_fsdp offloads to pinned host memory; pinning needs an accelerator, and
+    # on a CPU-only host the offloaded shards are host memory either way.
+    llama3_parallelize.CPUOffloadPolicy = functools.partial(CPUOffloadPolicy, pin_memory=False)
+    torch.profiler.profile = _ProfileWithoutNoneActivity
 
     _enabled = True
     return True

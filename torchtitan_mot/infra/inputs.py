@@ -22,6 +22,7 @@ from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.context_parallel import cp_shard
 
+from torchtitan_mot.compat import shard_on_host_for_context_parallel
 from torchtitan_mot.model.routing import HostTensor
 
 MODALITY_IDS = "modality_ids"
@@ -86,15 +87,16 @@ def prepare_mot_inputs(
 
     Pipeline microbatching splits `extra_kwargs` along the batch dim, like `inputs`
     (`HostTensor` is a pytree node: its ids are split too). Ids kept on the host stay
-    wrapped up to the model, except under context parallel, where they are sharded on the
-    device with the tokens.
+    wrapped up to the model; under context parallel they are sharded on the host in the
+    tokens' order (on the device only with the "ptrr" balancer of flex attention).
     """
     extra_inputs = dict(extra_inputs)
     extra_kwargs = dict(extra_kwargs)
     if MODALITY_IDS in extra_inputs:
         extra_kwargs[MODALITY_IDS] = extra_inputs.pop(MODALITY_IDS)
     modality_ids = extra_kwargs.get(MODALITY_IDS)
-    if isinstance(modality_ids, HostTensor):
+    on_host = isinstance(modality_ids, HostTensor)
+    if on_host:
         modality_ids = modality_ids.tensor
     if modality_ids is not None and modality_ids.shape != inputs.shape:
         raise ValueError(
@@ -106,18 +108,26 @@ def prepare_mot_inputs(
                 f"context parallel would leave {sorted(extra_inputs)} unsharded; only "
                 f"{MODALITY_IDS} is sharded with the tokens"
             )
-        inputs, labels, positions, modality_ids, masks = shard_for_context_parallel(
+        cp_mesh = parallel_dims.get_mesh("cp")
+        balancer = job_config.parallelism.context_parallel_load_balancer
+        host_shard = None
+        if on_host and modality_ids is not None:
+            host_shard = shard_on_host_for_context_parallel(modality_ids, cp_mesh, balancer)
+        inputs, labels, positions, device_shard, masks = shard_for_context_parallel(
             inputs,
             labels,
-            None if modality_ids is None else modality_ids.to(inputs.device),
+            None if modality_ids is None or host_shard is not None else modality_ids.to(inputs.device),
             extra_kwargs.get("attention_masks"),
-            parallel_dims.get_mesh("cp"),
+            cp_mesh,
             device,
-            job_config.parallelism.context_parallel_load_balancer,
+            balancer,
         )
         extra_kwargs["positions"] = positions
-        if modality_ids is not None:
-            extra_kwargs[MODALITY_IDS] = modality_ids
+        if host_shard is not None:
+            # Sharded on the host in the tokens' order: the forward still reads nothing back.
+            extra_kwargs[MODALITY_IDS] = HostTensor(host_shard)
+        elif device_shard is not None:
+            extra_kwargs[MODALITY_IDS] = device_shard
         if masks is not None:
             extra_kwargs["attention_masks"] = masks
     return inputs, labels, extra_inputs, extra_kwargs

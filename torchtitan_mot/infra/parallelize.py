@@ -35,10 +35,11 @@ from torchtitan.tools.logging import logger
 
 from torchtitan_mot.model.args import MoTModelArgs
 from torchtitan_mot.model.model import MoTBlock, MoTTransformer
-from torchtitan_mot.model.routing import ModalityRMSNorm
+from torchtitan_mot.model.routing import ModalityLinear, ModalityRMSNorm
 
-# Selective op AC: Llama3's list plus our per-modality matmul, which SAC sees as ONE op
-# (its inner aten.mm calls are hidden inside the custom op).
+# Selective op AC: Llama3's list plus the per-modality matmul that is saved (SAC sees the
+# custom op as one op). `mot::routed_mm_recompute` stays out: together they save Llama3's
+# every other mm (see model/routing.py).
 MOT_OP_SAC_SAVE_LIST = _op_sac_save_list | {torch.ops.mot.routed_mm.default}
 
 
@@ -73,6 +74,45 @@ def validate_parallelism(model_args: MoTModelArgs, parallel_dims: ParallelDims, 
         raise ValueError(
             f"parallelism.context_parallel_degree={cp} needs attn_type sdpa or flex; "
             "TorchTitan 0.2.2 has no context parallel for varlen attention"
+        )
+
+
+def validate_converters(model: MoTTransformer, parallel_dims: ParallelDims, job_config: JobConfig) -> None:
+    """Refuse model converters that would do nothing, or cannot run, on an MoT model.
+
+    Converters run before `parallelize_fn`, so the model already shows what they did.
+    """
+    converters = job_config.model.converters
+    grouped = [c for c in converters if c.startswith("quantize.grouped_mm")]
+    if grouped:
+        raise ValueError(
+            f"model.converters {grouped}: grouped-GEMM quantization targets MoE expert "
+            "weights; MoT has no grouped experts (its per-modality projections are converted "
+            "by quantize.linear.float8 / quantize.linear.mx)"
+        )
+    converted = sorted(
+        {type(m[0]).__name__ for m in model.modules() if isinstance(m, ModalityLinear) and m.converted}
+    )
+    if not converted:
+        if any(c.startswith("quantize.linear") for c in converters):
+            raise ValueError(
+                f"model.converters {list(converters)} converted no per-modality projection "
+                "(check quantize.linear.*.filter_fqns and that dims are multiples of 16)"
+            )
+        return
+    compile_model = job_config.compile.enable and "model" in job_config.compile.components
+    if compile_model:
+        raise ValueError(
+            f"model.converters {list(converters)} with compile.enable (components 'model'): "
+            f"MoT runs each converted projection ({', '.join(converted)}) on its modality's "
+            "slice, whose size is data; torchao's float8 ops cannot be traced over such "
+            "sizes with fullgraph=True. Train float8 in eager mode, or compile without it."
+        )
+    if parallel_dims.tp_enabled:
+        raise ValueError(
+            f"model.converters {list(converters)} with tensor_parallel_degree="
+            f"{parallel_dims.tp}: converted per-modality projections ({', '.join(converted)}) "
+            "are not tensor-parallel sharded by MoT yet; use FSDP/HSDP with float8"
         )
 
 
@@ -143,6 +183,7 @@ def parallelize_mot(
     """TP/SP, CP, activation checkpointing, per-block compile, FSDP2/HSDP (TorchTitan's order)."""
     assert isinstance(model, MoTTransformer), type(model)
     validate_parallelism(model.model_args, parallel_dims, job_config)
+    validate_converters(model, parallel_dims, job_config)
 
     if parallel_dims.tp_enabled:
         apply_tp(

@@ -1,16 +1,48 @@
-"""MoT model arguments: Llama3's arguments plus the modality count."""
+"""MoT model arguments: Llama3's arguments plus the modality count and what is untied."""
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from torch import nn
 from torchtitan.config import JobConfig
 from torchtitan.models.llama3.model.args import TransformerModelArgs
 from torchtitan.models.utils import get_dense_model_nparams_and_flops
 
+UNTIE_COMPONENTS = ("attention", "ffn", "norms")
+"""What `untie` may list: the attention projections (wq/wk/wv/wo), the SwiGLU FFN (w1/w2/w3)
+and every RMSNorm of a block (attention_norm, ffn_norm and the optional QK-norms)."""
+
+
+def check_untie(untie: Sequence[str], n_modalities: int, setting: str = "mot.untie") -> None:
+    """Reject unknown or repeated components, and an empty list for a multi-modality model
+    (it would build a dense model that still routes tokens: use a dense flavor instead).
+
+    A dense flavor (n_modalities=1) has nothing to untie: only the default (all) and [] are
+    accepted there, since any other list would silently change nothing.
+    """
+    allowed = f"allowed values: {list(UNTIE_COMPONENTS)} (each at most once)"
+    unknown = [c for c in untie if c not in UNTIE_COMPONENTS]
+    if unknown:
+        raise ValueError(f"{setting} = {list(untie)}: unknown component(s) {unknown}; {allowed}")
+    repeated = sorted({c for c in untie if list(untie).count(c) > 1})
+    if repeated:
+        raise ValueError(f"{setting} = {list(untie)}: {repeated} listed more than once; {allowed}")
+    if n_modalities > 1 and not untie:
+        raise ValueError(
+            f"{setting} = []: with nothing untied an MoT flavor is its dense twin; use a dense "
+            f"flavor (e.g. debugmodel_dense) instead, or list some of {list(UNTIE_COMPONENTS)}"
+        )
+    if n_modalities == 1 and untie and set(untie) != set(UNTIE_COMPONENTS):
+        raise ValueError(
+            f"{setting} = {list(untie)} has no effect on a dense flavor (n_modalities=1): "
+            "pick an MoT flavor to untie only some components"
+        )
+
 
 @dataclass
 class MoTModelArgs(TransformerModelArgs):
-    """Llama3 shapes with every non-embedding weight untied across `n_modalities`.
+    """Llama3 shapes with the block weights listed in `untie` untied across `n_modalities`
+    (by default all of them: the paper's MoT).
 
     `n_modalities == 1` is the dense twin (all modalities share one set of weights): the
     baseline for every speed and quality comparison, built by the same code.
@@ -21,6 +53,37 @@ class MoTModelArgs(TransformerModelArgs):
     n_modalities: int = 2
     qk_norm: bool = False
     """Per-modality RMSNorm on queries and keys (per head), before RoPE."""
+    untie: list[str] = field(default_factory=lambda: list(UNTIE_COMPONENTS))
+    """Components with one weight set per modality (`UNTIE_COMPONENTS`); the others have a
+    single set shared by all modalities, exactly the dense layer. Set from `mot.untie`."""
+
+    def __post_init__(self) -> None:
+        check_untie(self.untie, self.n_modalities, "MoTModelArgs.untie")
+
+    def n_copies(self, component: str) -> int:
+        """How many weight sets `component` has: one per modality if untied, else one."""
+        if component not in UNTIE_COMPONENTS:
+            raise ValueError(f"unknown component {component!r}; one of {UNTIE_COMPONENTS}")
+        return self.n_modalities if component in self.untie else 1
+
+    def param_counts(self) -> tuple[int, int]:
+        """(total, active per token) parameters, from the shapes alone (analytic).
+
+        Active counts one weight set per component: what a single token computes with.
+        """
+        from .feedforward import ffn_hidden_dim
+
+        head_dim = self.dim // self.n_heads
+        kv_heads = self.n_kv_heads or self.n_heads
+        hidden = ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        per_set = {
+            "attention": 2 * self.dim * head_dim * (self.n_heads + kv_heads),
+            "ffn": 3 * self.dim * hidden,
+            "norms": 2 * self.dim + (2 * head_dim if self.qk_norm else 0),
+        }
+        shared = 2 * self.vocab_size * self.dim + self.dim  # embedding, output head, final norm
+        total = shared + self.n_layers * sum(self.n_copies(c) * n for c, n in per_set.items())
+        return total, shared + self.n_layers * sum(per_set.values())
 
     def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
         super().update_from_config(job_config, **kwargs)
@@ -37,6 +100,10 @@ class MoTModelArgs(TransformerModelArgs):
                 f"{self.n_modalities} but mot.modalities lists {n_data}: {mot.modalities}. "
                 "Pick a flavor built for that many modalities (or a dense one)."
             )
+        # TorchTitan 0.2.2 splits a list[str] flag on ",": `--mot.untie ""` arrives as [""].
+        untie = [] if list(mot.untie) == [""] else list(mot.untie)
+        check_untie(untie, self.n_modalities)
+        self.untie = untie
         from torchtitan_mot.data.tokenizer import build_mot_tokenizer
 
         vocab_size = build_mot_tokenizer(job_config).get_vocab_size()
@@ -49,21 +116,22 @@ class MoTModelArgs(TransformerModelArgs):
         self.vocab_size = vocab_size
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
-        """All parameters, but ACTIVE flops: each token uses one modality's weights.
+        """All parameters, but ACTIVE flops: each token uses one weight set per component.
 
         Counting all modality copies would inflate MFU n_modalities-fold; with this count
-        MoT and its dense twin of the same shape report the same flops per token.
+        MoT (whatever it unties) and its dense twin of the same shape report the same flops
+        per token. A shared (one-child) module has no inactive copies.
         """
         nparams, flops = get_dense_model_nparams_and_flops(
             self, model, 2 * (self.dim // self.n_heads), seq_len
         )
         from torchtitan_mot.model.routing import ModalityLinear, ModalityRMSNorm
 
-        untied = sum(
+        inactive = sum(
             p.numel()
             for m in model.modules()
             if isinstance(m, (ModalityLinear, ModalityRMSNorm))
-            for p in m.parameters()
+            for child in list(m)[1:]
+            for p in child.parameters()
         )
-        inactive = untied - untied // self.n_modalities
         return nparams, flops - 6 * inactive

@@ -20,6 +20,9 @@ from .routing import ModalityLinear, ModalityRMSNorm, Routing
 class MoTAttention(nn.Module):
     """Per-modality wq/wk/wv/wo (and optional QK-norm); attention itself is shared.
 
+    The projections are untied if `untie` lists "attention", the QK-norms if it lists "norms";
+    otherwise each has one weight set for all modalities.
+
     Input and output are (T, dim) in modality-sorted order. q/k/v are un-sorted into the
     original (batch, seq) order so RoPE sees original positions and every token attends to
     every earlier token of its sequence (or document), whatever its modality.
@@ -27,20 +30,21 @@ class MoTAttention(nn.Module):
 
     def __init__(self, model_args: MoTModelArgs) -> None:
         super().__init__()
-        n_mod = model_args.n_modalities
+        n_proj, n_norms = model_args.n_copies("attention"), model_args.n_copies("norms")
         self.n_heads = model_args.n_heads
         self.n_kv_heads = model_args.n_kv_heads or model_args.n_heads
         self.head_dim = model_args.dim // model_args.n_heads
         self.enable_gqa = self.n_heads > self.n_kv_heads
         dim = model_args.dim
-        self.wq = ModalityLinear(dim, self.n_heads * self.head_dim, n_mod)
-        self.wk = ModalityLinear(dim, self.n_kv_heads * self.head_dim, n_mod)
-        self.wv = ModalityLinear(dim, self.n_kv_heads * self.head_dim, n_mod)
-        self.wo = ModalityLinear(self.n_heads * self.head_dim, dim, n_mod)
+        self.wq = ModalityLinear(dim, self.n_heads * self.head_dim, n_proj)
+        # sac_save: selective op AC saves wq and wv outputs, recomputes wk and wo (Llama3's rate)
+        self.wk = ModalityLinear(dim, self.n_kv_heads * self.head_dim, n_proj, sac_save=False)
+        self.wv = ModalityLinear(dim, self.n_kv_heads * self.head_dim, n_proj)
+        self.wo = ModalityLinear(self.n_heads * self.head_dim, dim, n_proj, sac_save=False)
         self.q_norm = self.k_norm = None
         if model_args.qk_norm:
-            self.q_norm = ModalityRMSNorm(self.head_dim, n_mod, model_args.norm_eps)
-            self.k_norm = ModalityRMSNorm(self.head_dim, n_mod, model_args.norm_eps)
+            self.q_norm = ModalityRMSNorm(self.head_dim, n_norms, model_args.norm_eps)
+            self.k_norm = ModalityRMSNorm(self.head_dim, n_norms, model_args.norm_eps)
 
         self.attn_type = model_args.attn_type
         self.inner_attention: nn.Module

@@ -17,13 +17,15 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
 
 
 class MoTFeedForward(nn.Module):
-    """w2(silu(w1 x) * w3 x) with one (w1, w2, w3) per modality, on sorted tokens."""
+    """w2(silu(w1 x) * w3 x) on sorted tokens, with `n_sets` (w1, w2, w3): one per modality
+    when the FFN is untied, one shared by all modalities otherwise."""
 
-    def __init__(self, dim: int, hidden_dim: int, n_modalities: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, n_sets: int) -> None:
         super().__init__()
-        self.w1 = ModalityLinear(dim, hidden_dim, n_modalities)
-        self.w2 = ModalityLinear(hidden_dim, dim, n_modalities)
-        self.w3 = ModalityLinear(dim, hidden_dim, n_modalities)
+        self.w1 = ModalityLinear(dim, hidden_dim, n_sets)
+        self.w2 = ModalityLinear(hidden_dim, dim, n_sets)
+        # selective op AC saves w1 and w2 outputs and recomputes w3 (Llama3's every other mm)
+        self.w3 = ModalityLinear(dim, hidden_dim, n_sets, sac_save=False)
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x, routing)) * self.w3(x, routing), routing)

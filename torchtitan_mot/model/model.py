@@ -25,7 +25,8 @@ from .sequence_parallel import gather_tokens, local_tokens, reduce_scatter_token
 
 
 class MoTBlock(nn.Module):
-    """A Llama3 pre-norm block whose norms, projections and FFN are untied by modality.
+    """A Llama3 pre-norm block whose norms, projections and FFN are untied by modality
+    (each only if `model_args.untie` lists it; otherwise one shared weight set).
 
     Pre-norm (norm on the sublayer input, residual add after) as in Llama3, so an MoT whose
     modality copies all hold one dense checkpoint computes exactly that checkpoint.
@@ -34,17 +35,17 @@ class MoTBlock(nn.Module):
 
     def __init__(self, layer_id: int, model_args: MoTModelArgs) -> None:
         super().__init__()
-        n_mod = model_args.n_modalities
+        n_norms = model_args.n_copies("norms")
         self.attention = MoTAttention(model_args)
         self.feed_forward = MoTFeedForward(
             model_args.dim,
             ffn_hidden_dim(
                 model_args.dim, model_args.multiple_of, model_args.ffn_dim_multiplier
             ),
-            n_mod,
+            model_args.n_copies("ffn"),
         )
-        self.attention_norm = ModalityRMSNorm(model_args.dim, n_mod, model_args.norm_eps)
-        self.ffn_norm = ModalityRMSNorm(model_args.dim, n_mod, model_args.norm_eps)
+        self.attention_norm = ModalityRMSNorm(model_args.dim, n_norms, model_args.norm_eps)
+        self.ffn_norm = ModalityRMSNorm(model_args.dim, n_norms, model_args.norm_eps)
         depth = layer_id + 1 if model_args.depth_init else model_args.n_layers
         self.weight_init_std = 0.02 / (2 * depth) ** 0.5
         self.tp_mesh: DeviceMesh | None = None
@@ -164,5 +165,9 @@ class MoTTransformer(Transformer):
         h = self.norm(h) if self.norm is not None else h
         # Full activations in original order: what the output head, or the next pipeline
         # stage, expects on every tensor-parallel rank (their grads arrive replicated).
-        h = routing.unsort(gather_tokens(h, mesh, grad_is_partial=False)).view(bs, seqlen, -1)
-        return self.output(h) if self.output is not None else h
+        h = routing.unsort(gather_tokens(h, mesh, grad_is_partial=False), (bs, seqlen, -1))
+        if self.output is not None:
+            return self.output(h)
+        # A pipeline stage's output must not be a view (zero-bubble schedules detach it in
+        # place); only the dense twin's unpermuted stream still is one.
+        return h.clone() if h._base is not None else h

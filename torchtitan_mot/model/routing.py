@@ -71,13 +71,14 @@ class Routing:
         """(T, ...) tensor in original flat order -> modality-sorted order."""
         if self.order is None or self.inverse is None:
             return x
-        return _PermuteRows.apply(x, self.order, self.inverse)
+        return _PermuteRows.apply(x, self.order, self.inverse, None)
 
-    def unsort(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, ...) tensor in modality-sorted order -> original flat order."""
+    def unsort(self, x: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """(T, ...) tensor in modality-sorted order -> original flat order, viewed as
+        `shape` if given (the permuted result is a fresh tensor, not a view)."""
         if self.order is None or self.inverse is None:
-            return x
-        return _PermuteRows.apply(x, self.inverse, self.order)
+            return x if shape is None else x.view(shape)
+        return _PermuteRows.apply(x, self.inverse, self.order, shape)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -85,21 +86,33 @@ class _PermuteRows(torch.autograd.Function):
 
     The generic index_select backward scatter-adds into a zero-filled tensor (an extra
     fill, and a slow serial index_add on CPU); the gradient of a permutation is just the
-    inverse permutation, one gather.
+    inverse permutation, one gather. With `shape` the rows are gathered straight into a
+    tensor of that shape, which is then no view: pipeline schedules that split backward
+    into input and weight passes detach stage outputs in place, which views do not allow.
     """
 
     @staticmethod
-    def forward(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        return x.index_select(0, index)
+    def forward(
+        x: torch.Tensor,
+        index: torch.Tensor,
+        inverse: torch.Tensor,
+        shape: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        if shape is None:
+            return x.index_select(0, index)
+        out = x.new_empty(x.view(shape).shape)
+        torch.index_select(x, 0, index, out=out.view(x.shape))
+        return out
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(inputs[2])
+        ctx.in_shape = inputs[0].shape
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
+        return grad.reshape(ctx.in_shape).index_select(0, inverse), None, None, None
 
 
 def build_routing(
@@ -187,8 +200,7 @@ def check_modality_ids(modality_ids: torch.Tensor, n_modalities: int) -> None:
 _OP_TAGS = (torch.Tag.cudagraph_unsafe,)
 
 
-@torch.library.custom_op("mot::routed_mm", mutates_args=(), tags=_OP_TAGS)
-def routed_mm(x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor) -> torch.Tensor:
+def _routed_mm(x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor) -> torch.Tensor:
     """y[s:e] = x[s:e] @ weights[m].T for modality m's sorted slice [s, e).
 
     `offsets` (group ends) live on the host, so reading them never syncs a GPU."""
@@ -201,9 +213,20 @@ def routed_mm(x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tenso
     return out
 
 
-@routed_mm.register_fake
-def _(x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor) -> torch.Tensor:
+def _routed_mm_fake(x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weights[0].shape[0])
+
+
+# Two ops with one body. Selective op activation checkpointing decides per op whether an
+# output is saved; TorchTitan's Llama3 policy saves every other mm (wq, wv, w1, w2 of a block
+# are saved, wk, wo, w3 recomputed). `routed_mm` is in MoT's save list, `routed_mm_recompute`
+# is not, so the per-modality projections are saved at the same rate as Llama3's.
+routed_mm = torch.library.custom_op("mot::routed_mm", mutates_args=(), tags=_OP_TAGS)(_routed_mm)
+routed_mm_recompute = torch.library.custom_op(
+    "mot::routed_mm_recompute", mutates_args=(), tags=_OP_TAGS
+)(_routed_mm)
+for _op in (routed_mm, routed_mm_recompute):
+    _op.register_fake(_routed_mm_fake)
 
 
 @torch.library.custom_op("mot::routed_mm_backward", mutates_args=(), tags=_OP_TAGS)
@@ -263,7 +286,8 @@ def _routed_mm_backward(ctx, grad: torch.Tensor):
     return grad_x, grad_ws, None
 
 
-routed_mm.register_autograd(_routed_mm_backward, setup_context=_routed_mm_setup_context)
+for _op in (routed_mm, routed_mm_recompute):
+    _op.register_autograd(_routed_mm_backward, setup_context=_routed_mm_setup_context)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -292,10 +316,14 @@ class ModalityLinear(nn.ModuleList):
     its modality's slice, so the conversion takes effect for every modality.
     """
 
-    def __init__(self, in_features: int, out_features: int, n_modalities: int) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, n_modalities: int, sac_save: bool = True
+    ) -> None:
         super().__init__(
             nn.Linear(in_features, out_features, bias=False) for _ in range(n_modalities)
         )
+        self.sac_save = sac_save
+        """Whether selective op activation checkpointing saves this projection's output."""
         self.fqn = ""
         """Set by the model to this module's name, for errors that must name a parameter."""
 
@@ -306,7 +334,7 @@ class ModalityLinear(nn.ModuleList):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self.converted:
-            return self._forward_children(x, routing)
+            return self[0](x) if len(self) == 1 else self._forward_children(x, routing)
         weights = [self._plain_weight(i) for i in range(len(self))]
         device_type = x.device.type
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
@@ -316,7 +344,8 @@ class ModalityLinear(nn.ModuleList):
             x, weights = x.to(dtype), [w.to(dtype) for w in weights]
         if len(self) == 1:
             return F.linear(x, weights[0])
-        return routed_mm(x.contiguous(), weights, routing.offsets)
+        op = routed_mm if self.sac_save else routed_mm_recompute
+        return op(x.contiguous(), weights, routing.offsets)
 
     def _plain_weight(self, modality: int) -> torch.Tensor:
         weight = _local(self[modality].weight)
@@ -329,11 +358,13 @@ class ModalityLinear(nn.ModuleList):
         return weight
 
     def _forward_children(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Each converted child on its modality's slice of the sorted tokens."""
+        """Each converted child on its modality's slice of the sorted tokens (eager only:
+        the slice sizes are data; `validate_parallelism` refuses compiling such a model)."""
         outs = []
         for linear, rows in zip(self, torch.split(x, routing.group_sizes())):
-            # No tokens: a plain (empty) matmul still gives this weight a zero gradient,
-            # so every data-parallel rank reduces the same gradients.
+            # No tokens: a plain (empty) matmul still gives this weight a zero gradient, so
+            # every data-parallel rank reduces the same gradients (float8 scaling would
+            # take the amax of no values).
             outs.append(linear(rows) if rows.shape[0] else F.linear(rows, linear.weight))
         return torch.cat(outs)
 

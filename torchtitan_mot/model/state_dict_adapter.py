@@ -1,7 +1,8 @@
 """Dense Llama3 <-> MoT state dicts: warm start and HuggingFace import/export.
 
 An MoT parameter is the dense Llama3 parameter with the modality inserted before the leaf
-(`layers.3.attention.wq.weight` -> `layers.3.attention.wq.<m>.weight`). Because MoT blocks are
+(`layers.3.attention.wq.weight` -> `layers.3.attention.wq.<m>.weight`); a component that
+`MoTModelArgs.untie` leaves shared has the single copy `<m> = 0`, like the dense twin. Because MoT blocks are
 pre-norm like Llama3 (see `MoTBlock`), an MoT whose every modality copy holds the dense weight
 computes exactly the dense model, whatever the modality of each token. Warm start is therefore
 a pure renaming-and-copying of state dict entries; it is written on state dicts (not modules)
@@ -14,6 +15,7 @@ initialised by `extend_rows` (mean of the dense rows plus small seeded noise).
 """
 
 import re
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +23,7 @@ import torch
 from torch.distributed.tensor import distribute_tensor, DTensor
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 
-from .args import MoTModelArgs
+from .args import MoTModelArgs, UNTIE_COMPONENTS
 
 # `layers.<i>.<path>.<modality>.weight`: a per-modality copy of a dense block weight.
 _MODALITY_KEY = re.compile(r"^(layers\.\d+\..+)\.(\d+)\.(weight)$")
@@ -39,6 +41,20 @@ def dense_key(mot_key: str) -> tuple[str, int | None]:
     if match is None:
         return mot_key, None
     return f"{match.group(1)}.{match.group(3)}", int(match.group(2))
+
+
+def component_of(key: str) -> str:
+    """The `MoTModelArgs.untie` component a block key belongs to (dense or MoT name)."""
+    parts = key.split(".")
+    if parts[0] != "layers" or len(parts) < 4:
+        raise ValueError(f"{key} is not a transformer block weight")
+    if "norm" in parts[2] or "norm" in parts[3]:  # attention_norm, ffn_norm, attention.q_norm
+        return "norms"
+    if parts[2] == "attention":
+        return "attention"
+    if parts[2] == "feed_forward":
+        return "ffn"
+    raise ValueError(f"{key} belongs to no component of {UNTIE_COMPONENTS}")
 
 
 def _shape(value: Any) -> tuple[int, ...]:
@@ -127,7 +143,12 @@ def untie_dense_state_dict(
 
 
 def tie_to_dense_state_dict(mot_sd: Mapping[str, Any], modality: int) -> dict[str, Any]:
-    """Dense Llama3 state dict made of one modality's copies (and the shared entries)."""
+    """Dense Llama3 state dict made of one modality's copies (and the shared entries).
+
+    A block weight with a single copy (`.0.` only: a component `untie` leaves shared) is
+    shared, so it belongs to every modality's export.
+    """
+    copies = Counter(source for source, m in map(dense_key, mot_sd) if m is not None)
     out = {}
     for key, value in mot_sd.items():
         source, m = dense_key(key)
@@ -135,7 +156,7 @@ def tie_to_dense_state_dict(mot_sd: Mapping[str, Any], modality: int) -> dict[st
             raise WarmStartError(
                 f"{key} has no dense Llama3 counterpart (e.g. QK-norm): cannot export it"
             )
-        if m is None or m == modality:
+        if m is None or m == modality or copies[source] == 1:
             out[source] = value
     return out
 
@@ -144,7 +165,8 @@ class MoTStateDictAdapter(Llama3StateDictAdapter):
     """HuggingFace Llama <-> MoT, through Llama3's own adapter.
 
     `from_hf` converts HF names to dense Llama3 names (Llama3's adapter, including the RoPE
-    permutation of wq/wk) and fans every dense block weight out to all modality copies: with
+    permutation of wq/wk) and fans every dense block weight out to all modality copies of an
+    untied component (a shared one keeps its single copy, `.0.`): with
     `--checkpoint.initial_load_path HF_DIR --checkpoint.initial_load_in_hf` an MoT starts
     as exactly the HF model on every modality.
 
@@ -162,7 +184,7 @@ class MoTStateDictAdapter(Llama3StateDictAdapter):
 
     def __init__(self, model_args: MoTModelArgs, hf_assets_path: str | None) -> None:
         super().__init__(model_args, hf_assets_path)
-        self.n_modalities = model_args.n_modalities
+        self.model_args = model_args
 
     def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         return super().to_hf(tie_to_dense_state_dict(state_dict, self.export_modality))
@@ -178,7 +200,7 @@ class MoTStateDictAdapter(Llama3StateDictAdapter):
         for key, value in dense.items():
             if key.startswith("layers."):
                 head, leaf = key.rsplit(".", 1)
-                for m in range(self.n_modalities):
+                for m in range(self.model_args.n_copies(component_of(key))):
                     out[f"{head}.{m}.{leaf}"] = value
             else:
                 out[key] = value

@@ -1,0 +1,1 @@
+"""Shared pytest setup. Its presence puts tests/ on sys.path, so tests import `helpers`."""

@@ -1,0 +1,78 @@
+"""Helpers shared by tests (importable as `helpers`: pytest's `pythonpath`): TensorBoard
+scalars of a run, raw inputs for `torchtitan_mot.data.prepare`."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def tb_scalars(dump: Path, tag: str = "loss_metrics/global_avg_loss") -> dict[int, float]:
+    """step -> value of `tag` from every TensorBoard event file under `dump` (later files win).
+
+    TensorBoard holds the logged float32 value exactly; the console prints 5 decimals.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events in sorted(dump.rglob("events.out.tfevents.*"), key=os.path.getmtime):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+def make_image_folder(root: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
+    """`n` PNGs of random sizes (12..80 px a side), alternately grey and RGB, each a
+    two-tone picture (left/right halves) so a codebook has structure to find, plus a captions
+    jsonl naming them. Returns (image folder, captions file)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    captions = root / "captions.jsonl"
+    with open(captions, "w") as f:
+        for i in range(n):
+            w, h = (int(v) for v in rng.integers(12, 80, size=2))
+            grey = i % 2 == 1
+            colours = rng.integers(0, 256, size=(2, 1 if grey else 3))
+            pixels = np.empty((h, w, colours.shape[1]), np.uint8)
+            pixels[:, : w // 2], pixels[:, w // 2 :] = colours[0], colours[1]
+            image = Image.fromarray(pixels[..., 0] if grey else pixels, "L" if grey else "RGB")
+            sub = "grey" if grey else "rgb"
+            (images / sub).mkdir(exist_ok=True)
+            image.save(images / sub / f"{i}.png")
+            f.write(json.dumps({"file": f"{sub}/{i}.png", "text": f"picture {i}, two tones"}) + "\n")
+    return images, captions
+
+
+def make_text_docs(path: Path, n: int) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"text": f"document {i}: a few words of plain text"}) + "\n")
+    return path
+
+
+def make_audio_folder(root: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
+    """`n` short tone clips (0.2-0.6 s) at 8, 16 and 22.05 kHz, wav and flac, mono and
+    stereo, plus a transcripts jsonl. Returns (audio folder, transcripts file)."""
+    import soundfile
+
+    rng = np.random.default_rng(seed)
+    audio = root / "audio"
+    audio.mkdir(parents=True, exist_ok=True)
+    transcripts = root / "transcripts.jsonl"
+    with open(transcripts, "w") as f:
+        for i in range(n):
+            rate = (8000, 16000, 22050)[i % 3]
+            t = np.arange(int(rate * rng.uniform(0.2, 0.6))) / rate
+            wave = 0.3 * np.sin(2 * np.pi * rng.uniform(200, 2000) * t)
+            if i % 2:
+                wave = np.stack([wave, 0.5 * wave], axis=1)
+            name = f"{i}.{'flac' if i % 4 == 3 else 'wav'}"
+            soundfile.write(audio / name, wave.astype(np.float32), rate)
+            f.write(json.dumps({"file": name, "text": f"tone {i}"}) + "\n")
+    return audio, transcripts

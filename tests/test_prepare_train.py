@@ -1,0 +1,71 @@
+"""From raw files to training: `python -m torchtitan_mot.data.prepare` on generated PNGs
+(various sizes, grey and RGB) + captions + text documents, then `debug_mot` trains on the
+result with validation and resumes exactly (test_resume's check), with [mot].modalities and
+codebook_sizes unset so they come from the dataset's meta.json. The same for a tiny audio set."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import test_resume
+from helpers import make_audio_folder, make_image_folder, make_text_docs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_prepare(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "torchtitan_mot.data.prepare", "--no-progress", *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def config_without_modalities(tmp_path: Path) -> Path:
+    """debug_mot.toml minus [mot].modalities / codebook_sizes."""
+    text = test_resume.CONFIG.read_text()
+    text = re.sub(r"(?m)^(modalities|codebook_sizes) = .*\n", "", text)
+    assert "codebook_sizes" not in text
+    path = tmp_path / "debug_mot_from_meta.toml"
+    path.write_text(text)
+    return path
+
+
+def data_args(dataset: Path) -> list[str]:
+    return ["--training.dataset_path", str(dataset), "--validation.dataset_path", str(dataset),
+            "--validation.enable", "--validation.freq", "5", "--validation.steps", "2",
+            "--validation.seq_len", "64", "--validation.local_batch_size", "2"]
+
+
+@pytest.mark.slow
+def test_images_prepare_train_validate_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images, captions = make_image_folder(tmp_path / "raw", 60)
+    docs = make_text_docs(tmp_path / "raw" / "docs.jsonl", 20)
+    dataset = tmp_path / "dataset"
+    out = run_prepare("--images", str(images), "--captions", str(captions), "--text-docs", str(docs),
+                      "--out", str(dataset), "--image-size", "16", "--image-codebook-size", "64",
+                      "--validation-fraction", "0.2", "--shard-rows", "20", "--row-group-rows", "5")
+    assert "wrote" in out
+    meta = json.loads((dataset / "meta.json").read_text())
+    assert meta["codebook_sizes"] == {"image": 64} and len(meta["files"]["train"]) == 4
+
+    monkeypatch.setattr(test_resume, "CONFIG", config_without_modalities(tmp_path))
+    test_resume._check_exact_resume(tmp_path, 1, data_args(dataset))
+    val = test_resume.tb_scalars(tmp_path / "straight", "validation_metrics/loss")
+    assert sorted(val) == [1, 5, 10] and val[10] < val[1], val  # validation also runs at step 1
+
+
+@pytest.mark.slow
+def test_audio_prepare_train_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    audio, transcripts = make_audio_folder(tmp_path / "raw", 30)
+    dataset = tmp_path / "dataset"
+    run_prepare("--audio", str(audio), "--transcripts", str(transcripts), "--out", str(dataset),
+                "--audio-codebook-size", "32", "--sample-rate", "8000", "--n-fft", "256", "--hop-length", "128",
+                "--validation-fraction", "0.2", "--num-workers", "2")
+    assert json.loads((dataset / "meta.json").read_text())["modalities"] == ["text", "speech"]
+
+    monkeypatch.setattr(test_resume, "CONFIG", config_without_modalities(tmp_path))
+    test_resume._check_exact_resume(tmp_path, 1, data_args(dataset))
