@@ -1,10 +1,13 @@
-"""Training step time of an MoT model against its dense twin, in one process.
+"""Training step time of an MoT model against its dense twin and TorchTitan's Llama3, in one process.
 
 The dense twin (`n_modalities=1`) has the same dims and sees the same tokens, so the ratio
-of step times is the whole cost of modality routing. The two models train (forward, backward,
-AdamW step) ALTERNATELY, swapping which goes first every step, so drifts of a shared machine
-(thermal, other tenants, allocator state) hit both alike; medians and the p10-p90 spread are
-reported over the measured steps.
+of step times is the whole cost of modality routing. TorchTitan's own Llama3 `Transformer`
+of the same shape is the third model: the baseline users compare against, and the check
+that the dense twin itself costs nothing over it. The three models train (forward, backward,
+AdamW step) ALTERNATELY, rotating which goes first every step, so drifts of a shared machine
+(thermal, other tenants, allocator state) hit all alike; medians and the p10-p90 spread are
+reported over the measured steps. On CUDA the default dtype is bf16 and MFU is reported
+against TorchTitan's peak-FLOPs table, with TorchTitan's FLOP count (active FLOPs for MoT).
 
 Modality mixes are synthetic: `--mix` fractions, perturbed per step by `--mix-jitter` so the
 proportions change from batch to batch (this is what would recompile a model with
@@ -41,9 +44,12 @@ from torch._dynamo.utils import counters
 from torch.distributed._tools.mem_tracker import MemTracker
 from torchtitan.config.job_config import Compile as CompileConfig
 from torchtitan.models.llama3.infra.parallelize import apply_compile
+from torchtitan.models.llama3.model.args import TransformerModelArgs
+from torchtitan.tools.utils import get_peak_flops
 
 from torchtitan_mot import mot_args
-from torchtitan_mot.model import MoTModelArgs, MoTTransformer
+from torchtitan_mot.model import MoTModelArgs
+from torchtitan_mot.perf import build_model, split_counts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _TOTAL = "Total"  # MemTracker's key for the sum over tensor categories
@@ -89,15 +95,27 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="unmeasured steps per model")
     p.add_argument("--compile", action="store_true", help="per-block torch.compile(fullgraph)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                   help="parameter and activation dtype (no autocast)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="parameter and activation dtype, no autocast (default: bf16 on "
+                        "CUDA, fp32 elsewhere)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--host-malloc", choices=("resident", "default"), default="resident",
                    help="CPU: keep freed memory in glibc's heap between steps (see "
                         "keep_freed_memory_resident) or leave "
                         "glibc's defaults, under which page faults dominate the step time")
-    return p.parse_args()
+    a = p.parse_args()
+    if a.dtype is None:
+        a.dtype = "bf16" if a.device.startswith("cuda") else "fp32"
+    return a
+
+
+def llama3_args(args: MoTModelArgs) -> TransformerModelArgs:
+    """TorchTitan's Llama3 arguments of the same shape (MoT's extra fields dropped)."""
+    names = {f.name for f in dataclasses.fields(TransformerModelArgs)}
+    return TransformerModelArgs(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name in names}
+    )
 
 
 def build_args(a: argparse.Namespace) -> MoTModelArgs:
@@ -125,15 +143,6 @@ def base_mix(spec: str | None, n_modalities: int) -> torch.Tensor:
     if mix.numel() != n_modalities or bool((mix < 0).any()) or mix.sum() <= 0:
         raise SystemExit(f"--mix needs {n_modalities} non-negative fractions, got {spec}")
     return mix / mix.sum()
-
-
-def split_counts(fractions: torch.Tensor, total: int) -> list[int]:
-    """Integer token counts per modality summing to `total` (largest remainder)."""
-    exact = fractions * total
-    counts = exact.floor().long()
-    rest = total - int(counts.sum())
-    counts[torch.argsort(exact - counts, descending=True)[:rest]] += 1
-    return counts.tolist()
 
 
 def modality_row(counts: list[int], placement: str, segment_len: int,
@@ -171,29 +180,23 @@ def make_batch(a: argparse.Namespace, mix: torch.Tensor, gen: torch.Generator
 class Runner:
     """One model, its AdamW, and the measurements of its steps."""
 
-    def __init__(self, name: str, args: MoTModelArgs, a: argparse.Namespace) -> None:
+    def __init__(self, name: str, args: TransformerModelArgs, a: argparse.Namespace) -> None:
         self.name = name
         self.device = torch.device(a.device)
-        with torch.device(self.device):
-            self.model = MoTTransformer(args)
-        with torch.no_grad():
-            self.model.init_weights()
-        # Module.to(dtype) would also cast the complex RoPE table to a real dtype (dropping
-        # its imaginary part), so only the parameters change dtype.
-        for param in self.model.parameters():
-            param.data = param.data.to(DTYPES[a.dtype])
+        self.model = build_model(args, self.device, DTYPES[a.dtype])
         self.n_params, self.flops_per_token = args.get_nparams_and_flops(self.model, a.seq_len)
         if a.compile:
             apply_compile(self.model, CompileConfig(enable=True, components=["model"]))
         # fused=True is TorchTitan's default optimizer implementation (CPU and CUDA).
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
-        self.dense = args.n_modalities == 1
+        # The dense twin and Llama3 take no modality ids.
+        self.routed = isinstance(args, MoTModelArgs) and args.n_modalities > 1
         self.times: list[float] = []
         self.page_faults: list[int] = []
         self.in_step_peak = 0
 
     def _train_step(self, tokens: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
-        logits = self.model(tokens, modality_ids=None if self.dense else ids)
+        logits = self.model(tokens, modality_ids=ids) if self.routed else self.model(tokens)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
         loss.backward()
         self.optimizer.step()
@@ -282,6 +285,8 @@ def main() -> None:
     counters.clear()
     mot = Runner(f"mot({args.n_modalities})", args, a)
     dense = Runner("dense", dataclasses.replace(args, n_modalities=1), a)
+    llama3 = Runner("llama3", llama3_args(args), a)
+    runners = (mot, dense, llama3)
     tokens_per_step = a.batch * a.seq_len
     print(f"device={a.device} dtype={a.dtype} threads={torch.get_num_threads()} "
           f"compile={a.compile} dim={args.dim} n_layers={args.n_layers} n_heads={args.n_heads} "
@@ -299,53 +304,58 @@ def main() -> None:
         tokens, labels, ids, fractions = make_batch(a, mix, gen)
         if measure:
             seen_mixes.append(fractions)
-        order: tuple[Runner, Runner] = (mot, dense) if i % 2 == 0 else (dense, mot)
-        for runner in order:
+        for runner in runners[i % 3:] + runners[: i % 3]:
             runner.step((tokens, labels, ids), measure)
     end_counts = compile_counts()
     if a.device == "cpu":
         batch = make_batch(a, mix, gen)[:3]
-        for runner in (mot, dense):
+        for runner in runners:
             runner.track_cpu_memory(batch)
 
     first = [round(f[0], 3) for f in seen_mixes]
     print(f"modality-0 fraction over measured steps: min {min(first)} max {max(first)} "
           f"({len({tuple(f) for f in seen_mixes})} distinct mixes)")
-    print(f"active FLOPs per token (fwd+bwd, TorchTitan's count): mot {mot.flops_per_token:.4g}"
-          f"  dense {dense.flops_per_token:.4g}")
+    print("active FLOPs per token (fwd+bwd, TorchTitan's count): "
+          + "  ".join(f"{r.name} {r.flops_per_token:.4g}" for r in runners))
+    # TorchTitan's MFU: its peak bf16 FLOP/s table for the device (none for a CPU).
+    peak_flops = (get_peak_flops(torch.cuda.get_device_name(a.device))
+                  if a.device.startswith("cuda") else None)
     memory_source = ("cuda max_memory_allocated" if a.device == "cuda"
                      else "torch.distributed._tools.mem_tracker.MemTracker (live tensors)"
                      + (", an eager step" if a.compile else ""))
     header = (f"{'model':<8} {'params':>9} {'median ms':>10} {'min ms':>8} {'p10-p90 ms':>17} "
               f"{'tok/s':>9} "
               f"{'TFLOP/s':>8} {'state MiB':>10} {'in-step MiB':>12} {'total MiB':>10} "
-              f"{'faults/step':>11}")
+              f"{'faults/step':>11} {'MFU %':>6}")
     print(f"in-step memory from: {memory_source}")
     print(header)
     print("-" * len(header))
     medians = {}
-    for r in (mot, dense):
+    for r in runners:
         med = statistics.median(r.times)
         medians[r.name] = med
         state, peak = r.state_bytes() / 2**20, r.in_step_peak / 2**20
         spread = f"{percentile(r.times, 0.1) * 1e3:.1f}-{percentile(r.times, 0.9) * 1e3:.1f}"
         tflops = r.flops_per_token * tokens_per_step / med / 1e12
+        mfu = f"{100 * tflops * 1e12 / peak_flops:.1f}" if peak_flops else "-"
         print(f"{r.name:<8} {r.n_params / 1e6:>8.2f}M {med * 1e3:>10.1f} "
               f"{min(r.times) * 1e3:>8.1f} {spread:>17} {tokens_per_step / med:>9.0f} "
               f"{tflops:>8.3f} {state:>10.1f} {peak:>12.1f} {state + peak:>10.1f} "
-              f"{statistics.median(r.page_faults):>11.0f}")
+              f"{statistics.median(r.page_faults):>11.0f} {mfu:>6}")
     # Per-step ratio of the paired (same batch) steps: a steadier statistic than the ratio of
     # medians on a noisy box.
-    paired = [m / d for m, d in zip(mot.times, dense.times)]
-    lo, hi = median_ci(paired)
-    print(f"paired per-step ratio: median {statistics.median(paired):.3f} "
-          f"(95% CI {lo:.3f}-{hi:.3f}) "
-          f"p10-p90 {percentile(paired, 0.1):.3f}-{percentile(paired, 0.9):.3f}")
+    for base in (dense, llama3):
+        paired = [m / d for m, d in zip(mot.times, base.times)]
+        lo, hi = median_ci(paired)
+        print(f"paired per-step ratio mot/{base.name}: median {statistics.median(paired):.3f} "
+              f"(95% CI {lo:.3f}-{hi:.3f}) "
+              f"p10-p90 {percentile(paired, 0.1):.3f}-{percentile(paired, 0.9):.3f}")
     if a.compile:
         recompiles, graphs, breaks = end_counts
         print(f"compile: unique graphs {graphs}, recompiles {recompiles} in total, "
               f"{recompiles - warm_counts[0]} during the {a.steps} measured steps "
               f"(new graphs {graphs - warm_counts[1]}), graph breaks {breaks}")
+    print(f"mot/llama3 step time ratio: {medians[mot.name] / medians[llama3.name]:.3f}")
     print(f"mot/dense step time ratio: {medians[mot.name] / medians[dense.name]:.3f}")
 
 

@@ -3,52 +3,55 @@
     python scripts/compare_dense.py                    # text + image, debugmodel vs debugmodel_dense
     python scripts/compare_dense.py --three-modality   # text + image + speech, debugmodel_3modality
     python scripts/compare_dense.py --untie ffn --untie attention   # + MoT with only those untied
+    python scripts/compare_dense.py --config train_configs/mot_37M.toml --steps 2000 --seeds 3
 
 Each model is trained by the real trainer (`python -m torchtitan_mot.train`, the command users
-run) on `train_configs/compare_dense.toml`; per-modality validation losses are read back from
-its TensorBoard events. Writes `assets/mot_vs_dense.png` (one panel per modality) and
-`assets/mot_vs_dense.csv`, and prints last, per modality, the paper's measure: the fraction
-of the dense run's steps MoT needs to reach the dense run's final validation loss
-(`>1.00` if it never does). Extra trainer flags go after `--`. Each `--untie SETTING` (a
-`mot.untie` value, e.g. `ffn` or `attention,norms`) also trains the MoT flavor with only those
-components untied; all runs then share one figure (`--untie-png`) and steps-to-match is
-printed for each setting against the same dense run.
+run) on `--config` (default `train_configs/compare_dense.toml`): MoT is the config's flavor,
+the dense twin is the registered flavor of the same shape with one modality. Per-modality
+validation losses are read back from TensorBoard events. Writes `assets/mot_vs_dense.png`
+(one panel per modality, one line per seed) and `assets/mot_vs_dense.csv`, and prints last,
+per modality, the paper's measure: the fraction of the dense run's steps MoT needs to reach
+the dense run's final validation loss (`>1.00` if it never does); with `--seeds K` its mean
+and spread over K seeds (each seed changes initialisation; the data order is the dataset's).
+Extra trainer flags go after `--`. Each `--untie SETTING` (a `mot.untie` value, e.g. `ffn` or
+`attention,norms`) also trains the MoT flavor with only those components untied; the first
+seed's runs then share one figure (`--untie-png`) and steps-to-match is printed for each
+setting against the same dense run.
 """
 
 import argparse
 import csv
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TWO = dict(flavor="debugmodel", data="assets/demo/text_image", modalities="text,image", sizes=["256"])
-THREE = dict(flavor="debugmodel_3modality", data="assets/demo/text_image_speech",
-             modalities="text,image,speech", sizes=["256", "256"])
-DENSE_FLAVOR = "debugmodel_dense"
+# --three-modality: the demo's text + image + speech setting, whatever the config says.
+THREE = ["--model.flavor", "debugmodel_3modality",
+         "--training.dataset_path", "assets/demo/text_image_speech",
+         "--validation.dataset_path", "assets/demo/text_image_speech",
+         "--mot.modalities", "text,image,speech", "--mot.codebook_sizes", "256", "256"]
 Curve = list[tuple[int, float]]
 
 
-def train(name: str, flavor: str, args: argparse.Namespace, setting: dict, extra: list[str]) -> float:
-    """One training run into `<out>/<name>` (cleared first: a leftover checkpoint would resume)."""
-    dump = args.out / name
+def train(name: str, flavor: str, dump: Path, seed: int, args: argparse.Namespace,
+          extra: list[str]) -> float:
+    """One training run into `dump` (cleared first: a leftover checkpoint would resume)."""
     shutil.rmtree(dump, ignore_errors=True)
     dump.mkdir(parents=True)
     cmd = [
         sys.executable, "-m", "torchtitan_mot.train",
         "--job.config_file", str(args.config),
         "--job.dump_folder", str(dump),
-        "--model.flavor", flavor,
-        "--training.dataset_path", setting["data"],
-        "--validation.dataset_path", setting["data"],
-        "--mot.modalities", setting["modalities"],
-        "--mot.codebook_sizes", *setting["sizes"],
-        "--training.steps", str(args.steps),
-        "--debug.seed", str(args.seed),
         *extra,
+        "--model.flavor", flavor,
+        "--training.steps", str(args.steps),
+        "--debug.seed", str(seed),
     ]
     print(f"[{name}] {' '.join(cmd[1:])}\n[{name}] log: {dump / 'train.log'}", flush=True)
     start = time.perf_counter()
@@ -94,7 +97,7 @@ def steps_to_match(mot: Curve, dense: Curve) -> float:
 
 
 def write_csv(path: Path, curves: dict[str, dict[str, Curve]]) -> None:
-    """Wide table: step, then `<model>_<modality>` columns (empty where a run has no point)."""
+    """Wide table: step, then `<run>_<modality>` columns (empty where a run has no point)."""
     columns = [(m, k) for m in curves for k in curves[m]]
     table: dict[int, dict[tuple[str, str], float]] = {}
     for model, key in columns:
@@ -107,27 +110,32 @@ def write_csv(path: Path, curves: dict[str, dict[str, Curve]]) -> None:
             w.writerow([step] + [f"{table[step][c]:.6f}" if c in table[step] else "" for c in columns])
 
 
-def plot(path: Path, curves: dict[str, dict[str, Curve]], modalities: list[str],
-         ratios: dict[str, float], title: str) -> None:
+def plot(path: Path, runs: list[dict[str, dict[str, Curve]]], modalities: list[str],
+         ratios: dict[str, list[float]], title: str) -> None:
+    """One panel per modality, one line per model and seed; the dotted lines mark the first
+    seed's dense final loss and MoT's matching step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(modalities), figsize=(4.2 * len(modalities), 3.4), squeeze=False)
+    curves = runs[0]
     for ax, key in zip(axes[0], modalities):
-        for model, style in (("dense", "C0"), ("mot", "C3")):
-            steps, losses = zip(*curves[model][key])
-            ax.plot(steps, losses, color=style, marker=".", label=model)
+        for i, run in enumerate(runs):
+            for model, style in (("dense", "C0"), ("mot", "C3")):
+                steps, losses = zip(*run[model][key])
+                ax.plot(steps, losses, color=style, marker="." if i == 0 else None,
+                        alpha=1.0 if i == 0 else 0.4, label=model if i == 0 else None)
         dense_final = curves["dense"][key][-1][1]
         ax.axhline(dense_final, color="C0", ls=":", lw=1, label="dense final")
-        r = ratios[key]
+        r = ratios[key][0]
         if math.isfinite(r):
             ax.axvline(r * curves["dense"][key][-1][0], color="C3", ls=":", lw=1)
-        ax.set_title(f"{key}: steps-to-match {format_ratio(r)}")
+        ax.set_title(f"{key}: steps-to-match {summarize(ratios[key])}", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss")
-        lo = min(v for m in ("dense", "mot") for _, v in curves[m][key])
+        lo = min(v for run in runs for m in ("dense", "mot") for _, v in run[m][key])
         ax.set_ylim(lo - 0.05 * abs(lo), lo + 2.0)  # the early steps would hide the tail
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
@@ -189,14 +197,50 @@ def format_ratio(r: float) -> str:
     return f"{r:.2f}" if r <= 1.0 else ">1.00"
 
 
+def summarize(ratios: list[float]) -> str:
+    """One seed: the ratio. Several: mean and sample standard deviation over the seeds where
+    MoT matched, the range, and how many seeds never matched."""
+    if len(ratios) == 1:
+        return format_ratio(ratios[0])
+    matched = [r for r in ratios if r <= 1.0]
+    missed = len(ratios) - len(matched)
+    if not matched:
+        return f">1.00 in all {len(ratios)} seeds"
+    spread = statistics.stdev(matched) if len(matched) > 1 else 0.0
+    text = (f"mean {statistics.mean(matched):.2f} sd {spread:.2f} "
+            f"(range {min(matched):.2f}-{max(matched):.2f})")
+    return text + (f", >1.00 in {missed} of {len(ratios)} seeds" if missed else "")
+
+
+def config_setting(config: Path, extra: list[str]) -> tuple[str, str, list[str]]:
+    """(MoT flavor, training data, modalities) the trainer will use: the config's, unless
+    overridden by the trainer flags (the last flag wins, as in the trainer)."""
+    with open(config, "rb") as f:
+        toml = tomllib.load(f)
+    flavor = toml["model"]["flavor"]
+    data = toml["training"]["dataset_path"]
+    modalities = list(toml["mot"]["modalities"])
+    for flag, value in zip(extra, extra[1:]):
+        if flag == "--model.flavor":
+            flavor = value
+        elif flag == "--training.dataset_path":
+            data = value
+        elif flag == "--mot.modalities":
+            modalities = value.split(",")
+    return flavor, data, modalities
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--three-modality", action="store_true", help="text+image+speech (debugmodel_3modality)")
     p.add_argument("--config", type=Path, default=REPO / "train_configs" / "compare_dense.toml")
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="number of seeds (seed, seed+1, ...): mean and spread of steps-to-match")
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "compare_dense",
-                   help="dump folders <out>/mot and <out>/dense (checkpoints, logs, TensorBoard)")
+                   help="dump folders <out>/mot and <out>/dense, or <out>/seed<S>/{mot,dense} "
+                        "with several seeds (checkpoints, logs, TensorBoard)")
     p.add_argument("--png", type=Path, default=REPO / "assets" / "mot_vs_dense.png")
     p.add_argument("--csv", type=Path, default=REPO / "assets" / "mot_vs_dense.csv")
     p.add_argument("--skip-training", action="store_true", help="re-plot existing runs in --out")
@@ -205,38 +249,51 @@ def main() -> None:
     p.add_argument("--untie-png", type=Path, default=REPO / "assets" / "untie_ablation.png")
     p.add_argument("extra", nargs="*", help="trainer overrides, after `--`")
     args = p.parse_args()
+    if args.seeds < 1:
+        p.error(f"--seeds must be at least 1, got {args.seeds}")
     args.out = args.out.resolve()
-    setting = THREE if args.three_modality else TWO
-    modalities = setting["modalities"].split(",")
+    extra = (THREE if args.three_modality else []) + args.extra
+    flavor, data, modalities = config_setting(args.config, extra)
+    from torchtitan_mot import dense_twin_flavor
 
-    runs = {"mot": setting["flavor"], "dense": DENSE_FLAVOR}
+    flavors = {"mot": flavor, "dense": dense_twin_flavor(flavor)}
     untie = untie_runs(args.untie)
-    runs.update(dict.fromkeys(untie, setting["flavor"]))
-    seconds = {}
-    for name, flavor in runs.items():
-        if not args.skip_training:
-            untie_flags = ["--mot.untie", untie[name]] if name in untie else []
-            seconds[name] = train(name, flavor, args, setting, args.extra + untie_flags)
-    curves = {name: read_curves(args.out / name, modalities) for name in runs}
-    ratios = {k: steps_to_match(curves["mot"][k], curves["dense"][k]) for k in ["total", *modalities]}
+    flavors.update(dict.fromkeys(untie, flavor))
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    keys = ["total", *modalities]
+    runs: list[dict[str, dict[str, Curve]]] = []
+    for seed in seeds:
+        out = args.out if len(seeds) == 1 else args.out / f"seed{seed}"
+        seconds = {}
+        for name, model_flavor in flavors.items():
+            if not args.skip_training:
+                untie_flags = ["--mot.untie", untie[name]] if name in untie else []
+                seconds[name] = train(name, model_flavor, out / name, seed, args,
+                                      extra + untie_flags)
+        curves = {name: read_curves(out / name, modalities) for name in flavors}
+        runs.append(curves)
+        for name in flavors:
+            final = "  ".join(f"{k} {curves[name][k][-1][1]:.4f}" for k in keys)
+            took = f" in {seconds[name]:.0f} s" if name in seconds else ""
+            print(f"seed {seed} {name}: final validation loss {final}{took}; "
+                  f"checkpoint {out / name / 'checkpoint'}")
+    ratios = {k: [steps_to_match(c["mot"][k], c["dense"][k]) for c in runs] for k in keys}
 
     args.png.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(args.csv, curves)
-    plot(args.png, curves, modalities, ratios,
-         f"MoT ({setting['flavor']}) vs dense ({DENSE_FLAVOR}), {args.steps} steps, seed {args.seed}, "
-         f"{setting['data']}")
-    for name in runs:
-        final = "  ".join(f"{k} {curves[name][k][-1][1]:.4f}" for k in ["total", *modalities])
-        took = f" in {seconds[name]:.0f} s" if name in seconds else ""
-        print(f"{name}: final validation loss {final}{took}; checkpoint {args.out / name / 'checkpoint'}")
+    write_csv(args.csv, runs[0] if len(seeds) == 1 else {
+        f"seed{seed}_{name}": curves for seed, run in zip(seeds, runs) for name, curves in run.items()
+    })
+    plot(args.png, runs, modalities, ratios,
+         f"MoT ({flavors['mot']}) vs dense ({flavors['dense']}), {args.steps} steps, "
+         f"seeds {seeds[0]}-{seeds[-1]}, {data}")
     print(f"wrote {args.png} and {args.csv}")
-    print(f"steps-to-match total: {format_ratio(ratios['total'])}")
-    for key in modalities:
-        print(f"steps-to-match {key}: {format_ratio(ratios[key])}")
+    for key in keys:
+        per_seed = "" if len(seeds) == 1 else "; per seed " + " ".join(map(format_ratio, ratios[key]))
+        print(f"steps-to-match {key}: {summarize(ratios[key])}{per_seed}")
     if untie:
-        by_run = plot_settings(args.untie_png, curves, modalities,
-                               f"mot.untie settings vs full MoT and dense, {setting['flavor']}, "
-                               f"{args.steps} steps, seed {args.seed}")
+        by_run = plot_settings(args.untie_png, runs[0], modalities,
+                               f"mot.untie settings vs full MoT and dense, {flavors['mot']}, "
+                               f"{args.steps} steps, seed {seeds[0]}")
         print(f"wrote {args.untie_png}")
         for name, r in by_run.items():
             print(f"steps-to-match {name}: " + "  ".join(f"{k} {format_ratio(v)}" for k, v in r.items()))

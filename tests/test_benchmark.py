@@ -1,5 +1,6 @@
 """`scripts/benchmark.py` runs end to end and prints what the README's tables quote."""
 
+import os
 import re
 import subprocess
 import sys
@@ -9,22 +10,32 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_smoke() -> None:
-    """Tiny shape, two measured steps: the table, the compile counters and the last line."""
+    """Tiny shape, two measured steps: the table (MoT, dense twin, TorchTitan's Llama3), the
+    paired ratios and the two ratio lines."""
+    # The script imports this checkout's package (cwd is not on a script's sys.path).
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = subprocess.run(
         [sys.executable, "scripts/benchmark.py", "--dim", "128", "--n-layers", "2",
          "--n-heads", "2", "--seq-len", "64", "--batch", "2", "--vocab", "64",
          "--steps", "2", "--warmup", "1", "--threads", "1", "--device", "cpu"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=True,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True,
     ).stdout
     rows = {line.split()[0]: line.split() for line in out.splitlines()
-            if line.startswith(("mot(2)", "dense"))}
-    assert set(rows) == {"mot(2)", "dense"}, out
+            if line.startswith(("mot(2)", "dense", "llama3"))}
+    assert set(rows) == {"mot(2)", "dense", "llama3"}, out
     # params and state MiB: MoT holds every non-embedding weight twice (+ its AdamW moments).
     assert float(rows["mot(2)"][1].rstrip("M")) > float(rows["dense"][1].rstrip("M"))
     assert float(rows["mot(2)"][8]) > float(rows["dense"][8])
+    # The dense twin and Llama3 of the same shape hold the same parameters.
+    assert rows["dense"][1] == rows["llama3"][1], out
+    assert rows["llama3"][-1] == "-"  # no MFU without a GPU peak
     assert "host_malloc=resident" in out
-    paired = re.search(r"paired per-step ratio: median (\S+) \(95% CI (\S+)-(\S+)\)", out)
-    assert paired, out
-    median, lo, hi = map(float, paired.groups())
-    assert lo <= median <= hi
-    assert re.search(r"^mot/dense step time ratio: \d+\.\d{3}$", out.strip().splitlines()[-1]), out
+    for base in ("dense", "llama3"):
+        paired = re.search(
+            rf"paired per-step ratio mot/{base}: median (\S+) \(95% CI (\S+)-(\S+)\)", out)
+        assert paired, out
+        median, lo, hi = map(float, paired.groups())
+        assert lo <= median <= hi
+    last_two = out.strip().splitlines()[-2:]
+    assert re.fullmatch(r"mot/llama3 step time ratio: \d+\.\d{3}", last_two[0]), out
+    assert re.fullmatch(r"mot/dense step time ratio: \d+\.\d{3}", last_two[1]), out

@@ -3,6 +3,8 @@
 Importing this package registers the TrainSpec "mot" (`--model.name mot`).
 """
 
+import dataclasses
+
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.protocols.train_spec import register_train_spec, TrainSpec
@@ -27,6 +29,8 @@ _70b = dict(
     multiple_of=4096, rope_theta=500000,
 )
 _block_causal = dict(attn_mask_type="block_causal")
+# The paper's smallest model (arXiv 2411.04996, Table 1; 37M with its 65k-id vocabulary).
+_37m = dict(dim=256, n_layers=4, n_heads=8, rope_theta=500000)
 
 mot_args: dict[str, MoTModelArgs] = {
     "debugmodel": MoTModelArgs(**_debug, n_modalities=2),
@@ -34,11 +38,26 @@ mot_args: dict[str, MoTModelArgs] = {
     "debugmodel_varlen_attn": MoTModelArgs(**_debug, n_modalities=2, attn_type="varlen", **_block_causal),
     "debugmodel_3modality": MoTModelArgs(**_debug, n_modalities=3),
     "debugmodel_dense": MoTModelArgs(**_debug, n_modalities=1),
+    "37M_2modality": MoTModelArgs(**_37m, n_modalities=2),
+    "37M_3modality": MoTModelArgs(**_37m, n_modalities=3),
+    "37M_dense": MoTModelArgs(**_37m, n_modalities=1),
     "8B_2modality": MoTModelArgs(**_8b, n_modalities=2),
     "8B_3modality": MoTModelArgs(**_8b, n_modalities=3),
     "70B_2modality": MoTModelArgs(**_70b, n_modalities=2),
     "70B_3modality": MoTModelArgs(**_70b, n_modalities=3),
 }
+
+
+def dense_twin_flavor(flavor: str) -> str:
+    """The registered flavor that is `flavor` with one modality: the baseline a comparison
+    must train (same shape, same code)."""
+    if flavor not in mot_args:
+        raise ValueError(f"unknown MoT flavor '{flavor}'; known: {sorted(mot_args)}")
+    twin = dataclasses.replace(mot_args[flavor], n_modalities=1)
+    for name, args in mot_args.items():
+        if args == twin:
+            return name
+    raise ValueError(f"flavor '{flavor}' has no registered dense twin (n_modalities=1)")
 
 
 def get_train_spec() -> TrainSpec:
