@@ -62,6 +62,7 @@ from torch._dynamo.utils import counters
 from torchtitan_mot import mot_args
 from torchtitan_mot.model import HostTensor, MoTModelArgs
 from torchtitan_mot.model.routing import routed_mm
+from torchtitan_mot.testing.feature_matrix import FEATURE_SETS, FeatureMatrix, summary_line
 from torchtitan_mot.perf import (
     build_model,
     document_causal_mask,
@@ -638,7 +639,27 @@ def multi_gpu_stages(ctx: Context) -> list[tuple[str, Callable[[float], str], fl
                  ["--parallelism.data_parallel_replicate_degree", "2",
                   "--parallelism.data_parallel_shard_degree", str(shard),
                   "--training.dataset_path", str(data)]), 60),
+        ("M6 feature matrix: CUDA-only sets", cuda_feature_sets, 300),
     ]
+
+
+def cuda_feature_sets(timeout: float) -> str:
+    """TorchTitan's feature sets that CPU CI cannot run (flex/varlen attention, context
+    parallel), through `torchtitan_mot.testing.feature_matrix` with the GPUs present."""
+    n_gpu = torch.cuda.device_count()
+    sets = [fs for fs in FEATURE_SETS if fs.needs_cuda and fs.ngpu <= n_gpu]
+    if not sets:
+        raise Skipped(f"every CUDA-only feature set needs more than {n_gpu} GPUs")
+    matrix = FeatureMatrix(REPO, Path(tempfile.mkdtemp(prefix="feature_matrix_cuda_")))
+    deadline = time.monotonic() + timeout
+    outcomes = []
+    for fs in sets:
+        matrix.timeout = max(1, int(deadline - time.monotonic()))
+        outcomes.append(matrix.run(fs))
+    failed = [f"{o.name}: {o.detail}" for o in outcomes if o.status != "passed"]
+    if failed:
+        raise AssertionError("; ".join(failed))
+    return summary_line(outcomes)
 
 
 # --- the runner ------------------------------------------------------------------------------

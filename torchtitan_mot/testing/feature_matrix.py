@@ -335,7 +335,7 @@ class FeatureMatrix:
     def run(self, fs: FeatureSet) -> Outcome:
         if fs.disabled:
             return Outcome(fs.name, "disabled", fs.disabled)
-        if fs.needs_cuda:
+        if fs.needs_cuda and not _cuda_gpus() >= fs.ngpu:
             return Outcome(fs.name, "needs CUDA", fs.needs_cuda)
         start = time.monotonic()
         try:
@@ -392,6 +392,12 @@ class FeatureMatrix:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(CUSTOM_SCHEDULE_CSV)
         return path
+
+
+def _cuda_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def parse_steps(log: str) -> dict[int, tuple[float, float]]:
