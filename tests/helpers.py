@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def tb_scalars(dump: Path, tag: str = "loss_metrics/global_avg_loss") -> dict[int, float]:
@@ -76,3 +77,12 @@ def make_audio_folder(root: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
             soundfile.write(audio / name, wave.astype(np.float32), rate)
             f.write(json.dumps({"file": name, "text": f"tone {i}"}) + "\n")
     return audio, transcripts
+
+
+def make_norms_informative(model: torch.nn.Module) -> None:
+    """RMSNorm weights init to ones, which would hide a norm copied to the wrong place:
+    perturb them (seeded by the caller)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))

@@ -20,6 +20,8 @@ from torchtitan_mot.model.state_dict_adapter import (
     WarmStartError,
 )
 
+from helpers import make_norms_informative
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "warm_start.py"
 CONFIG = REPO / "train_configs" / "debug_mot.toml"
@@ -53,9 +55,7 @@ def _dense_like(flavor: str, vocab_size: int) -> Transformer:
     )
     with torch.no_grad():
         llama.init_weights()
-        for name, p in llama.named_parameters():  # norms init to ones: make them informative
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    make_norms_informative(llama)
     return llama.eval()
 
 

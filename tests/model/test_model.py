@@ -49,13 +49,18 @@ def test_modalities_are_untied() -> None:
     assert not torch.allclose(a, b)
 
 
-def test_seed_api_positional_and_flattened_masks() -> None:
-    """The seed's documented call, `logits = model(tokens, modality_masks)` with masks
-    flattened to (batch*seq,), means exactly what (batch, seq) ids mean."""
+def _three_modality_mot() -> MoTTransformer:
     torch.manual_seed(0)
     mot = MoTTransformer(MoTModelArgs(n_modalities=3, **SHAPE))
     with torch.no_grad():
         mot.init_weights()
+    return mot
+
+
+def test_seed_api_positional_and_flattened_masks() -> None:
+    """The seed's documented call, `logits = model(tokens, modality_masks)` with masks
+    flattened to (batch*seq,), means exactly what (batch, seq) ids mean."""
+    mot = _three_modality_mot()
     tokens = torch.randint(0, 97, (3, 32))
     ids = torch.randint(0, 3, (3, 32))
     modality_masks = [(ids == m).flatten() for m in range(3)]
@@ -67,10 +72,7 @@ def test_seed_api_positional_and_flattened_masks() -> None:
 
 
 def test_modality_masks_equal_modality_ids() -> None:
-    torch.manual_seed(0)
-    mot = MoTTransformer(MoTModelArgs(n_modalities=3, **SHAPE))
-    with torch.no_grad():
-        mot.init_weights()
+    mot = _three_modality_mot()
     tokens = torch.randint(0, 97, (2, 32))
     ids = torch.randint(0, 3, (2, 32))
     masks = [ids == m for m in range(3)]

@@ -18,6 +18,7 @@ from torchtitan_mot.model.state_dict_adapter import (
     untie_dense_state_dict,
 )
 from torchtitan_mot.reliability import check_checkpoint_matches, CheckpointMismatchError
+from helpers import make_norms_informative
 
 SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, rope_theta=500000,
              max_seq_len=32)
@@ -29,9 +30,7 @@ def _llama() -> Transformer:
     llama = Transformer(TransformerModelArgs(**SHAPE))
     with torch.no_grad():
         llama.init_weights()
-        for name, p in llama.named_parameters():  # norms init to ones: make them informative
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    make_norms_informative(llama)
     return llama.eval()
 
 
