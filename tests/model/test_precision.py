@@ -141,15 +141,19 @@ def test_weight_subclass_is_refused_naming_the_parameter() -> None:
         model(torch.randint(0, 97, (1, 32)), modality_ids=torch.zeros(1, 32, dtype=torch.long))
 
 
-def test_float8_conversion_runs_every_projection_through_float8() -> None:
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_float8_conversion_runs_every_projection_through_float8(recipe: str) -> None:
     """TorchTitan's float8 converter swaps the per-modality Linears for torchao Float8Linear;
     each must then run its own (float8) forward on exactly its modality's tokens, and no
-    projection may fall back to the plain routed matmul."""
+    projection may fall back to the plain routed matmul. Tensorwise runs torchao's emulation
+    (as `quantize.linear.float8.emulate`), rowwise torch's float8 matmul on the CPU."""
     from torchao.float8 import convert_to_float8_training, Float8LinearConfig
     from torchao.float8.float8_linear import Float8Linear
 
     model, reference = _model(qk_norm=False), _model(qk_norm=False)
-    convert_to_float8_training(model, config=Float8LinearConfig(emulate=True),
+    config = (Float8LinearConfig(emulate=True) if recipe == "tensorwise"
+              else Float8LinearConfig.from_recipe_name(recipe))
+    convert_to_float8_training(model, config=config,
                                module_filter_fn=lambda mod, fqn: fqn != "output")
     rows: dict[str, int] = {}
     for name, module in model.named_modules():
