@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -74,7 +75,8 @@ class FeatureSet:
 
 
 def _s(*runs: Sequence[str]) -> tuple[tuple[str, ...], ...]:
-    return tuple(tuple(arg for a in run for arg in a.split(" ", 1) if arg) for run in runs)
+    """Each run's override strings split as a shell would (TorchTitan's runner does)."""
+    return tuple(tuple(arg for a in run for arg in shlex.split(a)) for run in runs)
 
 
 PP2 = ("--parallelism.pipeline_parallel_degree 2",)
@@ -200,7 +202,9 @@ TORCHTITAN_SETS: tuple[FeatureSet, ...] = (
     FeatureSet("dataloader_kwargs", _s(["--training.dataloader.num_workers 2",
                                         "--training.dataloader.pin_memory",
                                         "--training.dataloader.persistent_workers",
-                                        "--training.dataloader.prefetch_factor 4"]), ngpu=2),
+                                        "--training.dataloader.prefetch_factor 4"]), ngpu=2,
+               check="trains", note="2 workers split the rows between them, so each step "
+                                    "reads other samples than the single process"),
 )
 """TorchTitan 0.2.2's `build_features_test_list()`, in its order, adapted to MoT."""
 
