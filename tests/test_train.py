@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from torchtitan_mot.testing.feature_matrix import parse_steps
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "assets" / "demo" / "text_image"
-STEP_RE = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+)\s+grad_norm:\s*([\d.]+)")
 
 
 def make_duplicated_demo(root: Path, copies: int = 4) -> Path:
@@ -74,11 +75,7 @@ def run_train(
     args: list[str], nproc: int = 1, log_rank: int = 0, timeout: int = 600
 ) -> dict[int, tuple[float, float]]:
     """Run the entry point; return {step: (loss, grad_norm)} as logged by `log_rank`."""
-    out = run_train_log(args, nproc, log_rank, timeout)
-    steps: dict[int, tuple[float, float]] = {}
-    for m in STEP_RE.finditer(out):
-        steps.setdefault(int(m.group(1)), (float(m.group(2)), float(m.group(3))))
-    return steps
+    return parse_steps(run_train_log(args, nproc, log_rank, timeout))
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +158,7 @@ def test_mot_debug_config_logs_per_modality_loss(tmp_path):
     )
     per_step = re.findall(r"step:\s*(\d+)\s+loss/text:\s*([\d.]+)\s+loss/image:\s*([\d.]+)", out)
     assert [int(s) for s, _, _ in per_step] == list(range(1, 21)), out[-3000:]
-    losses = {int(m.group(1)): float(m.group(2)) for m in STEP_RE.finditer(out)}
+    losses = {step: loss for step, (loss, _) in parse_steps(out).items()}
     assert losses[20] < losses[1] - 2.0, losses
     assert float(per_step[-1][1]) < float(per_step[0][1])  # text
     assert float(per_step[-1][2]) < float(per_step[0][2])  # image

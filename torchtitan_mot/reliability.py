@@ -21,7 +21,7 @@ the first missing key). The gradients are checked through the total norm TorchTi
 
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
