@@ -19,7 +19,10 @@ from torch.distributed._composable.replicate import DDP as ReplicatedModule
 from torchtitan.config import ConfigManager, JobConfig
 from torchtitan.components.loss import LossFunction
 
-from torchtitan_mot.compat import discard_pipeline_metadata_loss
+from torchtitan_mot.compat import (
+    discard_pipeline_metadata_loss,
+    isolate_compile_cache_per_rank,
+)
 from torchtitan_mot.data.dataset import fill_modalities_from_meta
 from torchtitan_mot.infra.cpu import enable_cpu_fallback
 from torchtitan_mot.infra.inputs import keep_modality_ids_on_host, split_mot_batch
@@ -178,6 +181,7 @@ def _default_single_process_env() -> None:
 
 def main() -> None:
     _default_single_process_env()
+    isolate_compile_cache_per_rank()
     enable_cpu_fallback()
     import torchtitan_mot  # noqa: F401  registers the "mot" TrainSpec
 

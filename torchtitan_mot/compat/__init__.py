@@ -5,12 +5,14 @@ version check below makes a TorchTitan upgrade fail loudly at import, so each wo
 revisited instead of silently patching code that has moved.
 """
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from typing import Protocol
 
 import torch
+from torch._inductor.runtime.cache_dir_utils import cache_dir
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.experimental._attention import _HeadTailLoadBalancer
 from torchtitan.config.job_config import Parallelism
@@ -23,6 +25,19 @@ if version("torchtitan") != SUPPORTED_TORCHTITAN:
         f"torchtitan_mot supports torchtitan=={SUPPORTED_TORCHTITAN} only (installed: "
         f"{version('torchtitan')}); its workarounds in torchtitan_mot/compat target that release"
     )
+
+
+def isolate_compile_cache_per_rank() -> None:
+    """torch 2.13's AOTAutograd cache key of a DTensor ignores the rank (pytorch#188390), so
+    ranks sharing a cache load graphs traced for another rank's process groups or device.
+
+    Gives each rank of a multi-process run its own subfolder of the inductor cache (read from
+    TORCHINDUCTOR_CACHE_DIR, which torch consults lazily), so warm restarts keep their cache.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+            cache_dir(), f"rank{os.environ['RANK']}"
+        )
 
 
 class MoTLossRecords(Protocol):
