@@ -13,7 +13,6 @@ planned for come from its `# check_plan: --ngpu N --gpu-gib G  (note)` comment l
 """
 
 import argparse
-import copy
 import re
 import shlex
 import sys
@@ -29,7 +28,7 @@ from torchtitan.config import ConfigManager, JobConfig, TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 
-from torchtitan_mot import mot_args
+from torchtitan_mot import build_model_args, mot_args
 from torchtitan_mot.data.tokenizer import build_mot_tokenizer, VocabLayout
 from torchtitan_mot.infra.cpu import enable_cpu_fallback
 from torchtitan_mot.infra.parallelize import parallelize_mot
@@ -193,9 +192,7 @@ def plan_stage(job: JobConfig, ngpu: int, vocab: VocabLayout, stage: int) -> Sta
     try:
         pd = parallel_dims(job, ngpu)
         pd.build_mesh()
-        args = copy.deepcopy(mot_args[job.model.flavor])
-        args.vocab_size = vocab.vocab_size
-        args.max_seq_len = job.training.seq_len
+        args = build_model_args(job, vocab)
         with torch.device("meta"):
             model = MoTTransformer(args)
         if pp > 1:
