@@ -24,6 +24,7 @@ from torchtitan_mot.model.state_dict_adapter import (
 from torchtitan_mot.warm_start import mot_target, warm_start
 
 from helpers import make_norms_informative
+from test_resume import run_trainer, small_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "train_configs" / "debug_mot.toml"
@@ -225,7 +226,8 @@ def test_failed_save_leaves_no_checkpoint_and_keeps_the_old_one(
 ) -> None:
     """DCP fails after writing the tensor files, before `.metadata`: no folder (partial or
     not) is left at --out, and a checkpoint being replaced with --force stays as it was."""
-    dcp.save(_dense_like("debugmodel", 1000).state_dict(), checkpoint_id=str(tmp_path / "dense"), no_dist=True)
+    dense = _dense_like("debugmodel", 1000).state_dict()
+    dcp.save(dense, checkpoint_id=str(tmp_path / "dense"), no_dist=True)
     out = tmp_path / "mot"
     written: list[str] = []
 
@@ -258,15 +260,9 @@ def test_trainer_starts_from_the_warm_start_weights(tmp_path: Path) -> None:
     dcp.save(llama.state_dict(), checkpoint_id=str(tmp_path / "dense"), no_dist=True)
     _run_script("--dense", str(tmp_path / "dense"), "--flavor", "debugmodel",
                 "--config", str(CONFIG), "--out", str(tmp_path / "mot"))
-    result = subprocess.run(
-        [sys.executable, "-m", "torchtitan_mot.train", "--job.config_file", str(CONFIG),
-         "--training.steps", "1", "--training.seq_len", "64", "--training.local_batch_size", "2",
-         "--metrics.no-enable-tensorboard", "--job.dump_folder", str(tmp_path / "run"),
-         "--optimizer.lr", "0", "--checkpoint.enable", "--checkpoint.interval", "1",
-         "--checkpoint.initial_load_path", str(tmp_path / "mot")],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    run_trainer(tmp_path, small_args(
+        tmp_path / "run", 1, "--optimizer.lr", "0", "--checkpoint.enable", "--checkpoint.interval", "1",
+        "--checkpoint.initial_load_path", str(tmp_path / "mot")))
     args = _mot_args("debugmodel")
     with torch.device("meta"):
         template = MoTTransformer(args).state_dict()
@@ -290,14 +286,9 @@ def test_untie_subset_warm_start_trains_and_other_setting_is_refused(tmp_path: P
                 "--config", str(CONFIG), "--out", str(tmp_path / "mot"), "--untie", "ffn")
 
     def train(name: str, *flags: str) -> tuple[int, str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "torchtitan_mot.train", "--job.config_file", str(CONFIG),
-             "--training.steps", "1", "--training.seq_len", "64", "--training.local_batch_size", "2",
-             "--metrics.no-enable-tensorboard", "--job.dump_folder", str(tmp_path / name),
-             "--checkpoint.enable", "--checkpoint.initial_load_path", str(tmp_path / "mot"),
-             "--checkpoint.interval", "1000", *flags],
-            cwd=REPO, capture_output=True, text=True, timeout=600,
-        )
+        result = run_trainer(tmp_path, small_args(
+            tmp_path / name, 1, "--checkpoint.enable", "--checkpoint.interval", "1000",
+            "--checkpoint.initial_load_path", str(tmp_path / "mot"), *flags), check=False)
         return result.returncode, result.stdout + result.stderr
 
     code, log = train("ffn", "--mot.untie", "ffn")
