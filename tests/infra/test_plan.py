@@ -118,3 +118,10 @@ def test_config_untie_reaches_the_plan(tmp_path: Path) -> None:
     full, ffn = (check_plan(["--config", str(c)]) for c in (full_config, config))
     args = dataclasses.replace(mot_args["debugmodel"], vocab_size=full.vocab.vocab_size, untie=["ffn"])
     assert ffn.stages[0].params == args.param_counts()[0] < full.stages[0].params
+
+
+def test_flavor_that_does_not_fit_the_config_is_named() -> None:
+    config = REPO / "train_configs" / "debug_mot.toml"
+    with pytest.raises(ValueError, match=f"{config}: model.flavor 'debugmodel_3modality' has "
+                                         r"n_modalities=3 but mot.modalities lists 2"):
+        check_plan(["--config", str(config), "--flavor", "debugmodel_3modality"])
