@@ -7,8 +7,8 @@ import copy
 import dataclasses
 
 from torchtitan.components.lr_scheduler import build_lr_schedulers
-from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.config import JobConfig
+from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.protocols.train_spec import register_train_spec, TrainSpec
 
 from .data.dataloader import build_mot_dataloader
