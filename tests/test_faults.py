@@ -2,7 +2,6 @@
 
 import hashlib
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch.distributed.checkpoint as dcp
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 from torchtitan_mot.reliability import NonFiniteLossError, NonFiniteLossGuard
 from torchtitan_mot.loss import MoTLoss
+from torchtitan_mot.warm_start import mot_target
 
 from test_resume import CONFIG, REPO, run_trainer, small_args
 from test_freeze import _config, TINY
@@ -130,16 +130,13 @@ def test_config_disagreements_fail_at_startup(tmp_path: Path, override: list[str
 
 @pytest.mark.parametrize("flavor", ["debugmodel_dense", "debugmodel_3modality"])
 def test_checkpoint_of_other_flavor_is_refused(tmp_path: Path, flavor: str) -> None:
-    sys.path.insert(0, str(REPO / "scripts"))
-    import warm_start
-
     config = CONFIG
     if flavor.endswith("3modality"):
         config = tmp_path / "mot3.toml"
         config.write_text(CONFIG.read_text()
                           .replace('modalities = ["text", "image"]', 'modalities = ["text", "image", "speech"]')
                           .replace("codebook_sizes = [256]", "codebook_sizes = [256, 64]"))
-    other = MoTTransformer(warm_start.mot_target(config, flavor)[0])
+    other = MoTTransformer(mot_target(config, flavor)[0])
     dcp.save(other.state_dict(), checkpoint_id=str(tmp_path / "other"), no_dist=True)
     before = _tree_hash(tmp_path / "other")
     result = run_trainer(tmp_path, small_args(

@@ -1,7 +1,6 @@
 """Frozen modalities stay bitwise unchanged; per-modality LR multipliers hold through the schedule."""
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,13 +11,14 @@ from torchtitan.config import LRScheduler as LRSchedulerConfig, Optimizer as Opt
 
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 from torchtitan_mot.model.routing import ModalityLinear, ModalityRMSNorm
+from torchtitan_mot.warm_start import mot_target
 from torchtitan_mot.optimizer import (
     build_mot_optimizers,
     ModalityOptimizerConfig,
     MoTOptimizersContainer,
 )
 
-from test_resume import CONFIG, REPO, run_trainer, small_args
+from test_resume import CONFIG, run_trainer, small_args
 
 TINY = dict(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=16, n_modalities=2)
 
@@ -106,10 +106,7 @@ def test_dense_twin_without_per_modality_settings_gets_one_group() -> None:
 
 def _init_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], MoTTransformer]:
     """Seeded initial MoT weights (debugmodel, debug_mot.toml vocab) saved with DCP."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import warm_start
-
-    args = warm_start.mot_target(CONFIG, "debugmodel")[0]
+    args = mot_target(CONFIG, "debugmodel")[0]
     torch.manual_seed(0)
     model = MoTTransformer(args)
     with torch.no_grad():

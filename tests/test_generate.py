@@ -1,6 +1,5 @@
 """Modality-constrained sampling with a random tiny MoT, and checkpoint loading."""
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torchtitan.config import ConfigManager
 
-from torchtitan_mot import mot_args
+from torchtitan_mot import build_model_args
 from torchtitan_mot.data.tokenizer import VocabLayout
 from torchtitan_mot.generate import generate_segment, load_model, sample_token
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
@@ -87,8 +86,7 @@ def test_load_model_reads_a_dcp_checkpoint(tmp_path: Path) -> None:
         "--model.hf_assets_path", str(ROOT / "assets" / "tokenizer"),
         "--training.seq_len", "32",
     ])
-    args = copy.deepcopy(mot_args[cfg.model.flavor])
-    args.update_from_config(cfg)
+    args = build_model_args(cfg)
     torch.manual_seed(3)
     saved = MoTTransformer(args)
     with torch.no_grad():

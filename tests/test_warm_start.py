@@ -10,29 +10,29 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
 import torchtitan_mot
-from torchtitan_mot.model import MoTTransformer
+from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 from torchtitan_mot.model.state_dict_adapter import (
     MoTStateDictAdapter,
     untie_dense_state_dict,
     WarmStartError,
 )
+from torchtitan_mot.warm_start import mot_target, warm_start
 
 from helpers import make_norms_informative
+from test_resume import run_trainer, small_args
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "warm_start.py"
 CONFIG = REPO / "train_configs" / "debug_mot.toml"
 
 
-def _mot_args(flavor: str, config: Path = CONFIG):
+def _mot_args(flavor: str, config: Path = CONFIG) -> MoTModelArgs:
     """The flavor's args with the vocabulary size of `config` (tokenizer + codebooks)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import warm_start
-
-    return warm_start.mot_target(config, flavor)[0]
+    return mot_target(config, flavor)[0]
 
 
 def _config_3modality(tmp_path: Path) -> Path:
@@ -43,9 +43,9 @@ def _config_3modality(tmp_path: Path) -> Path:
     return path
 
 
-def _dense_like(flavor: str, vocab_size: int) -> Transformer:
-    """A dense torchtitan Llama3 with the flavor's block shapes, randomly initialised."""
-    a = torchtitan_mot.mot_args[flavor]
+def _dense_like(flavor: str | MoTModelArgs, vocab_size: int) -> Transformer:
+    """A dense torchtitan Llama3 with the flavor's (or args') block shapes, randomly initialised."""
+    a = torchtitan_mot.mot_args[flavor] if isinstance(flavor, str) else flavor
     torch.manual_seed(0)
     llama = Transformer(
         TransformerModelArgs(
@@ -59,10 +59,10 @@ def _dense_like(flavor: str, vocab_size: int) -> Transformer:
     return llama.eval()
 
 
-def _run_script(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True
-    )
+def _run_script(*args: str, check: bool = True, script: bool = False) -> subprocess.CompletedProcess:
+    """`python -m torchtitan_mot.warm_start ARGS` (`script`: its wrapper scripts/warm_start.py)."""
+    entry = ["scripts/warm_start.py"] if script else ["-m", "torchtitan_mot.warm_start"]
+    result = subprocess.run([sys.executable, *entry, *args], cwd=REPO, capture_output=True, text=True)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -120,7 +120,7 @@ def test_idempotent_and_refuses_overwrite(tmp_path: Path) -> None:
     dcp.save(llama.state_dict(), checkpoint_id=str(tmp_path / "dense"), no_dist=True)
     common = ["--dense", str(tmp_path / "dense"), "--flavor", "debugmodel", "--config", str(CONFIG)]
     _run_script(*common, "--out", str(tmp_path / "a"))
-    _run_script(*common, "--out", str(tmp_path / "b"))
+    _run_script(*common, "--out", str(tmp_path / "b"), script=True)
     _assert_same_checkpoint(tmp_path / "a", tmp_path / "b")
 
     refused = _run_script(*common, "--out", str(tmp_path / "a"), check=False)
@@ -165,60 +165,115 @@ def test_mismatch_errors_name_the_key() -> None:
         untie_dense_state_dict(bigger, target)
 
 
-def _write_hf(llama: Transformer, args, folder: Path) -> None:
-    """A HF Llama safetensors folder made by our adapter's to_hf from a 1-modality MoT."""
-    from safetensors.torch import save_file
-
-    dense_mot = MoTTransformer(dataclasses.replace(args, n_modalities=1))
-    dense_mot.load_state_dict(untie_dense_state_dict(llama.state_dict(), dense_mot.state_dict()))
-    hf = MoTStateDictAdapter(dense_mot.model_args, None).to_hf(dense_mot.state_dict())
-    assert "model.layers.0.self_attn.q_proj.weight" in hf and "lm_head.weight" in hf
-    folder.mkdir()
-    save_file({k: v.contiguous() for k, v in hf.items()}, str(folder / "model.safetensors"))
+def _hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF's rotary layout of q/k rows: transformers' convert_llama_weights_to_hf `permute`."""
+    dim1, dim2 = w.shape
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
 
 
-def test_hf_round_trip_and_script(tmp_path: Path) -> None:
-    args = dataclasses.replace(_mot_args("debugmodel"), max_seq_len=64)
-    llama = _dense_like("debugmodel", args.vocab_size)
-    _write_hf(llama, args, tmp_path / "hf")
+def _hf_by_hand(llama: Transformer) -> dict[str, torch.Tensor]:
+    """The HF Llama state dict of a dense Llama3, built from HF's names and permutation."""
+    a, sd = llama.model_args, llama.state_dict()
+    hf = {"model.embed_tokens.weight": sd["tok_embeddings.weight"],
+          "model.norm.weight": sd["norm.weight"], "lm_head.weight": sd["output.weight"]}
+    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+    heads = {"attention.wq": a.n_heads, "attention.wk": a.n_kv_heads or a.n_heads}
+    for i in range(a.n_layers):
+        for ours, theirs in names.items():
+            w = sd[f"layers.{i}.{ours}.weight"]
+            hf[f"model.layers.{i}.{theirs}.weight"] = _hf_permute(w, heads[ours]) if ours in heads else w
+    return {k: v.contiguous() for k, v in hf.items()}
 
-    # 1) The adapter alone, as TorchTitan's `initial_load_in_hf` path uses it.
-    from safetensors.torch import load_file
 
+def test_hf_adapter_against_hand_built_hf_tensors() -> None:
+    """HF tensors made by hand (grouped-query attention, so k has its own head count) load
+    into an MoT that equals the dense model; `to_hf` gives exactly those tensors back."""
+    args = dataclasses.replace(_mot_args("debugmodel"), n_kv_heads=8, max_seq_len=64)
+    llama = _dense_like(args, args.vocab_size)
+    hf_sd = _hf_by_hand(llama)
     mot = MoTTransformer(args)
     adapter = MoTStateDictAdapter(args, None)
-    template = adapter.to_hf(mot.state_dict())
-    hf_sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
-    assert set(template) == set(hf_sd)
     mot.load_state_dict(adapter.from_hf(hf_sd))
     _assert_same_logits(mot.eval(), llama, 2)
-    # to_hf exports modality 0 and round-trips exactly.
-    back = adapter.to_hf(mot.state_dict())
-    assert all(torch.equal(back[k], hf_sd[k]) for k in hf_sd)
+    back = adapter.to_hf(mot.state_dict())  # exports modality 0
+    assert set(back) == set(hf_sd)
+    for key, value in hf_sd.items():
+        assert torch.equal(back[key], value), key
 
-    # 2) The script from the HF folder.
+
+def test_warm_start_from_hf_folder(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    args = dataclasses.replace(_mot_args("debugmodel"), max_seq_len=64)
+    llama = _dense_like("debugmodel", args.vocab_size)
+    (tmp_path / "hf").mkdir()
+    save_file(_hf_by_hand(llama), str(tmp_path / "hf" / "model.safetensors"))
     _run_script("--dense", str(tmp_path / "hf"), "--flavor", "debugmodel",
                 "--config", str(CONFIG), "--out", str(tmp_path / "mot"))
     _assert_same_logits(_load_mot(tmp_path / "mot", args), llama, 2)
 
 
-def test_trainer_loads_warm_start(tmp_path: Path) -> None:
-    """The real entry point accepts the script's output as --checkpoint.initial_load_path."""
+def _tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_failed_save_leaves_no_checkpoint_and_keeps_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DCP fails after writing the tensor files, before `.metadata`: no folder (partial or
+    not) is left at --out, and a checkpoint being replaced with --force stays as it was."""
+    dense = _dense_like("debugmodel", 1000).state_dict()
+    dcp.save(dense, checkpoint_id=str(tmp_path / "dense"), no_dist=True)
+    out = tmp_path / "mot"
+    written: list[str] = []
+
+    def fail_before_metadata(self: FileSystemWriter, metadata: object, results: object) -> None:
+        written.extend(p.name for p in Path(self.path).iterdir())
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FileSystemWriter, "finish", fail_before_metadata)
+        with pytest.raises(CheckpointException, match="disk full"):
+            warm_start(tmp_path / "dense", CONFIG, "debugmodel", out)
+    assert any(name.endswith(".distcp") for name in written)  # it did fail midway
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+
+    warm_start(tmp_path / "dense", CONFIG, "debugmodel", out)
+    before = _tree_bytes(out)
+    with monkeypatch.context() as patch:
+        patch.setattr(FileSystemWriter, "finish", fail_before_metadata)
+        with pytest.raises(CheckpointException, match="disk full"):
+            warm_start(tmp_path / "dense", CONFIG, "debugmodel", out, seed=1, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "mot"]
+    assert _tree_bytes(out) == before
+
+
+def test_trainer_starts_from_the_warm_start_weights(tmp_path: Path) -> None:
+    """The real entry point, given the output as --checkpoint.initial_load_path, trains from
+    exactly its weights: with lr 0 the step-1 checkpoint equals the warm start, whose
+    modality copies are the dense weights."""
     llama = _dense_like("debugmodel", 1000)
     dcp.save(llama.state_dict(), checkpoint_id=str(tmp_path / "dense"), no_dist=True)
     _run_script("--dense", str(tmp_path / "dense"), "--flavor", "debugmodel",
                 "--config", str(CONFIG), "--out", str(tmp_path / "mot"))
-    result = subprocess.run(
-        [sys.executable, "-m", "torchtitan_mot.train", "--job.config_file", str(CONFIG),
-         "--training.steps", "1", "--training.seq_len", "64", "--training.local_batch_size", "2",
-         "--metrics.no-enable-tensorboard", "--job.dump_folder", str(tmp_path / "run"),
-         "--checkpoint.enable", "--checkpoint.initial_load_path", str(tmp_path / "mot"),
-         "--checkpoint.interval", "1000"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-3000:]
-    assert f"Loading the checkpoint from {tmp_path / 'mot'}" in log
+    run_trainer(tmp_path, small_args(
+        tmp_path / "run", 1, "--optimizer.lr", "0", "--checkpoint.enable", "--checkpoint.interval", "1",
+        "--checkpoint.initial_load_path", str(tmp_path / "mot")))
+    args = _mot_args("debugmodel")
+    with torch.device("meta"):
+        template = MoTTransformer(args).state_dict()
+    source, trained = ({k: torch.empty(v.shape, dtype=v.dtype) for k, v in template.items()} for _ in "ab")
+    dcp.load(source, checkpoint_id=str(tmp_path / "mot"), no_dist=True)
+    dcp.load(trained, checkpoint_id=str(tmp_path / "run" / "checkpoint" / "step-1"), no_dist=True)
+    for key in template:
+        assert torch.equal(trained[key], source[key]), key
+    dense = llama.state_dict()
+    assert torch.equal(trained["layers.3.attention.wq.1.weight"], dense["layers.3.attention.wq.weight"])
+    assert torch.equal(trained["tok_embeddings.weight"][:1000], dense["tok_embeddings.weight"])
 
 
 @pytest.mark.slow
@@ -231,14 +286,9 @@ def test_untie_subset_warm_start_trains_and_other_setting_is_refused(tmp_path: P
                 "--config", str(CONFIG), "--out", str(tmp_path / "mot"), "--untie", "ffn")
 
     def train(name: str, *flags: str) -> tuple[int, str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "torchtitan_mot.train", "--job.config_file", str(CONFIG),
-             "--training.steps", "1", "--training.seq_len", "64", "--training.local_batch_size", "2",
-             "--metrics.no-enable-tensorboard", "--job.dump_folder", str(tmp_path / name),
-             "--checkpoint.enable", "--checkpoint.initial_load_path", str(tmp_path / "mot"),
-             "--checkpoint.interval", "1000", *flags],
-            cwd=REPO, capture_output=True, text=True, timeout=600,
-        )
+        result = run_trainer(tmp_path, small_args(
+            tmp_path / name, 1, "--checkpoint.enable", "--checkpoint.interval", "1000",
+            "--checkpoint.initial_load_path", str(tmp_path / "mot"), *flags), check=False)
         return result.returncode, result.stdout + result.stderr
 
     code, log = train("ffn", "--mot.untie", "ffn")

@@ -3,14 +3,16 @@
 Importing this package registers the TrainSpec "mot" (`--model.name mot`).
 """
 
+import copy
 import dataclasses
 
 from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.config import JobConfig
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.protocols.train_spec import register_train_spec, TrainSpec
 
 from .data.dataloader import build_mot_dataloader
-from .data.tokenizer import build_mot_tokenizer
+from .data.tokenizer import build_mot_tokenizer, VocabLayout
 from .infra.parallelize import parallelize_mot
 from .loss import build_mot_loss
 from .metrics import build_mot_metrics_processor
@@ -58,6 +60,22 @@ def dense_twin_flavor(flavor: str) -> str:
         if args == twin:
             return name
     raise ValueError(f"flavor '{flavor}' has no registered dense twin (n_modalities=1)")
+
+
+def build_model_args(job_config: JobConfig, vocab: VocabLayout | None = None) -> MoTModelArgs:
+    """The args of the config's flavor with the config applied as the trainer applies it
+    (`training.seq_len`, `[mot]` modalities and untie, the unified vocabulary of the config's
+    tokenizer, or of `vocab` where that tokenizer is not on this machine).
+
+    A copy: the registered flavor stays as registered, so one process can build the args
+    of several configs (TorchTitan's trainer updates the registered entry in place).
+    """
+    flavor = job_config.model.flavor
+    if flavor not in mot_args:
+        raise ValueError(f"model.flavor {flavor!r} is not an MoT flavor; known: {sorted(mot_args)}")
+    args = copy.deepcopy(mot_args[flavor])
+    args.update_from_config(job_config, vocab=vocab)
+    return args
 
 
 def get_train_spec() -> TrainSpec:

@@ -7,7 +7,6 @@ forces the begin marker, samples exactly `n_tokens` ids from the codebook alone 
 `modality_ids` are that modality's, as in training) and closes with the end marker.
 """
 
-import copy
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchtitan.config import JobConfig
 
-from . import mot_args
+from . import build_model_args
 from .data.tokenizer import VocabLayout
 from .model import MoTTransformer
 from .reliability import check_checkpoint_matches
@@ -88,8 +87,7 @@ def load_model(job_config: JobConfig, checkpoint: str | Path, device: str = "cpu
     TorchTitan stores model weights under their plain state-dict names in both model-only
     and full checkpoints, so `dcp.load` into the model's own state dict reads either.
     """
-    args = copy.deepcopy(mot_args[job_config.model.flavor])
-    args.update_from_config(job_config)
+    args = build_model_args(job_config)
     with torch.device(device), torch.no_grad():
         model = MoTTransformer(args)
         model.init_weights()  # also builds the non-persistent RoPE table

@@ -2,6 +2,7 @@
 process group, and the memory model's formulas."""
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,21 @@ def test_selective_every_nth_layer_is_between_full_and_none() -> None:
     assert act("full") < act("selective", "2") < act("none") + block_none
     with pytest.raises(ValueError, match="activation_checkpoint.mode='memory_budget'"):
         act("memory_budget")
+
+
+def test_config_untie_reaches_the_plan(tmp_path: Path) -> None:
+    """The plan builds the config's model args: `[mot] untie` changes its parameter count."""
+    full_config = REPO / "train_configs" / "debug_mot.toml"
+    config = tmp_path / "untie_ffn.toml"
+    config.write_text(full_config.read_text().replace("codebook_sizes = [256]",
+                                                      'codebook_sizes = [256]\nuntie = ["ffn"]'))
+    full, ffn = (check_plan(["--config", str(c)]) for c in (full_config, config))
+    args = dataclasses.replace(mot_args["debugmodel"], vocab_size=full.vocab.vocab_size, untie=["ffn"])
+    assert ffn.stages[0].params == args.param_counts()[0] < full.stages[0].params
+
+
+def test_flavor_that_does_not_fit_the_config_is_named() -> None:
+    config = REPO / "train_configs" / "debug_mot.toml"
+    with pytest.raises(ValueError, match=f"{config}: model.flavor 'debugmodel_3modality' has "
+                                         r"n_modalities=3 but mot.modalities lists 2"):
+        check_plan(["--config", str(config), "--flavor", "debugmodel_3modality"])

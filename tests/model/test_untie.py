@@ -8,7 +8,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
-from torchtitan_mot import mot_args
+from torchtitan_mot import build_model_args, mot_args
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 from torchtitan_mot.model.args import check_untie
 from torchtitan_mot.model.feedforward import ffn_hidden_dim
@@ -147,10 +147,9 @@ def test_config_reaches_model_args_and_bad_values_fail_at_start_up() -> None:
 
     def args_for(flavor: str, untie: str) -> MoTModelArgs:
         job = ConfigManager().parse_args(["--job.config_file", str(config), "--job.custom_config_module",
-                                          "torchtitan_mot.config", "--mot.untie", untie])
-        args = copy.deepcopy(mot_args[flavor])
-        args.update_from_config(job)
-        return args
+                                          "torchtitan_mot.config", "--model.flavor", flavor,
+                                          "--mot.untie", untie])
+        return build_model_args(job)
 
     assert args_for("debugmodel", "ffn,norms").untie == ["ffn", "norms"]
     assert args_for("debugmodel_dense", "").untie == []

@@ -13,7 +13,6 @@ planned for come from its `# check_plan: --ngpu N --gpu-gib G  (note)` comment l
 """
 
 import argparse
-import copy
 import re
 import shlex
 import sys
@@ -29,7 +28,7 @@ from torchtitan.config import ConfigManager, JobConfig, TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 
-from torchtitan_mot import mot_args
+from torchtitan_mot import build_model_args, mot_args
 from torchtitan_mot.data.tokenizer import build_mot_tokenizer, VocabLayout
 from torchtitan_mot.infra.cpu import enable_cpu_fallback
 from torchtitan_mot.infra.parallelize import parallelize_mot
@@ -182,7 +181,7 @@ def parallel_dims(job: JobConfig, ngpu: int) -> ParallelDims:
     )
 
 
-def plan_stage(job: JobConfig, ngpu: int, vocab: VocabLayout, stage: int) -> StagePlan:
+def plan_stage(job: JobConfig, ngpu: int, args: MoTModelArgs, stage: int) -> StagePlan:
     """Simulate the first rank of pipeline stage `stage` and estimate its memory."""
     pp = job.parallelism.pipeline_parallel_degree
     rank = stage * (ngpu // pp)  # pp is the outermost mesh dimension
@@ -193,9 +192,6 @@ def plan_stage(job: JobConfig, ngpu: int, vocab: VocabLayout, stage: int) -> Sta
     try:
         pd = parallel_dims(job, ngpu)
         pd.build_mesh()
-        args = copy.deepcopy(mot_args[job.model.flavor])
-        args.vocab_size = vocab.vocab_size
-        args.max_seq_len = job.training.seq_len
         with torch.device("meta"):
             model = MoTTransformer(args)
         if pp > 1:
@@ -220,7 +216,7 @@ def plan_stage(job: JobConfig, ngpu: int, vocab: VocabLayout, stage: int) -> Sta
         other_numel = sum(_numel(u) for u in kept if u not in blocks) * fsdp
         act = activation_bytes(
             args, job, len(blocks), attn.wq[0].weight.shape[0], attn.wv[0].weight.shape[0],
-            ffn.w1[0].weight.shape[0], any(m.output is not None for m in parts), vocab.vocab_size,
+            ffn.w1[0].weight.shape[0], any(m.output is not None for m in parts), args.vocab_size,
         )
     finally:
         dist.destroy_process_group()
@@ -314,17 +310,14 @@ def load_plan_inputs(argv: list[str]) -> tuple[str, JobConfig, int, float]:
 def check_plan(argv: list[str]) -> Plan:
     """Build the plan of a config (or of command-line flags) on meta, one rank per stage."""
     source, job, ngpu, gpu_gib = load_plan_inputs(argv)
-    flavor = job.model.flavor
-    if flavor not in mot_args:
-        raise ValueError(f"{source}: model.flavor {flavor!r} is not an MoT flavor: {sorted(mot_args)}")
-    n_mod, modalities = mot_args[flavor].n_modalities, job.mot.modalities
-    if n_mod not in (1, len(modalities)):
-        raise ValueError(f"{source}: model.flavor {flavor!r} has n_modalities={n_mod} but "
-                         f"mot.modalities lists {len(modalities)}: {modalities}")
-    enable_cpu_fallback()  # meshes on "cpu" when no accelerator; a no-op otherwise
     vocab, vocab_source = vocab_layout(job)
+    try:  # the trainer's own checks of the flavor against [mot] (modalities, untie)
+        args = build_model_args(job, vocab)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
+    enable_cpu_fallback()  # meshes on "cpu" when no accelerator; a no-op otherwise
     dims = parallel_dims(job, ngpu)
-    stages = [plan_stage(job, ngpu, vocab, s) for s in range(dims.pp)]
+    stages = [plan_stage(job, ngpu, args, s) for s in range(dims.pp)]
     return Plan(source, job, ngpu, dims.dp_shard, gpu_gib, vocab, vocab_source, stages)
 
 

@@ -2,11 +2,15 @@
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 from torchtitan.config import JobConfig
 from torchtitan.models.llama3.model.args import TransformerModelArgs
 from torchtitan.models.utils import get_dense_model_nparams_and_flops
+
+if TYPE_CHECKING:  # at run time the model package does not import the data pipeline (datasets)
+    from torchtitan_mot.data.tokenizer import VocabLayout
 
 UNTIE_COMPONENTS = ("attention", "ffn", "norms")
 """What `untie` may list: the attention projections (wq/wk/wv/wo), the SwiGLU FFN (w1/w2/w3)
@@ -85,7 +89,11 @@ class MoTModelArgs(TransformerModelArgs):
         total = shared + self.n_layers * sum(self.n_copies(c) * n for c, n in per_set.items())
         return total, shared + self.n_layers * sum(per_set.values())
 
-    def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
+    def update_from_config(
+        self, job_config: JobConfig, vocab: "VocabLayout | None" = None, **kwargs
+    ) -> None:
+        """Apply the config; the vocabulary is the tokenizer's unless `vocab` gives it (a plan
+        for a machine without the tokenizer)."""
         super().update_from_config(job_config, **kwargs)
         mot = getattr(job_config, "mot", None)
         if mot is None:
@@ -104,9 +112,11 @@ class MoTModelArgs(TransformerModelArgs):
         untie = [] if list(mot.untie) == [""] else list(mot.untie)
         check_untie(untie, self.n_modalities)
         self.untie = untie
-        from torchtitan_mot.data.tokenizer import build_mot_tokenizer
+        if vocab is None:
+            from torchtitan_mot.data.tokenizer import build_mot_tokenizer
 
-        vocab_size = build_mot_tokenizer(job_config).get_vocab_size()
+            vocab = build_mot_tokenizer(job_config).layout
+        vocab_size = vocab.vocab_size
         if self.vocab_size not in (0, vocab_size):
             raise ValueError(
                 f"model vocab_size={self.vocab_size} disagrees with the tokenizer's unified "

@@ -176,8 +176,8 @@ class MoTStateDictAdapter(Llama3StateDictAdapter):
     to learn which HF tensors to read; exporting modality 0 there is exactly right. For a
     deliberate export (`--checkpoint.last_save_in_hf`) the other modalities are NOT in the
     output. Direct HF loading needs the HF vocabulary to equal the MoT vocabulary (DCP
-    checks shapes); when the MoT vocabulary is larger, use `scripts/warm_start.py`, which
-    grows the embedding and the output head.
+    checks shapes); when the MoT vocabulary is larger, use `python -m
+    torchtitan_mot.warm_start`, which grows the embedding and the output head.
     """
 
     export_modality: int = 0
