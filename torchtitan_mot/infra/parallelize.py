@@ -7,20 +7,14 @@ activation checkpointing, per-block compile, FSDP2/HSDP.
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import (
-    distribute_module,
-    distribute_tensor,
-    DTensor,
-    Replicate,
-    Shard,
-)
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     parallelize_module,
+    ParallelStyle,
     RowwiseParallel,
     SequenceParallel,
 )
-from torch.distributed.tensor.placement_types import Placement
 from torchtitan.config import JobConfig, TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.activation_checkpoint import apply_ac
@@ -35,7 +29,14 @@ from torchtitan.tools.logging import logger
 
 from torchtitan_mot.model.args import MoTModelArgs
 from torchtitan_mot.model.model import MoTBlock, MoTTransformer
-from torchtitan_mot.model.routing import ModalityLinear, ModalityRMSNorm
+from torchtitan_mot.model.routing import ModalityLinear
+
+from .sequence_parallel import (
+    ModalityLinearParallel,
+    ModalityNormParallel,
+    SortedStreamParallel,
+    SortedSublayerParallel,
+)
 
 # Selective op AC: Llama3's list plus the per-modality matmul that is saved (SAC sees the
 # custom op as one op). `mot::routed_mm_recompute` stays out: together they save Llama3's
@@ -119,32 +120,17 @@ def validate_converters(model: MoTTransformer, parallel_dims: ParallelDims, job_
         )
 
 
-def _shard_weights(module: nn.Module, mesh: DeviceMesh, placement: Placement) -> None:
-    """Turn every weight under `module` into a DTensor sharded by `placement` on `mesh`.
-
-    Only the parameters change: per-modality linears never run their own forward (the
-    routed matmul takes their local weights), so no input/output hooks are installed.
-    """
-
-    def partition(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
-        for pname, param in list(mod.named_parameters(recurse=False)):
-            dparam = nn.Parameter(distribute_tensor(param, mesh, [placement]))
-            mod.register_parameter(pname, dparam)
-
-    distribute_module(module, mesh, partition)
-
-
 def apply_tp(model: MoTTransformer, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
     """Megatron tensor + sequence parallel on the modality-sorted stream.
 
     Per modality m: wq/wk/wv/w1/w3.m colwise (Shard(0): this rank's heads / hidden units),
     wo/w2.m rowwise (Shard(1)); norm weights replicated. Between sublayers the sorted
-    (T, dim) stream is sharded along T (see `model/sequence_parallel.py`). The embedding is
+    (T, dim) stream is sharded along T (see `infra/sequence_parallel.py`). The embedding is
     vocab-sharded with a replicated output (the sort needs every token), the final norm
     runs on the sorted chunk, and the output head is colwise with vocab-sharded logits
     (`Shard(-1)`) for loss parallel.
     """
-    top: dict[str, object] = {}
+    top: dict[str, ParallelStyle] = {"": SortedStreamParallel()}
     if model.tok_embeddings is not None:
         top["tok_embeddings"] = RowwiseParallel(
             input_layouts=Replicate(), output_layouts=Replicate()
@@ -157,23 +143,25 @@ def apply_tp(model: MoTTransformer, tp_mesh: DeviceMesh, loss_parallel: bool) ->
             output_layouts=Shard(-1) if loss_parallel else Replicate(),
             use_local_output=not loss_parallel,
         )
-    if top:
-        parallelize_module(model, tp_mesh, top)
+    parallelize_module(model, tp_mesh, top)
 
+    block_plan: dict[str, ParallelStyle] = {
+        "attention_norm": ModalityNormParallel(sequence_sharded=True),
+        "ffn_norm": ModalityNormParallel(sequence_sharded=True),
+        "attention.w[qkv]": ModalityLinearParallel(Shard(0)),
+        "attention.wo": ModalityLinearParallel(Shard(1)),
+        "feed_forward.w[13]": ModalityLinearParallel(Shard(0)),
+        "feed_forward.w2": ModalityLinearParallel(Shard(1)),
+        "attention": SortedSublayerParallel(),
+        "feed_forward": SortedSublayerParallel(),
+    }
+    if model.model_args.qk_norm:  # on all tokens, this rank's heads
+        block_plan["attention.[qk]_norm"] = ModalityNormParallel(sequence_sharded=False)
     for block in model.layers.values():
         assert isinstance(block, MoTBlock), type(block)
-        attn, ffn = block.attention, block.feed_forward
-        for proj in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
-            _shard_weights(proj, tp_mesh, Shard(0))
-        for proj in (attn.wo, ffn.w2):
-            _shard_weights(proj, tp_mesh, Shard(1))
-        for module in block.modules():
-            if isinstance(module, ModalityRMSNorm):
-                distribute_module(module, tp_mesh)  # replicate
+        parallelize_module(block, tp_mesh, block_plan)
         unsharded = [n for n, p in block.named_parameters() if not isinstance(p, DTensor)]
         assert not unsharded, f"parameters left out of the TP plan: {unsharded}"
-        block.tp_mesh = tp_mesh
-    model.tp_mesh = tp_mesh
     logger.info(
         "Applied tensor + sequence parallel%s to the model",
         " + loss parallel" if loss_parallel else "",

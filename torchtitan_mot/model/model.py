@@ -4,7 +4,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 from torchtitan.models.llama3.model.model import Transformer
 from torchtitan.protocols.model import AttentionMasksType
 from torchtitan.protocols.train_spec import ModelProtocol
@@ -21,7 +20,6 @@ from .routing import (
     modality_ids_from_masks,
     Routing,
 )
-from .sequence_parallel import gather_tokens, local_tokens, reduce_scatter_tokens, shard_tokens
 
 
 class MoTBlock(nn.Module):
@@ -48,8 +46,6 @@ class MoTBlock(nn.Module):
         self.ffn_norm = ModalityRMSNorm(model_args.dim, n_norms, model_args.norm_eps)
         depth = layer_id + 1 if model_args.depth_init else model_args.n_layers
         self.weight_init_std = 0.02 / (2 * depth) ** 0.5
-        self.tp_mesh: DeviceMesh | None = None
-        """Set by tensor parallel: `x` is then this rank's chunk of the sorted tokens."""
 
     def forward(
         self,
@@ -60,17 +56,13 @@ class MoTBlock(nn.Module):
         attention_masks: AttentionMasksType | None,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`x` is the sorted (T, dim) stream, or (T/tp, dim) under sequence parallel: norms
-        and residual adds run on the chunk, projections on all T tokens (gathered)."""
-        mesh = self.tp_mesh
-        ids = local_tokens(routing.sorted_ids, mesh)
-        attn_in = gather_tokens(self.attention_norm(x, ids), mesh, grad_is_partial=True)
-        attn_out = self.attention(
-            attn_in, routing, batch_shape, freqs_cis, attention_masks, positions
+        """`x` is the sorted (T, dim) stream (under sequence parallel this rank's chunk of
+        it: the hooks `apply_tp` installs gather and scatter tokens around the sublayers)."""
+        ids = routing.sorted_ids
+        h = x + self.attention(
+            self.attention_norm(x, ids), routing, batch_shape, freqs_cis, attention_masks, positions
         )
-        h = x + reduce_scatter_tokens(attn_out, mesh)
-        ffn_in = gather_tokens(self.ffn_norm(h, ids), mesh, grad_is_partial=True)
-        return h + reduce_scatter_tokens(self.feed_forward(ffn_in, routing), mesh)
+        return h + self.feed_forward(self.ffn_norm(h, ids), routing)
 
     def init_weights(self) -> None:
         self.attention_norm.reset_parameters()
@@ -108,8 +100,6 @@ class MoTTransformer(Transformer):
         for name, module in self.named_modules():
             if isinstance(module, ModalityLinear):
                 module.fqn = name
-        self.tp_mesh: DeviceMesh | None = None
-        """Set by tensor parallel: blocks then see this rank's chunk of the sorted tokens."""
 
     def forward(
         self,
@@ -162,23 +152,25 @@ class MoTTransformer(Transformer):
             check_modality_ids(modality_ids, self.n_modalities)
 
         routing = build_routing(modality_ids, self.n_modalities, h.device)
-        mesh = self.tp_mesh
-        if mesh is not None and (bs * seqlen) % mesh.size():
-            raise ValueError(
-                f"sequence parallel needs batch*seq = {bs}*{seqlen} tokens divisible by "
-                f"tensor_parallel_degree={mesh.size()}"
-            )
-        # Embeddings (replicated under TP) -> sorted stream -> this rank's chunk.
-        h = shard_tokens(routing.sort(h.reshape(bs * seqlen, -1)), mesh)
+        h = self.sort_stream(h.reshape(bs * seqlen, -1), routing)
         for layer in self.layers.values():
             h = layer(h, routing, (bs, seqlen), self.freqs_cis, attention_masks, positions)
-        # The final norm is per token: it runs on the sorted chunk, before the gather.
+        # The final norm is per token: it runs on the sorted stream.
         h = self.norm(h) if self.norm is not None else h
-        # Full activations in original order: what the output head, or the next pipeline
-        # stage, expects on every tensor-parallel rank (their grads arrive replicated).
-        h = routing.unsort(gather_tokens(h, mesh, grad_is_partial=False), (bs, seqlen, -1))
+        h = self.unsort_stream(h, routing, (bs, seqlen, -1))
         if self.output is not None:
             return self.output(h)
         # A pipeline stage's output must not be a view (zero-bubble schedules detach it in
         # place); only the dense twin's unpermuted stream still is one.
         return h.clone() if h._base is not None else h
+
+    def sort_stream(self, h: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """(T, dim) embeddings in original order -> the blocks' modality-sorted stream.
+        Sequence parallel overrides this and `unsort_stream` (infra/sequence_parallel.py)."""
+        return routing.sort(h)
+
+    def unsort_stream(
+        self, h: torch.Tensor, routing: Routing, shape: Sequence[int]
+    ) -> torch.Tensor:
+        """The blocks' sorted stream -> activations in original order, viewed as `shape`."""
+        return routing.unsort(h, shape)

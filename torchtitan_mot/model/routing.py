@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
-from torch.distributed.tensor import DTensor, Partial
 
 
 @dataclass(frozen=True)
@@ -290,20 +289,6 @@ for _op in (routed_mm, routed_mm_recompute):
     _op.register_autograd(_routed_mm_backward, setup_context=_routed_mm_setup_context)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """Plain tensor view of a parameter (tensor-parallel parameters are DTensors).
-
-    A parameter replicated over the tensor-parallel mesh (a norm weight) is applied to this
-    rank's share of the tokens (sequence parallel) or heads only, so its local gradient is a
-    partial sum: marking it `Partial` lets FSDP2 / the optimizer reduce it over the mesh.
-    """
-    if not isinstance(t, DTensor):
-        return t
-    if all(p.is_replicate() for p in t.placements):
-        return t.to_local(grad_placements=[Partial()] * len(t.placements))
-    return t.to_local()
-
-
 class ModalityLinear(nn.ModuleList):
     """One bias-free Linear per modality, applied to modality-sorted tokens.
 
@@ -347,8 +332,13 @@ class ModalityLinear(nn.ModuleList):
         op = routed_mm if self.sac_save else routed_mm_recompute
         return op(x.contiguous(), weights, routing.offsets)
 
+    def modality_weight(self, modality: int) -> torch.Tensor:
+        """The weight the routed matmul multiplies for `modality` (tensor parallel swaps in a
+        subclass that returns this rank's shard: infra/sequence_parallel.py)."""
+        return self[modality].weight
+
     def _plain_weight(self, modality: int) -> torch.Tensor:
-        weight = _local(self[modality].weight)
+        weight = self.modality_weight(modality)
         if type(weight) not in (torch.Tensor, nn.Parameter):
             raise TypeError(
                 f"{self.fqn}.{modality}.weight is a {type(weight).__name__}: mot::routed_mm "
@@ -431,9 +421,14 @@ class ModalityRMSNorm(nn.ModuleList):
         for norm in self:
             norm.reset_parameters()
 
+    def modality_weight(self, modality: int) -> torch.Tensor:
+        """The weight that scales `modality`'s tokens (tensor parallel swaps in a subclass
+        that returns this rank's local copy: infra/sequence_parallel.py)."""
+        return self[modality].weight
+
     def forward(self, x: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
         """`x` is (T, ..., dim) in sorted order, `sorted_ids` (T,) its modality ids."""
         if len(self) == 1:
-            return F.rms_norm(x, (x.shape[-1],), _local(self[0].weight), self.eps)
-        weight = torch.stack([_local(norm.weight) for norm in self])
+            return F.rms_norm(x, (x.shape[-1],), self.modality_weight(0), self.eps)
+        weight = torch.stack([self.modality_weight(m) for m in range(len(self))])
         return _RoutedRMSNorm.apply(x, weight, sorted_ids, self.eps)
