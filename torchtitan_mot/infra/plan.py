@@ -31,7 +31,7 @@ from torchtitan.distributed.pipeline_parallel import pipeline_llm
 
 from torchtitan_mot import mot_args
 from torchtitan_mot.data.tokenizer import build_mot_tokenizer, VocabLayout
-from torchtitan_mot.infra.cpu import enable_cpu_fallback
+from torchtitan_mot.compat.cpu import enable_cpu_fallback
 from torchtitan_mot.infra.parallelize import parallelize_mot
 from torchtitan_mot.model import MoTTransformer
 from torchtitan_mot.model.args import MoTModelArgs
