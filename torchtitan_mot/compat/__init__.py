@@ -1,7 +1,8 @@
 """Every workaround for a limit of TorchTitan 0.2.2 (or of the torch it runs on) lives here.
 
 - `torchtitan_0_2_2`: the trainer, pipeline and DDP gradient scale, config manager,
-  checkpointer, optimizer container, context-parallel sharding and compile-cache workarounds;
+  checkpointer, optimizer container, context-parallel sharding, compile-cache and FSDP2
+  workarounds;
 - `cpu`: the CPU/gloo fallback (stock TorchTitan 0.2.2 assumes an accelerator).
 
 Each monkeypatch, private call or subclass names the upstream limit it works around in one

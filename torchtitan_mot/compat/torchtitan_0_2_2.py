@@ -15,6 +15,7 @@ from torch import nn
 from torch._inductor.runtime.cache_dir_utils import cache_dir
 from torch.distributed._composable.replicate import DDP as ReplicatedModule
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.distributed.tensor.experimental._attention import _HeadTailLoadBalancer
 from torchtitan.components.checkpoint import CheckpointManager
@@ -193,6 +194,15 @@ class ParamGroupsOptimizersContainer(OptimizersContainer):
         self._validate_length(len(self.model_parts))
         all_params = [p for groups in param_groups for group in groups for p in group["params"]]
         self._post_init(all_params, optimizer_kwargs)
+
+
+def fsdp_reshards_after_forward(module: FSDPModule) -> bool:
+    """torch's FSDP2 has no public getter for `reshard_after_forward` (private `_get_fsdp_state`).
+
+    Its param group keeps a post-forward mesh only when it reshards after forward.
+    """
+    group = module._get_fsdp_state()._fsdp_param_group
+    return group is None or group.post_forward_mesh_info is not None
 
 
 def shard_on_host_for_context_parallel(
