@@ -60,7 +60,8 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from torchtitan_mot import mot_args
-from torchtitan_mot.model import HostTensor, MoTModelArgs
+from torchtitan_mot.infra.modality_ids import HostTensor
+from torchtitan_mot.model import MoTModelArgs
 from torchtitan_mot.model.routing import routed_mm
 from torchtitan_mot.testing.feature_matrix import FEATURE_SETS, FeatureMatrix, summary_line
 from torchtitan_mot.perf import (

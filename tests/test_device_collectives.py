@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import torchtitan_mot.metrics as metrics_module
-import torchtitan_mot.validate as validate_module
-from torchtitan_mot.loss import MoTLoss
-from torchtitan_mot.metrics import MoTMetricsProcessor
-from torchtitan_mot.reliability import NonFiniteLossGuard
-from torchtitan_mot.validate import MoTValidator
+import torchtitan_mot.trainer.metrics as metrics_module
+import torchtitan_mot.trainer.validate as validate_module
+from torchtitan_mot.trainer.loss import MoTLoss
+from torchtitan_mot.trainer.metrics import MoTMetricsProcessor
+from torchtitan_mot.trainer.nonfinite_guard import NonFiniteLossGuard
+from torchtitan_mot.trainer.validate import MoTValidator
 
 META = torch.device("meta")
 TABLE = torch.tensor([0, 0, 1, 1])

@@ -9,14 +9,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
-from torchtitan_mot.reliability import NonFiniteLossError, NonFiniteLossGuard
-from torchtitan_mot.loss import MoTLoss
+from torchtitan_mot.trainer.nonfinite_guard import NonFiniteLossError, NonFiniteLossGuard
+from torchtitan_mot.trainer.loss import MoTLoss
 from torchtitan_mot.warm_start import mot_target
 
 from test_resume import CONFIG, REPO, run_trainer, small_args
 from test_freeze import _config, TINY
 
-from torchtitan_mot.optimizer import build_mot_optimizers
+from torchtitan_mot.trainer.optimizer import build_mot_optimizers
 
 
 def _loss_with_stats() -> MoTLoss:
@@ -191,7 +191,7 @@ def test_pipeline_stage_accepts_other_stages_keys_but_not_wrong_shapes(tmp_path:
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from torchtitan_mot.reliability import check_checkpoint_matches, CheckpointMismatchError
+    from torchtitan_mot.trainer.checkpoint_check import check_checkpoint_matches, CheckpointMismatchError
 
     full = {"layers.0.attention.wq.0.weight": torch.zeros(4, 4),
             "layers.1.attention.wq.0.weight": torch.zeros(4, 4)}

@@ -12,7 +12,7 @@ from torchtitan.config import LRScheduler as LRSchedulerConfig, Optimizer as Opt
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 from torchtitan_mot.model.routing import ModalityLinear, ModalityRMSNorm
 from torchtitan_mot.warm_start import mot_target
-from torchtitan_mot.optimizer import (
+from torchtitan_mot.trainer.optimizer import (
     build_mot_optimizers,
     ModalityOptimizerConfig,
     MoTOptimizersContainer,

@@ -11,7 +11,7 @@ from torchtitan_mot import build_model_args
 from torchtitan_mot.data.tokenizer import VocabLayout
 from torchtitan_mot.generate import generate_segment, load_model, sample_token
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
-from torchtitan_mot.reliability import CheckpointMismatchError
+from torchtitan_mot.trainer.checkpoint_check import CheckpointMismatchError
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT = VocabLayout(text_vocab_size=40, modalities=("text", "image", "speech"), codebook_sizes=(12, 9))

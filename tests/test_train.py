@@ -168,7 +168,7 @@ def test_modality_losses_skip_modalities_without_tokens():
     """mean = sum / count per modality; a modality with no tokens is left out, not NaN."""
     import torch
 
-    from torchtitan_mot.metrics import MoTMetricsProcessor
+    from torchtitan_mot.trainer.metrics import MoTMetricsProcessor
 
     class StatsLoss:
         modalities = ["text", "image", "speech"]

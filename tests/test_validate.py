@@ -22,10 +22,10 @@ from torchtitan.distributed import ParallelDims, utils as dist_utils
 
 from torchtitan_mot.data.dataloader import build_mot_validation_dataloader
 from torchtitan_mot.data.tokenizer import build_mot_tokenizer, VocabLayout
-from torchtitan_mot.infra.cpu import enable_cpu_fallback
-from torchtitan_mot.loss import build_mot_loss
+from torchtitan_mot.compat.cpu import enable_cpu_fallback
+from torchtitan_mot.trainer.loss import build_mot_loss
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
-from torchtitan_mot.validate import build_mot_validator
+from torchtitan_mot.trainer.validate import build_mot_validator
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo" / "text_image"

@@ -14,12 +14,12 @@ from torchtitan.protocols.train_spec import register_train_spec, TrainSpec
 from .data.dataloader import build_mot_dataloader
 from .data.tokenizer import build_mot_tokenizer, VocabLayout
 from .infra.parallelize import parallelize_mot
-from .loss import build_mot_loss
-from .metrics import build_mot_metrics_processor
 from .model import MoTModelArgs, MoTTransformer
 from .model.state_dict_adapter import MoTStateDictAdapter
-from .optimizer import build_mot_optimizers
-from .validate import build_mot_validator
+from .trainer.loss import build_mot_loss
+from .trainer.metrics import build_mot_metrics_processor
+from .trainer.optimizer import build_mot_optimizers
+from .trainer.validate import build_mot_validator
 
 _debug = dict(dim=256, n_layers=6, n_heads=16, rope_theta=500000)
 _8b = dict(

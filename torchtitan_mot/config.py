@@ -1,10 +1,19 @@
 """The `[mot]` section of the job config (loaded through `job.custom_config_module`).
 
 TorchTitan merges this `JobConfig` into its own, so every field is settable from TOML
-(`[mot]`) and from the command line (`--mot.modalities text image`).
+(`[mot]`) and from the command line (`--mot.modalities text image`). `MoTConfigManager`
+(what `python -m torchtitan_mot.train` parses with) loads this module by default.
 """
 
+import sys
 from dataclasses import dataclass, field
+
+from torchtitan.config import ConfigManager, JobConfig as TorchTitanJobConfig
+
+from torchtitan_mot.compat.torchtitan_0_2_2 import config_file_values
+from torchtitan_mot.data.dataset import fill_modalities_from_meta
+
+_CONFIG_MODULE_FLAGS = ("--job.custom_config_module", "--job.custom-config-module")
 
 
 @dataclass
@@ -59,3 +68,20 @@ class MoT:
 @dataclass
 class JobConfig:
     mot: MoT = field(default_factory=MoT)
+
+
+class MoTConfigManager(ConfigManager):
+    """ConfigManager whose `job.custom_config_module` defaults to this module and whose unset
+    `[mot].modalities` / `codebook_sizes` come from the dataset's meta.json."""
+
+    def parse_args(self, args: list[str] | None = None) -> TorchTitanJobConfig:
+        args = list(sys.argv[1:] if args is None else args)
+        given = any(a.split("=", 1)[0] in _CONFIG_MODULE_FLAGS for a in args)
+        toml_values = config_file_values(self, args)
+        if not given and not toml_values.get("job", {}).get("custom_config_module"):
+            args += [_CONFIG_MODULE_FLAGS[0], __name__]
+        job_config = super().parse_args(args)
+        if hasattr(job_config, "mot"):
+            # Before the trainer copies [mot] anywhere (e.g. into the optimizer config).
+            fill_modalities_from_meta(job_config)
+        return job_config

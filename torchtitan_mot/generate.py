@@ -17,7 +17,7 @@ from torchtitan.config import JobConfig
 from . import build_model_args
 from .data.tokenizer import VocabLayout
 from .model import MoTTransformer
-from .reliability import check_checkpoint_matches
+from .trainer.checkpoint_check import check_checkpoint_matches
 
 
 def sample_token(

@@ -55,9 +55,9 @@ def check_config_file(path: str) -> None:
 
 def parse_job_config(trainer_args: Sequence[str]) -> JobConfig:
     """The JobConfig the trainer will build from the same arguments (TOML + overrides)."""
-    from torchtitan_mot.train import _MoTConfigManager
+    from torchtitan_mot.config import MoTConfigManager
 
-    return _MoTConfigManager().parse_args(list(trainer_args))
+    return MoTConfigManager().parse_args(list(trainer_args))
 
 
 def check_parallel_degrees(config: JobConfig, nodes: int, procs_per_node: int) -> ParallelDims:

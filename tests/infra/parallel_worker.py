@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from torchtitan_mot.infra.cpu import enable_cpu_fallback
+from torchtitan_mot.compat.cpu import enable_cpu_fallback
 
 enable_cpu_fallback()
 
@@ -26,10 +26,10 @@ from torchtitan.distributed import ParallelDims  # noqa: E402
 from torchtitan.distributed.pipeline_parallel import pipeline_llm  # noqa: E402
 from torchtitan.distributed.utils import clip_grad_norm_  # noqa: E402
 
-from torchtitan_mot.infra.inputs import prepare_mot_inputs  # noqa: E402
+from torchtitan_mot.infra.modality_ids import HostTensor, prepare_mot_inputs  # noqa: E402
 from torchtitan_mot.infra.parallelize import parallelize_mot  # noqa: E402
-from torchtitan_mot.loss import modality_cross_entropy  # noqa: E402
-from torchtitan_mot.model import HostTensor, MoTModelArgs, MoTTransformer  # noqa: E402
+from torchtitan_mot.trainer.loss import modality_cross_entropy  # noqa: E402
+from torchtitan_mot.model import MoTModelArgs, MoTTransformer  # noqa: E402
 
 VOCAB, TEXT_VOCAB = 128, 96
 ARGS = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=32,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchtitan_mot.infra.cpu import HostMemoryMonitor, enable_cpu_fallback
+from torchtitan_mot.compat.cpu import HostMemoryMonitor, enable_cpu_fallback
 
 pytestmark = pytest.mark.skipif(
     torch.accelerator.is_available(), reason="the fallback is a no-op with an accelerator"
@@ -88,7 +88,7 @@ FSDP_GRAD_SCRIPT = textwrap.dedent(
     """
     import torch, torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
-    from torchtitan_mot.infra.cpu import enable_cpu_fallback
+    from torchtitan_mot.compat.cpu import enable_cpu_fallback
 
     enable_cpu_fallback()
     dist.init_process_group("gloo")

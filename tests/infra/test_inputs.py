@@ -11,8 +11,7 @@ from torch.distributed.utils import _to_kwargs
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 
-from torchtitan_mot.infra.inputs import keep_modality_ids_on_host, prepare_mot_inputs
-from torchtitan_mot.model import HostTensor
+from torchtitan_mot.infra.modality_ids import HostTensor, keep_modality_ids_on_host, prepare_mot_inputs
 
 META = torch.device("meta")  # stands for the accelerator: a tensor moved there has no data
 

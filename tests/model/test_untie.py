@@ -17,7 +17,7 @@ from torchtitan_mot.model.state_dict_adapter import (
     tie_to_dense_state_dict,
     untie_dense_state_dict,
 )
-from torchtitan_mot.reliability import check_checkpoint_matches, CheckpointMismatchError
+from torchtitan_mot.trainer.checkpoint_check import check_checkpoint_matches, CheckpointMismatchError
 from helpers import make_norms_informative
 
 SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, rope_theta=500000,

@@ -30,7 +30,8 @@ from torchtitan.distributed.pipeline_parallel import pipeline_llm
 
 from torchtitan_mot import build_model_args, mot_args
 from torchtitan_mot.data.tokenizer import build_mot_tokenizer, VocabLayout
-from torchtitan_mot.infra.cpu import enable_cpu_fallback
+from torchtitan_mot.compat.cpu import enable_cpu_fallback
+from torchtitan_mot.compat.torchtitan_0_2_2 import fsdp_reshards_after_forward
 from torchtitan_mot.infra.parallelize import parallelize_mot
 from torchtitan_mot.model import MoTTransformer
 from torchtitan_mot.model.args import MoTModelArgs
@@ -114,13 +115,6 @@ def _local_numel(p: torch.Tensor) -> int:
 
 def _numel(module: nn.Module) -> int:
     return sum(_local_numel(p) for p in module.parameters())
-
-
-def _reshards_after_forward(module: nn.Module) -> bool:
-    # FSDP2 has no public getter for reshard_after_forward: its param group keeps a
-    # post-forward mesh only when it reshards after forward.
-    group = module._get_fsdp_state()._fsdp_param_group
-    return group is None or group.post_forward_mesh_info is not None
 
 
 def vocab_layout(job: JobConfig) -> tuple[VocabLayout, str]:
@@ -209,7 +203,7 @@ def plan_stage(job: JobConfig, ngpu: int, args: MoTModelArgs, stage: int) -> Sta
         # is FSDP-sharded over dp_shard x cp (TorchTitan's "fsdp" mesh), x fsdp is TP-local.
         fsdp = pd.dp_shard * pd.cp
         units = [u for m in parts for u in m.modules() if isinstance(u, FSDPModule) and u not in parts]
-        kept = [u for u in units if not _reshards_after_forward(u)]
+        kept = [u for u in units if not fsdp_reshards_after_forward(u)]
         kept_blocks = [b for b in blocks if b in kept]
         unsharded_blocks = (len(kept_blocks) or min(2, len(blocks))) if units else 0
         block_numel = max(_numel(b) for b in blocks) * fsdp

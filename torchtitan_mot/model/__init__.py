@@ -1,5 +1,5 @@
 from .args import MoTModelArgs
 from .model import MoTBlock, MoTTransformer
-from .routing import build_routing, HostTensor, Routing
+from .routing import build_routing, Routing
 
-__all__ = ["MoTModelArgs", "MoTTransformer", "MoTBlock", "Routing", "build_routing", "HostTensor"]
+__all__ = ["MoTModelArgs", "MoTTransformer", "MoTBlock", "Routing", "build_routing"]

@@ -24,24 +24,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 from torch import nn
 
-
-@dataclass(frozen=True)
-class HostTensor:
-    """Modality ids that must stay in host memory until `build_routing` has counted them.
-
-    TorchTitan's `train_step`, FSDP2's and DDP's root pre-forward all move every
-    `torch.Tensor` argument to the device (a blocking copy); this wrapper is not a tensor, so
-    they pass it through. It is a pytree node, so pipeline parallel still splits the ids
-    into microbatches along with the tokens.
-    """
-
-    tensor: torch.Tensor
-
-
-pytree.register_dataclass(HostTensor)
+from torchtitan_mot.infra.modality_ids import copy_without_waiting
 
 
 @dataclass
@@ -125,7 +110,7 @@ def build_routing(
     Ids already on the device cost one small copy back (the n_modalities group ends).
     """
     given = modality_ids.reshape(-1)  # counted where it lives: on the host, no device read
-    ids = _copy_without_waiting(given, device or given.device)
+    ids = copy_without_waiting(given, device or given.device)
     if n_modalities == 1:
         # The dense twin: every token takes modality 0's weights, no permutation.
         zeros = torch.zeros_like(ids)
@@ -137,17 +122,6 @@ def build_routing(
     counts = torch.bincount(given, minlength=n_modalities)
     offsets = torch.cumsum(counts, 0).to(device="cpu", dtype=torch.int32)
     return Routing(order, inverse, ids.index_select(0, order), offsets, n_modalities)
-
-
-def _copy_without_waiting(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`t.to(device)` that never waits for the device. A blocking host->GPU copy synchronises
-    the stream, and from pageable memory even a non-blocking one may, so host tensors go
-    through page-locked memory (PyTorch keeps that buffer until the copy has run)."""
-    if t.device == device:
-        return t
-    if t.device.type == "cpu" and device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
 
 
 def modality_ids_from_masks(

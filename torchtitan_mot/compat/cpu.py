@@ -183,10 +183,12 @@ def enable_cpu_fallback() -> bool:
     dist_utils.set_pg_timeouts = _set_pg_timeouts_cpu
     # FSDP2 reduce-scatter asks for AVG / PREMUL_SUM, which gloo rejects; force SUM + division.
     _fsdp_collectives._get_gradient_divide_factors = _sum_only_gradient_divide_factors
+    # 0.2.2's init_distributed asks for `cpu:gloo` twice on a CPU host.
     dist_utils.init_distributed = _init_distributed_cpu
     # 0.2.2's apply_fsdp offloads to pinned host memory; pinning needs an accelerator, and
     # on a CPU-only host the offloaded shards are host memory either way.
     llama3_parallelize.CPUOffloadPolicy = functools.partial(CPUOffloadPolicy, pin_memory=False)
+    # 0.2.2's maybe_enable_profiling passes `None` as the device activity without a GPU.
     torch.profiler.profile = _ProfileWithoutNoneActivity
 
     _enabled = True

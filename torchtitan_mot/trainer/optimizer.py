@@ -29,6 +29,7 @@ from torchtitan.components.optimizer import build_optimizers, OptimizersContaine
 from torchtitan.config import JobConfig, Optimizer as OptimizerConfig
 from torchtitan.distributed import ParallelDims
 
+from torchtitan_mot.compat.torchtitan_0_2_2 import ParamGroupsOptimizersContainer
 from torchtitan_mot.model.routing import ModalityLinear, ModalityRMSNorm
 
 
@@ -85,7 +86,7 @@ def modality_parameters(model: nn.Module) -> dict[int, list[nn.Parameter]]:
     return groups
 
 
-class MoTOptimizersContainer(OptimizersContainer):
+class MoTOptimizersContainer(ParamGroupsOptimizersContainer):
     """`OptimizersContainer` with one parameter group per modality (plus the shared one).
 
     Group lrs are `lr x multiplier`; TorchTitan's `LambdaLR` scales each group's initial lr,
@@ -104,10 +105,8 @@ class MoTOptimizersContainer(OptimizersContainer):
         frozen_ids: set[int],
         multipliers: list[float],
     ) -> None:
-        self.optimizers = []
-        self.model_parts = model_parts
         self.step_guard: Callable[[], bool] | None = None
-        all_params: list[nn.Parameter] = []
+        param_groups_per_part: list[list[dict[str, Any]]] = []
         any_untied = False
         per_modality = bool(frozen_ids) or any(m != 1.0 for m in multipliers)
         for model in model_parts:
@@ -133,15 +132,13 @@ class MoTOptimizersContainer(OptimizersContainer):
                 if trainable:
                     lr = optimizer_kwargs["lr"] * multipliers[modality]
                     param_groups.append({"params": trainable, "lr": lr})
-            self.optimizers.append(optimizer_cls(param_groups, **optimizer_kwargs))
-            all_params.extend(p for group in param_groups for p in group["params"])
+            param_groups_per_part.append(param_groups)
         if per_modality and not any_untied:
             raise ValueError(
                 "mot.frozen_modalities / mot.lr_multipliers are set but the model has no "
                 "per-modality weights: they need an MoT flavor (not the dense twin)"
             )
-        self._validate_length(len(self.model_parts))
-        self._post_init(all_params, optimizer_kwargs)
+        super().__init__(model_parts, optimizer_cls, optimizer_kwargs, param_groups_per_part)
 
     def step(self, *args, **kwargs) -> None:
         if self.step_guard is not None and not self.step_guard():

@@ -17,20 +17,21 @@ import torch.nn as nn
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torchtitan.components.loss import LossFunction
 from torchtitan.components.metrics import MetricsProcessor
-from torchtitan.components.validate import BaseValidator, ValidationContext, Validator
+from torchtitan.components.validate import BaseValidator, ValidationContext
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.tools import utils
 from torchtitan.tools.logging import logger
 
-from .data.dataloader import build_mot_validation_dataloader
-from .data.tokenizer import MultimodalTokenizer
-from .infra.inputs import keep_modality_ids_on_host, split_mot_batch
-from .loss import MoTLoss, training_device
+from torchtitan_mot.compat.torchtitan_0_2_2 import set_pipeline_loss
+from torchtitan_mot.data.dataloader import build_mot_validation_dataloader
+from torchtitan_mot.data.tokenizer import MultimodalTokenizer
+from torchtitan_mot.infra.modality_ids import keep_modality_ids_on_host, split_mot_batch
+from torchtitan_mot.trainer.loss import MoTLoss, training_device
 
 
-class MoTValidator(Validator):
-    """`Validator` over the MoT validation split, with per-modality losses.
+class MoTValidator(BaseValidator):
+    """Validation over the MoT validation split, with per-modality losses.
 
     Uses its OWN `MoTLoss` (unweighted, same vocabulary layout), so the training loss's
     per-modality accumulators, which feed the training log, never see validation tokens.
@@ -58,8 +59,9 @@ class MoTValidator(Validator):
                 f"validation.seq_len={job_config.validation.seq_len} exceeds training.seq_len="
                 f"{job_config.training.seq_len}, the longest sequence the model's RoPE table covers"
             )
-        # Validator.__init__ would build a text-only dataloader; set its attributes here.
-        BaseValidator.__init__(self, job_config)
+        # Not a `Validator`: its __init__ builds a text-only dataloader, and every method it
+        # adds is replaced here (same constructor arguments, as the trainer passes them).
+        super().__init__(job_config)
         del loss_fn  # the trainer's loss accumulates training stats; see the class docstring
         self.tokenizer = tokenizer
         self.parallel_dims = parallel_dims
@@ -119,8 +121,7 @@ class MoTValidator(Validator):
                 return
             assert self.pp_schedule is not None
             # The schedule calls its loss on the last stage; point it at ours for this batch.
-            train_loss = self.pp_schedule._loss_fn
-            self.pp_schedule._loss_fn = self.loss_fn
+            train_loss = set_pipeline_loss(self.pp_schedule, self.loss_fn)
             try:
                 targets, losses = (labels, []) if self.pp_has_last_stage else (None, None)
                 if self.pp_has_first_stage:
@@ -130,7 +131,7 @@ class MoTValidator(Validator):
                 else:
                     self.pp_schedule.eval(**extra_kwargs, target=targets, losses=losses)
             finally:
-                self.pp_schedule._loss_fn = train_loss
+                set_pipeline_loss(self.pp_schedule, train_loss)
 
     def _reduce(self, stats: torch.Tensor) -> torch.Tensor:
         """Sum over the loss mesh (dp x cp) and over pipeline stages (only the last has a

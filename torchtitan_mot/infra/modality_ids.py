@@ -1,19 +1,22 @@
-"""Route MoT's per-token modality ids through pipeline and context parallel.
+"""Host-side modality ids: kept in host memory up to the model, routed through PP and CP.
+
+The ids stay in host memory up to the model (`HostTensor`): the model counts the modality
+group sizes there, so its forward never copies anything back from the device; the one copy
+to the device goes through pinned memory (`copy_without_waiting`).
 
 TorchTitan 0.2.2 splits a batch into `extra_inputs` (first pipeline stage only) and
 `extra_kwargs` (every stage), and context parallel shards only `inputs`, `labels` and
 `positions`. Every MoT block needs the modality of every token, so `modality_ids` must
 reach every stage and, under context parallel, be sharded exactly like the tokens
 (including the load balancer's reordering).
-
-The ids stay in host memory up to the model (`HostTensor`): the model counts the modality
-group sizes there, so its forward never copies anything back from the device.
 """
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.attention.flex_attention import BlockMask
@@ -22,10 +25,36 @@ from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.context_parallel import cp_shard
 
-from torchtitan_mot.compat import shard_on_host_for_context_parallel
-from torchtitan_mot.model.routing import HostTensor
+from torchtitan_mot.compat.torchtitan_0_2_2 import shard_on_host_for_context_parallel
 
 MODALITY_IDS = "modality_ids"
+
+
+@dataclass(frozen=True)
+class HostTensor:
+    """Modality ids that must stay in host memory until `build_routing` has counted them.
+
+    TorchTitan's `train_step`, FSDP2's and DDP's root pre-forward all move every
+    `torch.Tensor` argument to the device (a blocking copy); this wrapper is not a tensor, so
+    they pass it through. It is a pytree node, so pipeline parallel still splits the ids
+    into microbatches along with the tokens.
+    """
+
+    tensor: torch.Tensor
+
+
+pytree.register_dataclass(HostTensor)
+
+
+def copy_without_waiting(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t.to(device)` that never waits for the device. A blocking host->GPU copy synchronises
+    the stream, and from pageable memory even a non-blocking one may, so host tensors go
+    through page-locked memory (PyTorch keeps that buffer until the copy has run)."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def keep_modality_ids_on_host(

@@ -1,0 +1,224 @@
+"""Workarounds for TorchTitan 0.2.2 (and the torch it runs on), except the CPU fallback.
+
+The first docstring line of each function or class names the limit it works around.
+"""
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torchtitan.train
+from torch import nn
+from torch._inductor.runtime.cache_dir_utils import cache_dir
+from torch.distributed._composable.replicate import DDP as ReplicatedModule
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.pipelining.schedules import _PipelineSchedule
+from torch.distributed.tensor.experimental._attention import _HeadTailLoadBalancer
+from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.components.optimizer import OptimizersContainer
+from torchtitan.config import ConfigManager
+from torchtitan.config.job_config import Parallelism
+from torchtitan.distributed import ParallelDims
+from torchtitan.distributed import utils as dist_utils
+
+
+def isolate_compile_cache_per_rank() -> None:
+    """torch 2.13's AOTAutograd cache key of a DTensor ignores the rank (pytorch#188390).
+
+    Ranks sharing a cache would load graphs traced for another rank's process groups or
+    device, so each rank of a multi-process run gets its own subfolder of the inductor cache
+    (read from TORCHINDUCTOR_CACHE_DIR, which torch consults lazily); warm restarts keep it.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+            cache_dir(), f"rank{os.environ['RANK']}"
+        )
+
+
+def run_main(
+    trainer_cls: type[torchtitan.train.Trainer], config_manager_cls: type[ConfigManager]
+) -> None:
+    """0.2.2's `main()` builds a plain `ConfigManager()` itself (no parameter for a subclass).
+
+    Runs TorchTitan's own `main` with `config_manager_cls` swapped in for it.
+    """
+    torchtitan.train.ConfigManager = config_manager_cls
+    torchtitan.train.main(trainer_cls)
+
+
+def config_file_values(config_manager: ConfigManager, args: list[str]) -> dict[str, Any]:
+    """0.2.2's `ConfigManager` reads `--job.config_file` only in its private `_maybe_load_toml`.
+
+    The values of the TOML file named in `args` (empty without one), before any merging.
+    """
+    return config_manager._maybe_load_toml(args) or {}
+
+
+class MoTLossRecords(Protocol):
+    """The per-call records of `torchtitan_mot.trainer.loss.MoTLoss`."""
+
+    @property
+    def n_records(self) -> int: ...
+
+    def discard_records(self, start: int, count: int) -> None: ...
+
+
+@contextmanager
+def clipped_grad_norm_to(sink: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """0.2.2's `Trainer.train_step` keeps the clipped total norm to itself until logging.
+
+    Within the context every `dist_utils.clip_grad_norm_` result is also handed to `sink`
+    (the non-finite guard), which then needs no second pass over the gradients.
+    """
+    clip = dist_utils.clip_grad_norm_
+
+    def clip_and_report(*args, **kwargs) -> torch.Tensor:
+        total_norm = clip(*args, **kwargs)
+        sink(total_norm)
+        return total_norm
+
+    dist_utils.clip_grad_norm_ = clip_and_report
+    try:
+        yield
+    finally:
+        dist_utils.clip_grad_norm_ = clip
+
+
+def set_pipeline_loss(
+    schedule: _PipelineSchedule, loss_fn: Callable[..., torch.Tensor]
+) -> Callable[..., torch.Tensor]:
+    """0.2.2 gives a pipeline schedule its loss once; torch has no setter (private `_loss_fn`).
+
+    Makes the schedule call `loss_fn` on the last stage from its next step on; returns the
+    loss it called before.
+    """
+    previous = schedule._loss_fn
+    schedule._loss_fn = loss_fn
+    return previous
+
+
+class GlobalTokenScaledLoss:
+    """0.2.2's PP `forward_backward_step` divides by the global token count only after backward ran.
+
+    The gradients are then those of the token SUM, `global_valid_tokens` times too large
+    (the grad norm explodes and clipping hides a wrong update). Installed as the schedule's
+    loss (`set_pipeline_loss`), this divides the summed loss by the step's global valid-token
+    count inside `dividing_by`, so backward runs on the normalised loss; outside it the
+    divisor is 1, so validation through the same schedule sees the plain sum.
+    """
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor]) -> None:
+        self.loss_fn = loss_fn
+        self.divisor: torch.Tensor | float = 1.0
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.loss_fn(*args, **kwargs) / self.divisor
+
+    @contextmanager
+    def dividing_by(self, global_valid_tokens: torch.Tensor | float) -> Iterator[None]:
+        """Divide by `global_valid_tokens` for one pipeline step; the parent's own division of
+        the returned losses must then be by 1."""
+        self.divisor = global_valid_tokens
+        try:
+            yield
+        finally:
+            self.divisor = 1.0
+
+
+def discard_pipeline_metadata_loss(
+    loss_fn: MoTLossRecords, first: int, parallelism: Parallelism, local_batch: int
+) -> None:
+    """torch's pipeline schedules call the loss once more, on real data, the first time they run.
+
+    That call (backward metadata inference) is no training microbatch: drops the records of
+    such extra calls made since record `first`, so the per-modality losses of the first step
+    cover exactly its microbatches.
+    """
+    microbatches = local_batch // parallelism.pipeline_parallel_microbatch_size
+    extra = loss_fn.n_records - first - microbatches
+    if extra > 0:
+        loss_fn.discard_records(first, extra)
+
+
+def _allreduce_sum_hook(
+    group: dist.ProcessGroup, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """DDP comm hook that sums gradients instead of averaging them."""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def sum_gradients_over_replicas(model_parts: list[nn.Module], parallel_dims: ParallelDims) -> None:
+    """0.2.2's `apply_ddp` AVERAGES gradients over dp ranks on top of the global-token normalisation.
+
+    That leaves gradients 1/dp too small; a comm hook that SUMS is registered on every
+    replicated model part (a no-op without DDP).
+    """
+    replicated = [m for m in model_parts if isinstance(m, ReplicatedModule)]
+    if replicated:
+        group = parallel_dims.get_mesh("dp_replicate").get_group()
+        for module in replicated:
+            module.register_comm_hook(group, _allreduce_sum_hook)
+
+
+def checkpoint_id_for_step(checkpointer: CheckpointManager, load_step: int) -> str | None:
+    """0.2.2's `CheckpointManager` picks its load step in private `_find_load_step`/`_create_checkpoint_id`.
+
+    The checkpoint id of `load_step` in the checkpoint folder (-1: the latest complete
+    step), or None when there is none.
+    """
+    step = checkpointer._find_load_step() if load_step == -1 else load_step
+    return None if step == -1 else checkpointer._create_checkpoint_id(step)
+
+
+class ParamGroupsOptimizersContainer(OptimizersContainer):
+    """0.2.2's `OptimizersContainer.__init__` puts each model part's parameters in ONE param group.
+
+    This one takes the param groups of each model part; the rest of the parent's set-up is
+    its private `_validate_length` / `_post_init`.
+    """
+
+    def __init__(
+        self,
+        model_parts: list[nn.Module],
+        optimizer_cls: type[torch.optim.Optimizer],
+        optimizer_kwargs: dict[str, Any],
+        param_groups: list[list[dict[str, Any]]],
+    ) -> None:
+        self.model_parts = model_parts
+        self.optimizers = [optimizer_cls(groups, **optimizer_kwargs) for groups in param_groups]
+        self._validate_length(len(self.model_parts))
+        all_params = [p for groups in param_groups for group in groups for p in group["params"]]
+        self._post_init(all_params, optimizer_kwargs)
+
+
+def fsdp_reshards_after_forward(module: FSDPModule) -> bool:
+    """torch's FSDP2 has no public getter for `reshard_after_forward` (private `_get_fsdp_state`).
+
+    Its param group keeps a post-forward mesh only when it reshards after forward.
+    """
+    group = module._get_fsdp_state()._fsdp_param_group
+    return group is None or group.post_forward_mesh_info is not None
+
+
+def shard_on_host_for_context_parallel(
+    ids: torch.Tensor, cp_mesh: DeviceMesh, load_balancer_type: str | None
+) -> torch.Tensor | None:
+    """0.2.2's `cp_shard` builds its load-balancer index on the device (private `_HeadTailLoadBalancer`).
+
+    Host tensors would otherwise go to the device (and MoT's ids back to the host). Shards
+    a host (batch, seq) tensor exactly as `cp_shard` shards the tokens (the same head-tail
+    reordering, then this rank's chunk of the sequence), without the device. Returns None
+    for the "ptrr" balancer, whose order depends on the device-side BlockMask.
+    """
+    if load_balancer_type not in (None, "headtail"):
+        return None
+    world, rank = cp_mesh.size(0), cp_mesh.get_local_rank()
+    if load_balancer_type == "headtail":
+        index = _HeadTailLoadBalancer(ids.shape[1], world, "cpu")._generate_indices()
+        ids = ids.index_select(1, index[0])
+    return ids.chunk(world, dim=1)[rank]

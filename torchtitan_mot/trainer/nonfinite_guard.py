@@ -1,0 +1,120 @@
+"""The non-finite loss guard: a NaN/inf loss or gradient never reaches the weights or a checkpoint.
+
+TorchTitan's `train_step` runs forward/backward for every microbatch, clips gradients, steps
+the optimizer, then (in `train`) may save a checkpoint. A NaN/inf loss would be stepped into
+the weights and the optimizer moments and then saved. `NonFiniteLossGuard` sees each
+microbatch loss (`record`, no host sync) and the total gradient norm TorchTitan computes for
+clipping (`record_grad_norm`), and is asked by the optimizer container right before the step
+(`should_step`, one small all-reduce so every rank takes the same decision: with FSDP a rank
+that skipped while another stepped would diverge or hang). With `mot.nan_policy = "stop"` it
+raises `NonFiniteLossError` naming the step and this rank's per-modality losses; the
+exception leaves `train_step` before the optimizer step, so the weights stay finite and
+TorchTitan's `main` closes the trainer without saving. With `"skip"` the step is skipped
+(weights and optimizer state untouched; the LR schedule and the data position move on) and
+training continues. `MoTTrainer` wires it in.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torchtitan.tools.logging import logger
+
+NAN_POLICIES = ("stop", "skip")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def per_modality_losses(
+    sums: torch.Tensor, counts: torch.Tensor, modalities: Sequence[str]
+) -> dict[str, float]:
+    """Mean cross-entropy per modality; modalities without target tokens are left out."""
+    return {
+        name: float(s / c)
+        for name, s, c in zip(modalities, sums.tolist(), counts.tolist())
+        if c > 0
+    }
+
+
+class NonFiniteLossGuard:
+    """Collects one step's microbatch losses and decides whether the optimizer may step."""
+
+    def __init__(
+        self,
+        policy: str,
+        modalities: Sequence[str],
+        loss_fn: Any = None,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if policy not in NAN_POLICIES:
+            raise ValueError(f"mot.nan_policy must be one of {NAN_POLICIES}, got {policy!r}")
+        self.policy = policy
+        self.modalities = list(modalities)
+        self.loss_fn = loss_fn
+        self.group = group
+        self.skipped_steps: list[int] = []
+        self._bad: torch.Tensor | None = None
+        self._losses: list[torch.Tensor] = []
+        self._grad_norm: torch.Tensor | None = None
+
+    def record(self, loss: torch.Tensor) -> None:
+        """Remember a microbatch loss (device tensor; no host sync here)."""
+        loss = loss.detach()
+        bad = (~torch.isfinite(loss)).any()
+        self._bad = bad if self._bad is None else self._bad | bad
+        self._losses.append(loss)
+
+    def record_grad_norm(self, total_norm: torch.Tensor) -> None:
+        """Remember the step's total gradient norm, as computed for clipping.
+
+        TorchTitan's `clip_grad_norm_` reduces it over every mesh the gradients are sharded
+        on (FSDP / TP through DTensor, pipeline stages explicitly), so it is non-finite on
+        every rank as soon as one gradient element anywhere is: no second pass over the
+        gradients is needed to catch an overflow in backward.
+        """
+        self._grad_norm = total_norm.detach()
+
+    def should_step(self, step: int) -> bool:
+        """True if every rank's losses and the step's gradients are finite; resets.
+
+        A finite loss can still give non-finite gradients (an overflow in backward, or
+        weights already at the edge of float range); the optimizer would then write NaN
+        into the weights. Must be called on every rank once per step: it is a collective
+        when distributed (one 2-element all-reduce) and reads one value to the host.
+        """
+        losses, bad, grad_norm = self._losses, self._bad, self._grad_norm
+        self._bad, self._losses, self._grad_norm = None, [], None
+        flags = [
+            torch.tensor(False) if bad is None else bad,
+            torch.tensor(False) if grad_norm is None else ~torch.isfinite(grad_norm),
+        ]
+        device = next((f.device for f in flags if f.device.type != "cpu"), flags[0].device)
+        flag = torch.stack([f.to(device) for f in flags]).to(torch.int32)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        loss_bad, grad_bad = flag.tolist()
+        if not (loss_bad or grad_bad):
+            return True
+        report = self.report(step, losses)
+        if not loss_bad:
+            report += " (the loss was finite, the gradients were not)"
+        if self.policy == "stop":
+            raise NonFiniteLossError(
+                f"{report}; stopped before the optimizer step, nothing was saved for this step "
+                "(set mot.nan_policy = \"skip\" to skip such steps instead)"
+            )
+        self.skipped_steps.append(step)
+        logger.warning(f"{report}; step skipped (weights and optimizer state unchanged)")
+        return False
+
+    def report(self, step: int, losses: Sequence[torch.Tensor]) -> str:
+        """Step number, this rank's microbatch losses and per-modality mean losses."""
+        values = [round(float(v), 6) for v in torch.stack([l.float().reshape(()) for l in losses])] if losses else []
+        text = f"non-finite loss or gradients at step {step}: microbatch losses on this rank {values}"
+        if self.loss_fn is not None and hasattr(self.loss_fn, "pop_modality_stats"):
+            sums, counts = self.loss_fn.pop_modality_stats()
+            text += f", per-modality loss {per_modality_losses(sums, counts, self.modalities)}"
+        return text

@@ -1,0 +1,119 @@
+"""`MoTTrainer`: TorchTitan's `Trainer` with what MoT needs around each step.
+
+- modality ids stay on the host and reach every pipeline stage, sharded with the tokens
+  under context parallel (`infra.modality_ids`);
+- per-modality optimizer settings (`optimizer`), per-modality losses in the step log
+  (`metrics`);
+- the non-finite loss guard (`nonfinite_guard`) and the start-up checkpoint check
+  (`checkpoint_check`);
+- the correct gradient scale under pipeline parallel and DDP, which 0.2.2 gets wrong
+  (`compat.torchtitan_0_2_2`: `GlobalTokenScaledLoss`, `sum_gradients_over_replicas`).
+
+Gradient scale. TorchTitan normalises the loss as `sum over the step's tokens of CE / global
+valid tokens`: the loss function returns a SUM, and without PP `forward_backward_step` divides
+by `global_valid_tokens` before `backward`, so FSDP (whose gradient division TorchTitan turns
+off) sums already-normalised gradients. Under PP the division has to happen inside the
+schedule's loss, and under DDP the replicas' gradients have to be summed, not averaged.
+"""
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torchtitan.train
+from torchtitan.config import JobConfig
+
+from torchtitan_mot.compat.torchtitan_0_2_2 import (
+    clipped_grad_norm_to,
+    discard_pipeline_metadata_loss,
+    GlobalTokenScaledLoss,
+    set_pipeline_loss,
+    sum_gradients_over_replicas,
+)
+from torchtitan_mot.infra.modality_ids import keep_modality_ids_on_host, split_mot_batch
+from torchtitan_mot.trainer.checkpoint_check import check_start_checkpoint
+from torchtitan_mot.trainer.nonfinite_guard import NonFiniteLossGuard
+from torchtitan_mot.trainer.optimizer import MoTOptimizersContainer, use_modality_optimizer_settings
+
+
+class MoTTrainer(torchtitan.train.Trainer):
+    """TorchTitan `Trainer` for MoT (see the module docstring for what it adds)."""
+
+    def __init__(self, job_config: JobConfig) -> None:
+        # The parent builds the optimizer from `job_config.optimizer`: give it the [mot] settings.
+        use_modality_optimizer_settings(job_config)
+        super().__init__(job_config)
+        self.nonfinite_guard = NonFiniteLossGuard(
+            job_config.mot.nan_policy, job_config.mot.modalities, self.loss_fn
+        )
+        if not isinstance(self.optimizers, MoTOptimizersContainer):
+            raise ValueError(
+                "the non-finite loss guard needs torchtitan_mot's optimizer container "
+                f"(build_mot_optimizers); got {type(self.optimizers).__name__} "
+                "(optimizer.early_step_in_backward and fault tolerance are not supported)"
+            )
+        check_start_checkpoint(
+            self.checkpointer, job_config, self.model_parts, stage_only=self.parallel_dims.pp_enabled
+        )
+        self.optimizers.step_guard = lambda: self.nonfinite_guard.should_step(self.step)
+        self.metrics_processor.loss_fn = self.loss_fn
+
+        self.pp_loss_fn: GlobalTokenScaledLoss | None = None
+        if self.parallel_dims.pp_enabled:
+            self.pp_loss_fn = GlobalTokenScaledLoss(self.loss_fn)
+            set_pipeline_loss(self.pp_schedule, self.pp_loss_fn)
+        sum_gradients_over_replicas(self.model_parts, self.parallel_dims)
+
+    def batch_generator(
+        self, data_iterable: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]
+    ) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        """TorchTitan's batches with `modality_ids` kept in host memory, where the model
+        counts the tokens per modality without a device->host copy."""
+        return keep_modality_ids_on_host(super().batch_generator(data_iterable))
+
+    def post_dataloading_process(
+        self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        """`modality_ids` travel in `extra_kwargs` (every pipeline stage needs them) and are
+        sharded with the tokens under context parallel (`split_mot_batch`)."""
+        return split_mot_batch(
+            input_dict, labels, self.model_parts[0], self.tokenizer,
+            self.parallel_dims, self.job_config, self.device,
+        )
+
+    def forward_backward_step(
+        self,
+        *,
+        input_dict: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        global_valid_tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        """The parent's step (under PP with the loss normalised inside the schedule); the
+        loss is handed to the non-finite guard."""
+        if self.pp_loss_fn is None:
+            loss = super().forward_backward_step(
+                input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
+            )
+        else:
+            records = getattr(self.loss_fn, "n_records", 0)
+            with self.pp_loss_fn.dividing_by(global_valid_tokens):
+                # Losses come back already divided; the parent's division must be a no-op.
+                loss = super().forward_backward_step(
+                    input_dict=input_dict, labels=labels, global_valid_tokens=1.0
+                )
+            if self.pp_has_last_stage and hasattr(self.loss_fn, "discard_records"):
+                discard_pipeline_metadata_loss(
+                    self.loss_fn, records, self.job_config.parallelism, labels.shape[0]
+                )
+        self.nonfinite_guard.record(loss)
+        return loss
+
+    def train_step(
+        self, data_iterator: Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]
+    ) -> None:
+        # Per-modality stats are logged for this step only, like the total loss: drop what
+        # accumulated since the last log (earlier unlogged steps, validation).
+        if hasattr(self.loss_fn, "pop_modality_stats"):
+            self.loss_fn.pop_modality_stats()
+        with clipped_grad_norm_to(self.nonfinite_guard.record_grad_norm):
+            super().train_step(data_iterator)
