@@ -13,7 +13,7 @@ import torchtitan_mot
 from torchtitan_mot.data.tokenizer import MultimodalTokenizer
 
 from helpers import checkpoint_tensors, make_norms_informative
-from test_resume import CONFIG, REPO, run_trainer, small_args
+from test_resume import REPO, run_trainer, small_args
 
 
 def test_trainer_starts_from_hf_llama(tmp_path: Path) -> None:
