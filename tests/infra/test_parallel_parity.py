@@ -4,7 +4,8 @@ single-process run (multi-process gloo on CPU; see parallel_worker.py for the ca
 Tolerances (fp32; only reduction order differs): per-step loss 1e-5 (losses ~5),
 gradients of the first and of the last (5th) step 1e-6 (largest gradient ~0.07; measured
 2026-12-01 with `torchrun --nproc_per_node=2 tests/infra/parallel_worker.py OUT tp2
-fsdp2_rank1_text_only pp2 tp2_compile`: at most 2.2e-8 and 3.3e-8), parameters after 5
+fsdp2_rank1_text_only pp2 tp2_compile`, and 4 processes for fsdp2_tp2 pp2_tp2: first step at
+most 2.6e-8, last 3.3e-8), parameters after 5
 AdamW steps 1e-4 (lr 1e-3, so a tenth of one step).
 """
 
