@@ -1,12 +1,17 @@
 """Helpers shared by tests (importable as `helpers`: pytest's `pythonpath`): TensorBoard
-scalars of a run, raw inputs for `torchtitan_mot.data.prepare`."""
+scalars of a run, the tensors of a DCP checkpoint, gloo process groups in spawned processes,
+raw inputs for `torchtitan_mot.data.prepare`."""
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 
 def tb_scalars(dump: Path, tag: str = "loss_metrics/global_avg_loss") -> dict[int, float]:
@@ -23,6 +28,40 @@ def tb_scalars(dump: Path, tag: str = "loss_metrics/global_avg_loss") -> dict[in
         if tag in acc.Tags()["scalars"]:
             values.update({e.step: e.value for e in acc.Scalars(tag)})
     return values
+
+
+def checkpoint_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor entry of a DCP checkpoint (model and optimizer), by its flat key."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+             if isinstance(m, TensorStorageMetadata)}
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    return state
+
+
+def optimizer_keys(state: dict[str, Any]) -> list[str]:
+    """The optimizer entries of a flattened checkpoint state (TorchTitan's `optimizer.` prefix)."""
+    return [k for k in state if k.startswith("optimizer.")]
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, folder: Path, *args: Any) -> list[Any]:
+    """`fn(rank, world_size, *args)` in `world_size` spawned processes joined in one gloo
+    group; returns every rank's result, in rank order (so a test can check each rank, not
+    only rank 0). `fn` must be importable (a module-level function)."""
+    mp.spawn(_run_rank, args=(world_size, str(folder), fn, args), nprocs=world_size)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def _run_rank(rank: int, world_size: int, folder: str, fn: Callable[..., Any], args: tuple) -> None:
+    store = dist.FileStore(os.path.join(folder, "store"), world_size)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, store=store)
+    try:
+        torch.save(fn(rank, world_size, *args), os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
 
 
 def make_image_folder(root: Path, n: int, seed: int = 0) -> tuple[Path, Path]:

@@ -10,14 +10,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_smoke() -> None:
-    """Tiny shape, two measured steps: the table (MoT, dense twin, TorchTitan's Llama3), the
-    paired ratios and the two ratio lines."""
+    """Tiny shape, compiled, two measured steps of different modality mixes: the table (MoT,
+    dense twin, TorchTitan's Llama3), the paired ratios, the compile counters (one graph per
+    model, shared by its blocks; no recompile; no graph break) and the two ratio lines."""
     # The script imports this checkout's package (cwd is not on a script's sys.path).
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = subprocess.run(
         [sys.executable, "scripts/benchmark.py", "--dim", "128", "--n-layers", "2",
          "--n-heads", "2", "--seq-len", "64", "--batch", "2", "--vocab", "64",
-         "--steps", "2", "--warmup", "1", "--threads", "1", "--device", "cpu"],
+         "--steps", "2", "--warmup", "1", "--threads", "1", "--device", "cpu", "--compile"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True,
     ).stdout
     rows = {line.split()[0]: line.split() for line in out.splitlines()
@@ -36,6 +37,10 @@ def test_benchmark_smoke() -> None:
         assert paired, out
         median, lo, hi = map(float, paired.groups())
         assert lo <= median <= hi
+    mixes = re.search(r"over measured steps: .* \((\d+) distinct mixes\)", out)
+    assert mixes and int(mixes.group(1)) == 2, out  # a count-specialised graph would recompile
+    assert re.search(r"^compile: unique graphs 3, recompiles 0 in total, 0 during the 2 measured "
+                     r"steps \(new graphs 0\), graph breaks 0$", out, re.MULTILINE), out
     last_two = out.strip().splitlines()[-2:]
     assert re.fullmatch(r"mot/llama3 step time ratio: \d+\.\d{3}", last_two[0]), out
     assert re.fullmatch(r"mot/dense step time ratio: \d+\.\d{3}", last_two[1]), out

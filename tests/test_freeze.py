@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.components.lr_scheduler import build_lr_schedulers, LRSchedulersContainer
 from torchtitan.config import LRScheduler as LRSchedulerConfig, Optimizer as OptimizerConfig
 
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
@@ -55,20 +55,30 @@ def test_groups_lr_schedule_and_state_dict() -> None:
     assert [g["lr"] for g in opt.optimizers[0].param_groups] == [1e-2, 1e-2]  # shared, text
 
     # multipliers survive warmup/decay: every group follows the same lambda
-    opt = build_mot_optimizers([MoTTransformer(MoTModelArgs(**TINY))], _config(lr_multipliers=[1.0, 0.25]), None)
-    sched = build_lr_schedulers(opt, LRSchedulerConfig(warmup_steps=2, decay_type="cosine"), 10)
-    for _ in range(4):
-        opt.step()
-        sched.step()
-        lrs = [g["lr"] for g in opt.optimizers[0].param_groups]
+    def build(model: MoTTransformer) -> tuple[MoTOptimizersContainer, LRSchedulersContainer]:
+        opt = build_mot_optimizers([model], _config(lr_multipliers=[1.0, 0.25]), None)
+        return opt, build_lr_schedulers(opt, LRSchedulerConfig(warmup_steps=2, decay_type="cosine"), 10)
+
+    def step_and_check(*runs: tuple[MoTOptimizersContainer, LRSchedulersContainer]) -> list[float]:
+        for opt, sched in runs:
+            opt.step()
+            sched.step()
+        lrs = [g["lr"] for g in runs[0][0].optimizers[0].param_groups]
+        assert all([g["lr"] for g in opt.optimizers[0].param_groups] == lrs for opt, _ in runs)
         assert lrs[2] == pytest.approx(0.25 * lrs[0]) and lrs[1] == lrs[0] > 0
-    # checkpoint state round-trips with several groups
-    state = opt.state_dict()
-    sched_state = sched.state_dict()
-    fresh = build_mot_optimizers([opt.model_parts[0]], _config(lr_multipliers=[1.0, 0.25]), None)
-    fresh.load_state_dict(state)
+        return lrs
+
+    opt, sched = build(MoTTransformer(MoTModelArgs(**TINY)))
+    for _ in range(4):
+        lrs = step_and_check((opt, sched))
+    # Resume from a checkpoint (optimizer and scheduler state into fresh ones): the lrs go on
+    # exactly as without the interruption, through the rest of warmup/decay.
+    fresh, fresh_sched = build(opt.model_parts[0])
+    fresh.load_state_dict(opt.state_dict())
     assert [g["lr"] for g in fresh.optimizers[0].param_groups] == lrs
-    assert sched_state["last_epoch"] == 4
+    fresh_sched.load_state_dict(sched.state_dict())
+    for _ in range(5):  # to step 9 of 10 (the cosine reaches 0 at step 10)
+        step_and_check((opt, sched), (fresh, fresh_sched))
 
 
 def test_bad_settings_are_rejected() -> None:

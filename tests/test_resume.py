@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tb_scalars
+from helpers import checkpoint_tensors, optimizer_keys, tb_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "train_configs" / "debug_mot.toml"
@@ -124,25 +124,18 @@ def _check_exact_resume(tmp_path: Path, nproc: int, extra: list[str]) -> None:
     print(f"resume nproc={nproc}: max abs loss diff steps 6-10 = {max(diffs.values())}")
     assert all(diffs[s] <= ulp(expected[s]) for s in range(6, 11)), diffs
     assert (folder / "step-10" / ".metadata").exists()  # the step-10 save completed this time
-    straight_state = _checkpoint_tensors(tmp_path / "straight" / "checkpoint" / "step-10")
-    resumed_state = _checkpoint_tensors(folder / "step-10")
+    straight_state = checkpoint_tensors(tmp_path / "straight" / "checkpoint" / "step-10")
+    resumed_state = checkpoint_tensors(folder / "step-10")
     assert straight_state.keys() == resumed_state.keys()
     model_keys = [k for k in straight_state if k.startswith("layers.")]
     assert model_keys
+    # The optimizer state is saved (and so compared below): both AdamW moments of every weight.
+    saved = set(optimizer_keys(straight_state))
+    missing = [f"{k}.{m}" for k in model_keys for m in ("exp_avg", "exp_avg_sq")
+               if f"optimizer.state.{k}.{m}" not in saved]
+    assert not missing, missing[:5]
     for key in straight_state:
         assert torch.equal(straight_state[key], resumed_state[key]), key
-
-
-def _checkpoint_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Every tensor entry of a DCP checkpoint (model and optimizer), by its flat key."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    meta = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
-             if isinstance(m, TensorStorageMetadata)}
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
-    return state
 
 
 def test_exact_resume_single_process(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torchtitan.config import ConfigManager, JobConfig
 from torchtitan.distributed import ParallelDims, utils as dist_utils
@@ -26,6 +25,8 @@ from torchtitan_mot.compat.cpu import enable_cpu_fallback
 from torchtitan_mot.trainer.loss import build_mot_loss
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 from torchtitan_mot.trainer.validate import build_mot_validator
+
+from helpers import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo" / "text_image"
@@ -82,11 +83,12 @@ class RecordingMetrics:
         self.logged.append((loss, step, extra_metrics))
 
 
-def run_validator(rank: int, world_size: int, store: dist.Store | None = None) -> tuple:
-    """Build the validator as the Trainer does (dp_shard = world_size), validate twice."""
+def run_validator(rank: int, world_size: int) -> tuple:
+    """Build the validator as the Trainer does (dp_shard = world_size), validate twice
+    (in the caller's process group, or a one-rank one)."""
     enable_cpu_fallback()
     if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, store=store or dist.HashStore())
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, store=dist.HashStore())
     cfg = make_config()
     tok = build_mot_tokenizer(cfg)
     dims = ParallelDims(dp_replicate=1, dp_shard=world_size, cp=1, tp=1, pp=1, ep=1, etp=1,
@@ -107,16 +109,6 @@ def run_validator(rank: int, world_size: int, store: dist.Store | None = None) -
     sums, counts = train_loss.pop_modality_stats()
     assert counts.tolist() == [3.0, 0.0] and model.training
     return first, second, metrics.logged
-
-
-def _worker(rank: int, world_size: int, path: str, out: str) -> None:
-    store = dist.FileStore(path, world_size)
-    try:
-        result = run_validator(rank, world_size, store)
-        if rank == 0:
-            torch.save(result[0], out)
-    finally:
-        dist.destroy_process_group()
 
 
 def dataloader_batches(world_size: int) -> list:
@@ -150,15 +142,16 @@ def test_per_modality_loss_matches_hand_computation(single_process_group) -> Non
 
 
 def test_data_parallel_ranks_reduce_sums_and_counts(tmp_path: Path) -> None:
-    """Two gloo ranks, each on its half of the split: the global token-weighted mean."""
-    out = tmp_path / "losses.pt"
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
+    """Two gloo ranks, each on its half of the split: every rank gets the global
+    token-weighted mean (a reduce to rank 0 alone would leave rank 1 its local mean)."""
+    per_rank = [first for first, _, _ in run_ranks(run_validator, 2, tmp_path)]
     cfg = make_config()
     tok = build_mot_tokenizer(cfg)
     expected = hand_losses(tiny_model(tok.get_vocab_size()), dataloader_batches(2), tok.layout)
-    got = torch.load(out)
-    for key in expected:
-        assert got[key] == pytest.approx(expected[key], rel=1e-5), key
+    for rank, got in enumerate(per_rank):
+        assert got.keys() == expected.keys(), rank
+        for key in expected:
+            assert got[key] == pytest.approx(expected[key], rel=1e-5), (rank, key)
 
 
 def test_trainer_logs_validation_losses_to_tensorboard(tmp_path: Path) -> None:

@@ -4,7 +4,9 @@
 runs every CASE (a `CASES` key, or an `UNTIE_CASES` key: the same run with only some
 components untied) after a single-process reference of the same 5 AdamW steps (computed on
 every rank, deterministic) and writes, from rank 0, a JSON of max abs differences:
-per-step losses, first-step gradients and final parameters (full tensors).
+per-step losses, the gradients of the first and of the last step (full tensors, before
+clipping; the last step's come from weights several updates away from the shared init) and
+the final parameters.
 """
 
 import json
@@ -35,6 +37,7 @@ VOCAB, TEXT_VOCAB = 128, 96
 ARGS = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=32,
             rope_theta=500000, n_modalities=2, qk_norm=True)
 BS, SEQ, STEPS, LR = 4, 32, 5, 1e-3
+GRAD_STEPS = (0, STEPS - 1)  # steps whose gradients are compared
 TABLE = (torch.arange(VOCAB) >= TEXT_VOCAB).long()  # token id -> modality (text, image)
 # case: (dp_shard, tp, pp, ac mode, compile, rows of the batch that are text only, n_modalities)
 CASES = {
@@ -94,8 +97,8 @@ def reference(init: dict, text_only_rows: tuple[int, ...], n_mod: int, untie: li
     for step, (tokens, ids, labels) in enumerate(batches(text_only_rows, n_mod)):
         loss = loss_sum(model(tokens, modality_ids=ids), labels) / (labels != -100).sum()
         loss.backward()
-        if step == 0:
-            grads = {n: full(p.grad) for n, p in model.named_parameters()}
+        if step in GRAD_STEPS:
+            grads[step] = {n: full(p.grad) for n, p in model.named_parameters()}
         clip_grad_norm_(list(model.parameters()), 1.0)
         opt.step()
         opt.zero_grad()
@@ -153,8 +156,8 @@ def run_case(name: str, init: dict, untie: list[str]) -> dict:
                 loss = loss_sum(parts[0](inputs, **extra_inputs, **extra_kwargs), labels)
                 loss = loss / n_tokens["n"]
                 loss.backward()
-        if step == 0:
-            grads = {clean(n): full(p.grad) for m in parts for n, p in m.named_parameters()}
+        if step in GRAD_STEPS:
+            grads[step] = {clean(n): full(p.grad) for m in parts for n, p in m.named_parameters()}
         clip_grad_norm_(params, 1.0, pp_mesh=pd.get_mesh("pp") if pp > 1 else None)
         opt.step()
         opt.zero_grad()
@@ -231,15 +234,18 @@ def main() -> None:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, (got["grads"], got["params"]))
         # under PP each rank holds only its stage's parameters; together they are all
-        grads = {k: v for g, _ in parts for k, v in g.items()}
+        grads = {s: {k: v for g, _ in parts for k, v in g[s].items()} for s in GRAD_STEPS}
         params = {k: v for _, p in parts for k, v in p.items()}
+        grad_diff = {s: max((grads[s][k] - ref["grads"][s][k]).abs().max().item() for k in grads[s])
+                     for s in GRAD_STEPS}
         assert set(params) == set(ref["params"]), sorted(set(params) ^ set(ref["params"]))
         results[case] = dict(
             losses=got["losses"],
             ref_losses=ref["losses"],
             loss_diff=max(abs(a - b) for a, b in zip(got["losses"], ref["losses"])),
-            grad_diff=max((grads[k] - ref["grads"][k]).abs().max().item() for k in grads),
-            grad_scale=max(g.abs().max().item() for g in ref["grads"].values()),
+            grad_diff=grad_diff[0],
+            last_grad_diff=grad_diff[STEPS - 1],
+            grad_scale=max(g.abs().max().item() for g in ref["grads"][0].values()),
             param_diff=max((params[k] - ref["params"][k]).abs().max().item() for k in params),
             **got["wrapped"],
             placements=got["placements"],

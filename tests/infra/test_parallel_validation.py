@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 
@@ -17,6 +19,8 @@ def _parallelize(seq_len: int = 64, args: dict | None = None, async_tp: bool = F
     d = dict(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1) | degrees
     world = d["dp_replicate"] * d["dp_shard"] * d["cp"] * d["tp"] * d["pp"]
     pd = ParallelDims(**d, ep=1, etp=1, world_size=world)
+    if dist.is_initialized():
+        pd.build_mesh()
     jc = JobConfig()
     jc.training.seq_len = seq_len
     if validation_seq_len is not None:
@@ -36,6 +40,20 @@ def _parallelize(seq_len: int = 64, args: dict | None = None, async_tp: bool = F
         convert_to_float8_training(model, config=Float8LinearConfig(emulate=True),
                                    module_filter_fn=lambda mod, fqn: fqn != "output")
     parallelize_mot(model, pd, jc)
+
+
+@pytest.mark.parametrize("degree", ["tp", "pp"])
+def test_ddp_with_tp_or_pp_is_refused(degree: str) -> None:
+    """DDP (replicate without shard) on a 2-D mesh: refused, naming the setting. The check
+    needs the real mesh, so the ranks are simulated with a fake process group (rank 0 of 4).
+    (With CP TorchTitan shards over the cp ranks, so replicate x cp is HSDP, not DDP.)"""
+    dist.init_process_group("fake", rank=0, world_size=4, store=FakeStore())
+    try:
+        with pytest.raises(ValueError, match=r"data_parallel_replicate_degree without "
+                           r"data_parallel_shard_degree \(DDP\) cannot be combined with tensor/pipeline/context"):
+            _parallelize(dp_replicate=2, **{degree: 2})
+    finally:
+        dist.destroy_process_group()
 
 
 def test_tp_must_divide_heads() -> None:
