@@ -2,7 +2,7 @@
 
 import pytest
 
-from torchtitan_mot.compat import isolate_compile_cache_per_rank
+from torchtitan_mot.compat.torchtitan_0_2_2 import isolate_compile_cache_per_rank
 
 
 @pytest.mark.parametrize(
