@@ -209,10 +209,6 @@ def _write_rows(root: Path, rows: list[dict], name: str) -> Path:
 
 @pytest.mark.parametrize("streaming, name", [
     (False, "train.json"), (False, "train.parquet"), (True, "train.parquet"), (False, "hub"), (True, "hub"),
-    # datasets 5.2 stores segments of mixed fields read from a JSON array as `Json` strings,
-    # and its streaming reader does not decode them: every row reads as strings.
-    pytest.param(True, "train.json", marks=pytest.mark.xfail(
-        strict=True, reason="streaming a JSON array file yields undecoded Json strings")),
 ])
 def test_json_parquet_and_hub_datasets_read_like_jsonl(
     tmp_path: Path, tok: MultimodalTokenizer, streaming: bool, name: str, monkeypatch: pytest.MonkeyPatch
@@ -241,3 +237,11 @@ def test_json_parquet_and_hub_datasets_read_like_jsonl(
     monkeypatch.setattr(dataset_module, "load_dataset", hub)
     assert windows("mot-org/demo") == expected
     assert MultimodalDataset("mot-org/demo", "train", tok, seq_len=16).source == "mot-org/demo[train]"
+
+
+def test_streaming_a_json_array_is_refused_by_name(tmp_path: Path, tok: MultimodalTokenizer) -> None:
+    """datasets streams a JSON array's mixed-field segments as undecoded strings, so
+    `mot.streaming` with a .json split stops at start-up naming the file and the setting."""
+    root = _write_rows(tmp_path / "ds", random_rows(3), "train.json")
+    with pytest.raises(ValueError, match=r"train\.json: mot\.streaming cannot read a \.json file"):
+        MultimodalDataset(str(root), "train", tok, seq_len=16, streaming=True)

@@ -177,6 +177,13 @@ def load_split(
         if data_file.stat().st_size == 0:
             # (HuggingFace's json builder raises a bare StopIteration on an empty file.)
             raise ValueError(f"{source} has no rows")
+        if streaming and ext == "json":
+            # datasets 5.2 streams a JSON array's mixed-field segments as undecoded strings.
+            raise ValueError(
+                f"{source}: mot.streaming cannot read a .json file; write {split}.jsonl or "
+                "parquet shards (python -m torchtitan_mot.data.prepare), or set "
+                "mot.streaming = false"
+            )
         try:
             ds = load_dataset(builder, data_files={split: source}, split=split, streaming=streaming)
         except _UNREADABLE as e:
