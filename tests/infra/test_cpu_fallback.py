@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from torchtitan.config.job_config import Training
+
+from torchtitan_mot.compat import cpu as cpu_fallback
 from torchtitan_mot.compat.cpu import HostMemoryMonitor, enable_cpu_fallback
 
 pytestmark = pytest.mark.skipif(
@@ -130,3 +133,19 @@ def test_fsdp_gradients_on_gloo_equal_full_batch_gradients(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0 and "FSDP_GRADS_OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("native, precision, warns", [
+    (False, Training(), True),  # TorchTitan's default: bf16 mixed precision
+    (False, Training(mixed_precision_param="float32", dtype="bfloat16"), True),
+    (False, Training(mixed_precision_param="float32"), False),
+    (True, Training(), False),
+])
+def test_emulated_bf16_on_cpu_is_named_at_start_up(
+    monkeypatch, caplog, native: bool, precision: Training, warns: bool
+) -> None:
+    enable_cpu_fallback()
+    monkeypatch.setattr(cpu_fallback, "_native_bf16_matmul", lambda: native)
+    with caplog.at_level("WARNING"):
+        cpu_fallback.warn_if_bf16_is_emulated(precision)
+    assert ("--training.mixed_precision_param float32" in caplog.text) == warns

@@ -19,8 +19,10 @@ import torch.distributed.distributed_c10d as c10d
 from torch.distributed.fsdp import CPUOffloadPolicy
 from torch.distributed.fsdp._fully_shard import _fsdp_collectives
 
+from torchtitan.config.job_config import Training
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed import utils as dist_utils_module
+from torchtitan.tools.logging import logger
 
 # TorchTitan modules that bind `device_type` / `device_module` at import time (by value).
 _DEVICE_BOUND_MODULES = (
@@ -147,6 +149,24 @@ def _rebind_device(module: ModuleType) -> None:
         module.device_type = "cpu"
     if hasattr(module, "device_module"):
         module.device_module = torch.cpu
+
+
+def _native_bf16_matmul() -> bool:
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def warn_if_bf16_is_emulated(training: Training) -> None:
+    """TorchTitan's default precision (bf16) on a CPU without native bf16 matmuls (no
+    AVX512-BF16 / AMX) trains correctly but tens of times slower than fp32: say so, naming
+    the setting, instead of leaving a CPU user with a run that seems to hang."""
+    if not _enabled or "bfloat16" not in (training.mixed_precision_param, training.dtype):
+        return
+    if not _native_bf16_matmul():
+        logger.warning(
+            "training.mixed_precision_param / training.dtype is bfloat16 on a CPU without "
+            "native bf16 matmuls: they run tens of times slower than float32; for a CPU run "
+            "set --training.mixed_precision_param float32 (and --training.dtype float32)"
+        )
 
 
 def enable_cpu_fallback() -> bool:

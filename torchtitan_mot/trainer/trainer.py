@@ -23,6 +23,7 @@ import torch
 import torchtitan.train
 from torchtitan.config import JobConfig
 
+from torchtitan_mot.compat.cpu import warn_if_bf16_is_emulated
 from torchtitan_mot.compat.torchtitan_0_2_2 import (
     clipped_grad_norm_to,
     discard_pipeline_metadata_loss,
@@ -42,6 +43,7 @@ class MoTTrainer(torchtitan.train.Trainer):
     def __init__(self, job_config: JobConfig) -> None:
         # The parent builds the optimizer from `job_config.optimizer`: give it the [mot] settings.
         use_modality_optimizer_settings(job_config)
+        warn_if_bf16_is_emulated(job_config.training)
         super().__init__(job_config)
         self.nonfinite_guard = NonFiniteLossGuard(
             job_config.mot.nan_policy, job_config.mot.modalities, self.loss_fn
