@@ -6,13 +6,13 @@ bundled text+image demo data and reads the step lines off the log.
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from torchtitan_mot.testing.data import repeated_dataset
 from torchtitan_mot.testing.feature_matrix import parse_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,16 +22,11 @@ DEMO = REPO / "assets" / "demo" / "text_image"
 def make_duplicated_demo(root: Path, copies: int = 4) -> Path:
     """The demo dataset with its train rows written `copies` times.
 
-    Data-parallel ranks read contiguous shards, so with 4 copies every rank of a DP=2 or
+    Data-parallel ranks read contiguous blocks, so with 4 copies every rank of a DP=2 or
     DP=4 (HSDP 2x2) run reads exactly the samples of a single process: exact DP-vs-single
     parity.
     """
-    data_dir = root / "data"
-    data_dir.mkdir(parents=True)
-    shutil.copy(DEMO / "meta.json", data_dir / "meta.json")
-    rows = (DEMO / "train.jsonl").read_text()
-    (data_dir / "train.jsonl").write_text(rows * copies)
-    return data_dir
+    return repeated_dataset(DEMO, root / "data", copies)
 
 
 def base_args(data_dir: Path, dump: Path, steps: int) -> list[str]:
