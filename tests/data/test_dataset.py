@@ -178,6 +178,26 @@ def test_demo_image_tokenizer_loads_from_the_dataset(tmp_path: Path) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(codec.encode(as_png), stored))
 
 
+def test_repeated_dataset_copies_rows_in_either_format(tmp_path: Path) -> None:
+    """The copy helper the parity tests rely on: train rows `copies` times in order, the
+    validation split unchanged, and the jsonl form reads back as the same token stream."""
+    from torchtitan_mot.testing.data import repeated_dataset
+
+    demo = ROOT / "assets" / "demo" / "text_image"
+    tok2 = MultimodalTokenizer(TOKENIZER, ["text", "image"], [256])
+    parquet = repeated_dataset(demo, tmp_path / "pq", copies=3)
+    jsonl = repeated_dataset(demo, tmp_path / "jsonl", jsonl=True)
+    assert json.loads((parquet / "meta.json").read_text())["splits"] == {"validation": 180, "train": 3 * 1617}
+    assert len((jsonl / "train.jsonl").read_text().splitlines()) == 1617
+
+    def stream(path: Path, split: str) -> list[int]:
+        return stream_of(list(MultimodalDataset(str(path), split, tok2, seq_len=64)))
+
+    once, thrice = stream(jsonl, "train"), stream(parquet, "train")
+    assert thrice[: len(once)] == once and round(len(thrice) / len(once)) == 3
+    assert stream(parquet, "validation") == stream(jsonl, "validation") == stream(demo, "validation")
+
+
 def test_png_grid(tmp_path: Path) -> None:
     from torchtitan_mot.generate import save_png_grid
 
