@@ -8,8 +8,8 @@ the image/audio codebooks, splits and writes meta.json + parquet shards + codebo
 - speech (text_image_speech only): digit phrases spoken by `espeak-ng`
   (`apt-get install -y espeak-ng`), silence-trimmed, with their words as transcripts.
 
-Deterministic for the seed: rerunning rewrites `assets/tokenizer/` and `assets/demo/` with
-identical bytes. Contents and regeneration: docs/data.md ("The demo datasets").
+Deterministic for the seed: rerunning (same library versions) rewrites `assets/tokenizer/` and
+`assets/demo/` with identical bytes. Contents and regeneration: docs/data.md ("The demo datasets").
 
     python scripts/make_demo_data.py [--out assets] [--skip-speech]
 """
@@ -193,6 +193,7 @@ def main() -> None:
                                   **inputs, **COMMON, **AUDIO))
     finally:
         shutil.rmtree(raw)
+
 
 if __name__ == "__main__":
     main()
