@@ -7,35 +7,26 @@
 
 Each prompt becomes `[bos] + text`, then the image begin marker is forced, exactly one
 image's worth of tokens is sampled from the image codebook only
-(`torchtitan_mot.generate.generate_segment`), the end marker closes it, and the codec decodes
-the tokens to pixels; the grid has one row per prompt (10 samples, `save_png_grid`'s row
-width), titled with the prompt. The config (plus `--flavor`) must describe the checkpoint's
+(`torchtitan_mot.generate.generate_segment`), the end marker closes it, and the dataset's
+image tokenizer (recorded in its meta.json; `--dataset`, default the config's
+`[training].dataset_path`) decodes the tokens to pixels; the grid has one row per prompt
+(10 samples, `save_png_grid`'s row width), titled with the prompt. The config (plus `--flavor`) must describe the checkpoint's
 model.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from torchtitan.config import ConfigManager
 
-from torchtitan_mot.data.image_codec import ImageCodec, save_png_grid
+from torchtitan_mot.data.prepare import load_tokenizer
 from torchtitan_mot.data.tokenizer import build_mot_tokenizer
-from torchtitan_mot.generate import generate_segment, load_model, resolve_checkpoint
+from torchtitan_mot.generate import generate_segment, load_model, resolve_checkpoint, save_png_grid
 
 REPO = Path(__file__).resolve().parents[1]
 MODALITY = "image"
-
-
-def image_tokens_per_sample(dataset_path: str) -> int:
-    """The dataset's fixed image length, from its meta.json (`image.tokens_per_sample`)."""
-    meta = Path(dataset_path) / "meta.json"
-    try:
-        return int(json.loads(meta.read_text())[MODALITY]["tokens_per_sample"])
-    except (FileNotFoundError, KeyError) as e:
-        raise SystemExit(f"cannot read image.tokens_per_sample from {meta} ({e}); pass --image-tokens") from None
 
 
 def main() -> None:
@@ -47,8 +38,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=10, help="images per prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--image-tokens", type=int, default=None, help="default: the dataset's meta.json")
-    p.add_argument("--codebook", default=str(REPO / "assets" / "demo" / "image_codebook.npy"))
+    p.add_argument("--dataset", help="dataset whose image tokenizer decodes the samples (default: the "
+                   "config's [training].dataset_path)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "assets" / "generated_grid.png")
     args = p.parse_args()
@@ -58,11 +49,11 @@ def main() -> None:
         overrides += ["--model.flavor", args.flavor]
     cfg = ConfigManager().parse_args(overrides)
     tokenizer = build_mot_tokenizer(cfg)
-    n_tokens = args.image_tokens or image_tokens_per_sample(cfg.training.dataset_path)
+    codec = load_tokenizer(args.dataset or cfg.training.dataset_path, MODALITY)
+    n_tokens = codec.tokens_per_item
     device = "cuda" if torch.cuda.is_available() else "cpu"
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_model(cfg, checkpoint, device)
-    codec = ImageCodec.load(args.codebook)
     generator = torch.Generator(device).manual_seed(args.seed)
 
     images, titles = [], []
@@ -74,7 +65,7 @@ def main() -> None:
         for row in out.tolist():
             segments = tokenizer.decode_segments(row)
             (image,) = [s["tokens"] for s in segments if s["modality"] == MODALITY]
-            images.append(codec.decode(np.array([image]))[0])
+            images.append(codec.decode(np.array(image)))
             titles.append(prompt if len(titles) % args.samples == 0 else "")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_png_grid(np.stack(images), args.out, titles=titles)

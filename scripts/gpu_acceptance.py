@@ -63,6 +63,7 @@ from torchtitan_mot import mot_args
 from torchtitan_mot.infra.modality_ids import HostTensor
 from torchtitan_mot.model import MoTModelArgs
 from torchtitan_mot.model.routing import routed_mm
+from torchtitan_mot.testing.data import repeated_dataset
 from torchtitan_mot.testing.feature_matrix import FEATURE_SETS, FeatureMatrix, summary_line
 from torchtitan_mot.perf import (
     build_model,
@@ -568,16 +569,6 @@ def stage_benchmark(ctx: Context, timeout: float) -> str:
 
 
 # --- multi-GPU -------------------------------------------------------------------------------
-
-
-def repeated_dataset(src: Path, dst: Path, copies: int) -> Path:
-    """`src` with its train rows written `copies` times: data-parallel ranks read contiguous
-    shards, so each of `copies` ranks then reads exactly what one process reads."""
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src / "meta.json", dst / "meta.json")
-    (dst / "train.jsonl").write_text((src / "train.jsonl").read_text() * copies)
-    (dst / "validation.jsonl").write_text((src / "validation.jsonl").read_text())
-    return dst
 
 
 def multi_gpu_stages(ctx: Context) -> list[tuple[str, Callable[[float], str], float]]:

@@ -1,9 +1,15 @@
-"""Build the offline demo assets: BPE text tokenizer, image/speech codebooks and two datasets.
+"""Build the offline demo assets: a BPE text tokenizer and two datasets made by `prepare`.
 
-Sources are real and bundled: scikit-learn's `load_digits()` (1797 handwritten 8x8 digits),
-captions from templates, and speech synthesised by `espeak-ng` (needed only for the
-text_image_speech variant: `apt-get install -y espeak-ng`). Deterministic (fixed seeds);
-rerunning overwrites `assets/tokenizer/` and `assets/demo/` with identical content.
+This script only makes raw inputs, then hands them to `torchtitan_mot.data.prepare` (which fits
+the image/audio codebooks, splits and writes meta.json + parquet shards + codebook files):
+
+- images: scikit-learn's `load_digits()` (1797 handwritten 8x8 digits) as grey PNGs, with
+  captions from templates;
+- speech (text_image_speech only): digit phrases spoken by `espeak-ng`
+  (`apt-get install -y espeak-ng`), silence-trimmed, with their words as transcripts.
+
+Deterministic for the seed: rerunning (same library versions) rewrites `assets/tokenizer/` and
+`assets/demo/` with identical bytes. Contents and regeneration: docs/data.md ("The demo datasets").
 
     python scripts/make_demo_data.py [--out assets] [--skip-speech]
 """
@@ -11,17 +17,16 @@ rerunning overwrites `assets/tokenizer/` and `assets/demo/` with identical conte
 import argparse
 import io
 import json
+import os
 import random
 import shutil
 import subprocess
-import wave
 from pathlib import Path
 
 import numpy as np
-from sklearn.datasets import load_digits
 
-from torchtitan_mot.data.image_codec import ImageCodec, save_png_grid
-from torchtitan_mot.data.speech_codec import SAMPLE_RATE, SpeechCodec
+from torchtitan_mot.data.prepare import PrepareConfig, load_tokenizer, prepare
+from torchtitan_mot.generate import save_png_grid
 
 SEED = 0
 TEXT_VOCAB_SIZE = 1024
@@ -37,8 +42,14 @@ CAPTIONS = [
 ]
 SPOKEN = ["{w}", "the digit {w}", "number {w}"]
 VOICES = ["en-us", "en-gb", "en-us+f3", "en-gb-scotland"]
-SPEEDS = [140, 180]
-VALIDATION_FRACTION = 0.1
+SPEEDS = [120, 150, 180, 210]
+# prepare's settings for both datasets: 8x8 grey digits -> 16 ids of 2x2 patches, 256 codes;
+# 16 kHz audio, 40 mel bands, one id per 32 ms hop, 256 codes; 10% validation; 4 train shards.
+COMMON = dict(
+    image_size=8, patch_size=2, image_mode="L", image_codebook_size=256, order="random",
+    validation_fraction=0.1, shard_rows=512, fit_items=4000, seed=SEED, force=True,
+)
+AUDIO = dict(sample_rate=16000, n_fft=1024, hop_length=512, n_mels=40, audio_codebook_size=256)
 
 
 def generic_english() -> list[str]:
@@ -97,38 +108,57 @@ def train_tokenizer(corpus: list[str], out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def espeak(text: str, voice: str, speed: int) -> np.ndarray:
-    """Synthesise `text`, return a silence-trimmed float waveform at SAMPLE_RATE."""
-    wav = subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text],
-        check=True,
-        capture_output=True,
-    ).stdout
-    with wave.open(io.BytesIO(wav)) as w:
-        sr = w.getframerate()
-        x = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32) / 32768
-    x = np.interp(np.arange(0, len(x), sr / SAMPLE_RATE), np.arange(len(x)), x).astype(np.float32)
-    loud = np.flatnonzero(np.abs(x) > 0.02)
-    return x[loud[0] : loud[-1] + 1] if len(loud) else x
+def write_listing(path: Path, records: list[dict[str, str]]) -> Path:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path
 
 
-def caption(rng: random.Random, digit: int) -> str:
-    return rng.choice(CAPTIONS).format(w=WORDS[digit], d=digit)
+def write_digits(images: np.ndarray, captions: list[str], raw: Path) -> tuple[Path, Path]:
+    """8x8 digits (pixels 0..16) as grey PNGs plus a captions listing."""
+    from PIL import Image
+
+    folder = raw / "digits"
+    folder.mkdir()
+    records = []
+    for i, (pixels, text) in enumerate(zip(images, captions)):
+        Image.fromarray(np.round(pixels * 255 / 16).astype(np.uint8), "L").save(folder / f"{i:04d}.png")
+        records.append({"file": f"{i:04d}.png", "text": text})
+    return folder, write_listing(raw / "captions.jsonl", records)
 
 
-def write_variant(out: Path, rows: list[dict], meta: dict) -> None:
-    """Shuffle (seeded), split ~10% validation, write jsonl + meta.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    order = list(range(len(rows)))
-    random.Random(SEED).shuffle(order)
-    n_val = int(round(len(rows) * VALIDATION_FRACTION))
-    splits = {"validation": order[:n_val], "train": order[n_val:]}
-    for split, idx in splits.items():
-        with open(out / f"{split}.jsonl", "w") as f:
-            for i in idx:
-                f.write(json.dumps(rows[i], separators=(",", ":")) + "\n")
-    meta = {**meta, "splits": {k: len(v) for k, v in splits.items()}}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+def write_speech(raw: Path) -> tuple[Path, Path]:
+    """Every phrase x voice x speed spoken by espeak-ng, leading/trailing silence trimmed."""
+    import librosa
+    import soundfile
+
+    folder = raw / "speech"
+    folder.mkdir()
+    records = []
+    for d, word in enumerate(WORDS):
+        for p, phrase in enumerate(SPOKEN):
+            text = phrase.format(w=word)
+            for voice in VOICES:
+                for speed in SPEEDS:
+                    name = f"{d}-{p}-{voice}-{speed}.wav"
+                    wav = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text],
+                                         check=True, capture_output=True).stdout
+                    wave, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
+                    soundfile.write(folder / name, librosa.effects.trim(wave, top_db=30)[0], rate)
+                    records.append({"file": name, "text": text})
+    return folder, write_listing(raw / "transcripts.jsonl", records)
+
+
+def save_roundtrip(dataset: Path, images: np.ndarray, out: Path) -> None:
+    """The first 10 digits above their image-tokenizer decodings, for the eye."""
+    from PIL import Image
+
+    tok = load_tokenizer(dataset, "image")
+    originals = [Image.fromarray(np.round(x * 255 / 16).astype(np.uint8), "L") for x in images[:10]]
+    decoded = [tok.decode(ids) for ids in tok.encode(originals)]
+    grid = np.concatenate([images[:10, :, :, None] / 16, np.stack(decoded)])
+    save_png_grid(grid, out, titles=[f"orig {i}" for i in range(10)] + [f"decoded {i}" for i in range(10)])
 
 
 def main() -> None:
@@ -136,81 +166,33 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets")
     parser.add_argument("--skip-speech", action="store_true", help="do not build text_image_speech")
     args = parser.parse_args()
-    demo = args.out / "demo"
-    demo.mkdir(parents=True, exist_ok=True)
+    if not args.skip_speech and shutil.which("espeak-ng") is None:
+        raise SystemExit("espeak-ng not found: apt-get install -y espeak-ng (or pass --skip-speech)")
+    from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images, labels = digits.images.astype(np.float32), digits.target.astype(int)
-
     rng = random.Random(SEED)
-    captions = [caption(rng, d) for d in labels]
+    captions = [rng.choice(CAPTIONS).format(w=WORDS[d], d=d) for d in digits.target]
     every_caption = [t.format(w=w, d=d) for t in CAPTIONS for d, w in enumerate(WORDS)]
     train_tokenizer(every_caption * 20 + captions + generic_english(), args.out / "tokenizer")
 
-    image_codec = ImageCodec.fit(images, codebook_size=256, seed=SEED)
-    image_codec.save(demo / "image_codebook.npy")
-    image_tokens = image_codec.encode(images)
-    save_png_grid(
-        np.concatenate([images[:10], image_codec.decode(image_tokens[:10])]),
-        demo / "image_codec_roundtrip.png",
-        titles=[f"orig {d}" for d in labels[:10]] + [f"decoded {d}" for d in labels[:10]],
-    )
-    err = np.abs(image_codec.decode(image_tokens) - images)
-    print(f"image codec: mean |err| {err.mean():.3f}, max |err| {err.max():.3f} (pixel range 0..16)")
-
-    rows = []
-    for i, d in enumerate(labels):
-        text = {"modality": "text", "text": captions[i]}
-        image = {"modality": "image", "tokens": image_tokens[i].tolist()}
-        rows.append({"segments": [text, image] if rng.random() < 0.5 else [image, text]})
-    image_meta = {"tokens_per_sample": 16, "codec": "k-means over 2x2 patches, image_codebook.npy"}
-    write_variant(
-        demo / "text_image",
-        rows,
-        {"modalities": ["text", "image"], "codebook_sizes": {"image": 256}, "image": image_meta},
-    )
-
-    if args.skip_speech:
-        return
-    if shutil.which("espeak-ng") is None:
-        raise SystemExit("espeak-ng not found: apt-get install -y espeak-ng (or pass --skip-speech)")
-    clips = {
-        (d, p, v, s): espeak(p.format(w=WORDS[d]), v, s)
-        for d in range(10)
-        for p in SPOKEN
-        for v in VOICES
-        for s in SPEEDS
-    }
-    keys = list(clips)
-    speech_codec = SpeechCodec.fit([clips[k] for k in keys], codebook_size=256, seed=SEED)
-    speech_codec.save(demo / "speech_codebook.npy")
-    clip_tokens = {k: speech_codec.encode(clips[k]).tolist() for k in keys}
-    lengths = [len(t) for t in clip_tokens.values()]
-    print(f"speech codec: {len(keys)} clips, {min(lengths)}-{max(lengths)} tokens per clip")
-
-    rows = []
-    for i, d in enumerate(labels):
-        clip = rng.choice([k for k in keys if k[0] == d])
-        segments = [
-            {"modality": "text", "text": captions[i]},
-            {"modality": "image", "tokens": image_tokens[i].tolist()},
-            {"modality": "speech", "tokens": clip_tokens[clip]},
-        ]
-        rng.shuffle(segments)
-        rows.append({"segments": segments})
-    write_variant(
-        demo / "text_image_speech",
-        rows,
-        {
-            "modalities": ["text", "image", "speech"],
-            "codebook_sizes": {"image": 256, "speech": 256},
-            "image": image_meta,
-            "speech": {
-                "codec": "k-means over 40-band log-mel frames (32 ms hop), speech_codebook.npy",
-                "source": f"espeak-ng, phrases {SPOKEN}, voices {VOICES}, speeds {SPEEDS}",
-            },
-        },
-    )
+    # prepare records its input paths in meta.json: run it from `--out` on inputs in a fixed
+    # relative folder (removed afterwards) so meta.json is the same on every machine.
+    os.chdir(args.out.resolve())
+    raw = Path("demo") / "raw-inputs"
+    shutil.rmtree(raw, ignore_errors=True)
+    raw.mkdir(parents=True)
+    try:
+        images, captions_file = write_digits(digits.images, captions, raw)
+        inputs = dict(images=images, captions=captions_file, text_tokenizer=Path("tokenizer"))
+        prepare(PrepareConfig(out=Path("demo/text_image"), **inputs, **COMMON))
+        save_roundtrip(Path("demo/text_image"), digits.images, Path("demo/image_codec_roundtrip.png"))
+        if not args.skip_speech:
+            audio, transcripts = write_speech(raw)
+            prepare(PrepareConfig(out=Path("demo/text_image_speech"), audio=audio, transcripts=transcripts,
+                                  **inputs, **COMMON, **AUDIO))
+    finally:
+        shutil.rmtree(raw)
 
 
 if __name__ == "__main__":

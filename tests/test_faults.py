@@ -2,7 +2,6 @@
 
 import copy
 import hashlib
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from torchtitan_mot.trainer.nonfinite_guard import (
 )
 from torchtitan_mot.trainer.loss import MoTLoss
 from torchtitan_mot.warm_start import mot_target
+from torchtitan_mot.testing.data import repeated_dataset
 from helpers import checkpoint_tensors, optimizer_keys, run_ranks
 
 from test_resume import CONFIG, REPO, run_trainer, small_args
@@ -198,8 +198,7 @@ def test_checkpoint_of_other_flavor_is_refused(tmp_path: Path, flavor: str) -> N
 def test_corrupt_data_file_leaves_last_checkpoint_intact(tmp_path: Path) -> None:
     """Train 5 steps, cut a row of the data file in half, restart: the run fails before any
     step, and the step-5 checkpoint is byte-for-byte intact (and still loads)."""
-    data = tmp_path / "data"
-    shutil.copytree(REPO / "assets" / "demo" / "text_image", data)
+    data = repeated_dataset(REPO / "assets" / "demo" / "text_image", tmp_path / "data", jsonl=True)
     args = ["--training.dataset_path", str(data), "--checkpoint.enable", "--checkpoint.interval", "5"]
     run_trainer(tmp_path, small_args(tmp_path / "run", 5, *args))
     step5 = tmp_path / "run" / "checkpoint" / "step-5"
@@ -214,8 +213,7 @@ def test_corrupt_data_file_leaves_last_checkpoint_intact(tmp_path: Path) -> None
 
 
 def test_unreadable_data_file_is_named(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    shutil.copytree(REPO / "assets" / "demo" / "text_image", data)
+    data = repeated_dataset(REPO / "assets" / "demo" / "text_image", tmp_path / "data", jsonl=True)
     rows = (data / "train.jsonl").read_text().splitlines()
     (data / "train.jsonl").write_text("\n".join(rows[:40] + [rows[40][:30]]) + "\n")
     result = run_trainer(tmp_path, small_args(tmp_path / "run", 3, "--training.dataset_path", str(data)),

@@ -15,6 +15,7 @@ import pytest
 
 from torchtitan_mot.data.dataset import MultimodalDataset
 from torchtitan_mot.data.tokenizer import MultimodalTokenizer
+from torchtitan_mot.testing.data import repeated_dataset
 from torchtitan_mot.testing.feature_matrix import parse_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,9 +23,10 @@ DEMO = REPO / "assets" / "demo" / "text_image"
 SEQ_LEN, STEPS, GLOBAL_BATCH = 64, 6, 4
 
 
-def one_window_rows(n: int) -> list[dict]:
-    """`n` rows of demo segments, each exactly one training window once encoded
-    (`SEQ_LEN + 1` tokens: `[bos] segments [eos]`, the last an image segment cut to fit)."""
+def one_window_rows(demo_jsonl: Path, n: int) -> list[dict]:
+    """`n` rows of the segments of `demo_jsonl` (the demo's jsonl form), each exactly one
+    training window once encoded (`SEQ_LEN + 1` tokens: `[bos] segments [eos]`, the last an
+    image segment cut to fit)."""
     tok = MultimodalTokenizer(str(REPO / "assets" / "tokenizer"), ["text", "image"], [256])
     demo = MultimodalDataset(str(DEMO), "train", tok, seq_len=SEQ_LEN)
     length = SEQ_LEN + 1
@@ -33,7 +35,7 @@ def one_window_rows(n: int) -> list[dict]:
         return len(demo.encode_sample(0, {"segments": segments}))
 
     markers = n_tokens([{"modality": "image", "tokens": [0]}]) - 3  # around one token, bos/eos aside
-    segments = (seg for line in (DEMO / "train.jsonl").read_text().splitlines()
+    segments = (seg for line in (demo_jsonl / "train.jsonl").read_text().splitlines()
                 for seg in json.loads(line)["segments"])
     rows = []
     while len(rows) < n:
@@ -48,7 +50,7 @@ def one_window_rows(n: int) -> list[dict]:
     return rows
 
 
-def write_corpus(root: Path, rows: list[dict], dp: int) -> Path:
+def write_corpus(demo_jsonl: Path, root: Path, rows: list[dict], dp: int) -> Path:
     """`rows` as a dataset for `dp` data-parallel ranks of `GLOBAL_BATCH // dp` rows a step.
 
     Ranks read contiguous shards of the rows and every row is one window, so the rows are
@@ -59,7 +61,7 @@ def write_corpus(root: Path, rows: list[dict], dp: int) -> Path:
     ordered = [rows[step * GLOBAL_BATCH + rank * batch + i]
                for rank in range(dp) for step in range(STEPS) for i in range(batch)]
     root.mkdir(parents=True)
-    (root / "meta.json").write_text((DEMO / "meta.json").read_text())
+    (root / "meta.json").write_text((demo_jsonl / "meta.json").read_text())
     (root / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ordered))
     return root
 
@@ -111,9 +113,10 @@ def run_train(
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory) -> dict[int, Path]:
     """data-parallel degree -> dataset (the same rows, ordered for that many ranks)."""
-    rows = one_window_rows(STEPS * GLOBAL_BATCH)
     root = tmp_path_factory.mktemp("assets")
-    return {dp: write_corpus(root / f"dp{dp}", rows, dp) for dp in (1, 2, 4)}
+    demo_jsonl = repeated_dataset(DEMO, root / "demo", jsonl=True)
+    rows = one_window_rows(demo_jsonl, STEPS * GLOBAL_BATCH)
+    return {dp: write_corpus(demo_jsonl, root / f"dp{dp}", rows, dp) for dp in (1, 2, 4)}
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ forces the begin marker, samples exactly `n_tokens` ids from the codebook alone 
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
@@ -98,3 +99,29 @@ def load_model(job_config: JobConfig, checkpoint: str | Path, device: str = "cpu
     dcp.load(state, checkpoint_id=str(resolve_checkpoint(checkpoint)))
     model.load_state_dict(state)
     return model.requires_grad_(False).eval()
+
+
+def save_png_grid(images: np.ndarray, path: str | Path, titles: list[str] | None = None) -> None:
+    """Write (N, H, W, channels) pixels in [0, 1] (what an image tokenizer's `decode` returns)
+    side by side, up to 10 per row, as a PNG so samples can be eyeballed. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    cols = min(n, 10)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.4 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            image = np.clip(images[i], 0.0, 1.0)
+            grey = image.shape[-1] == 1
+            ax.imshow(image[..., 0] if grey else image, cmap="gray" if grey else None, vmin=0.0, vmax=1.0,
+                      interpolation="nearest")
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

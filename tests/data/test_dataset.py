@@ -1,4 +1,4 @@
-"""Packing, per-row validation and the demo image codec."""
+"""Packing, per-row validation and the demo image tokenizer."""
 
 import json
 import random
@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from torchtitan_mot.data.dataset import BadSampleError, MultimodalDataset
-from torchtitan_mot.data.image_codec import ImageCodec
 from torchtitan_mot.data.tokenizer import MultimodalTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,30 +157,53 @@ def test_infinite_without_usable_samples_stops(tmp_path: Path, tok: MultimodalTo
     assert list(ds) == [] and ds.state_dict()["bad_samples"] == 6  # two passes, then it gives up
 
 
-def test_image_codec_inverts_on_demo_data() -> None:
-    from sklearn.datasets import load_digits
+def test_demo_image_tokenizer_loads_from_the_dataset(tmp_path: Path) -> None:
+    """The demo's image ids decode with the tokenizer its meta.json records (found through
+    the dataset, also in a copy elsewhere), and re-encoding the decoded pixels gives the
+    same ids, so the stored ids are this codebook's."""
+    import pyarrow.parquet as pq
+    from PIL import Image
 
-    codec = ImageCodec.load(ROOT / "assets" / "demo" / "image_codebook.npy")
-    assert codec.codebook_size == 256
-    images = load_digits().images
-    tokens = codec.encode(images)
-    assert tokens.shape == (len(images), 16)
-    # tokens -> pixels -> tokens is exact; pixels -> tokens -> pixels within quantisation error.
-    assert np.array_equal(codec.encode(codec.decode(tokens)), tokens)
-    err = np.abs(codec.decode(tokens) - images)
-    assert err.mean() < 0.5 and err.max() < 6.0
-    # The demo dataset stores exactly these tokens.
-    rows = [json.loads(l) for l in open(ROOT / "assets/demo/text_image/train.jsonl")]
-    stored = {tuple(s["tokens"]) for r in rows for s in r["segments"] if s["modality"] == "image"}
-    assert stored <= {tuple(t) for t in tokens.tolist()}
+    from torchtitan_mot.data.prepare import load_tokenizer
+    from torchtitan_mot.testing.data import repeated_dataset
+
+    demo = repeated_dataset(ROOT / "assets" / "demo" / "text_image", tmp_path / "copy")
+    codec = load_tokenizer(demo, "image")
+    assert (codec.codebook_size, codec.tokens_per_item) == (256, 16)
+    rows = pq.read_table(demo / "validation" / "part-00000-of-00001.parquet").to_pylist()
+    stored = [np.array(s["tokens"]) for r in rows for s in r["segments"] if s["modality"] == "image"]
+    assert len(stored) == 180
+    pixels = [codec.decode(ids) for ids in stored]
+    as_png = [Image.fromarray(np.round(p[..., 0] * 255).astype(np.uint8), "L") for p in pixels]
+    assert all(np.array_equal(a, b) for a, b in zip(codec.encode(as_png), stored))
+
+
+def test_repeated_dataset_copies_rows_in_either_format(tmp_path: Path) -> None:
+    """The copy helper the parity tests rely on: train rows `copies` times in order, the
+    validation split unchanged, and the jsonl form reads back as the same token stream."""
+    from torchtitan_mot.testing.data import repeated_dataset
+
+    demo = ROOT / "assets" / "demo" / "text_image"
+    tok2 = MultimodalTokenizer(TOKENIZER, ["text", "image"], [256])
+    parquet = repeated_dataset(demo, tmp_path / "pq", copies=3)
+    jsonl = repeated_dataset(demo, tmp_path / "jsonl", jsonl=True)
+    assert json.loads((parquet / "meta.json").read_text())["splits"] == {"validation": 180, "train": 3 * 1617}
+    assert len((jsonl / "train.jsonl").read_text().splitlines()) == 1617
+
+    def stream(path: Path, split: str) -> list[int]:
+        return stream_of(list(MultimodalDataset(str(path), split, tok2, seq_len=64)))
+
+    once, thrice = stream(jsonl, "train"), stream(parquet, "train")
+    assert thrice[: len(once)] == once and round(len(thrice) / len(once)) == 3
+    assert stream(parquet, "validation") == stream(jsonl, "validation") == stream(demo, "validation")
 
 
 def test_png_grid(tmp_path: Path) -> None:
-    from torchtitan_mot.data.image_codec import save_png_grid
+    from torchtitan_mot.generate import save_png_grid
 
-    codec = ImageCodec.load(ROOT / "assets" / "demo" / "image_codebook.npy")
-    save_png_grid(codec.decode(np.arange(32).reshape(2, 16)), tmp_path / "g.png", titles=["a", "b"])
-    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    save_png_grid(np.random.default_rng(0).random((3, 8, 8, 1)), tmp_path / "g.png", titles=["a", "b", "c"])
+    save_png_grid(np.random.default_rng(0).random((2, 4, 4, 3)), tmp_path / "rgb.png")
+    assert (tmp_path / "g.png").read_bytes()[:4] == (tmp_path / "rgb.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("streaming", [False, True])

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data import repeated_dataset
+
 STEPS = 10
 BASE_OVERRIDES = (
     "--training.seq_len", "128",
@@ -298,13 +300,9 @@ class FeatureMatrix:
         as one process, so the global batch is the single process's."""
         data = self.workdir / "data"
         if not data.exists():
-            demo = self.repo / "assets" / "demo" / "text_image"
             tmp = self.workdir / "data.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(demo, tmp)
-            rows = (demo / "train.jsonl").read_text()
-            (tmp / "train.jsonl").write_text(rows * 4)
-            tmp.rename(data)
+            repeated_dataset(self.repo / "assets" / "demo" / "text_image", tmp, 4).rename(data)
         return data
 
     def seed_args(self) -> list[str]:
