@@ -49,7 +49,7 @@ from torchtitan.tools.utils import get_peak_flops
 
 from torchtitan_mot import mot_args
 from torchtitan_mot.model import MoTModelArgs
-from torchtitan_mot.perf import build_model, split_counts
+from torchtitan_mot.perf import build_model, CompileCounts, split_counts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _TOTAL = "Total"  # MemTracker's key for the sum over tensor categories
@@ -252,12 +252,6 @@ class Runner:
         return params + optim
 
 
-def compile_counts() -> tuple[int, int, int]:
-    """(recompiles, unique graphs, graph breaks) so far in this process."""
-    return (sum(counters["recompiles"].values()), counters["stats"]["unique_graphs"],
-            sum(counters["graph_break"].values()))
-
-
 def percentile(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
@@ -300,13 +294,13 @@ def main() -> None:
     for i in range(a.warmup + a.steps):
         measure = i >= a.warmup
         if i == a.warmup:
-            warm_counts = compile_counts()
+            warm_counts = CompileCounts.now()
         tokens, labels, ids, fractions = make_batch(a, mix, gen)
         if measure:
             seen_mixes.append(fractions)
         for runner in runners[i % 3:] + runners[: i % 3]:
             runner.step((tokens, labels, ids), measure)
-    end_counts = compile_counts()
+    end_counts = CompileCounts.now()
     if a.device == "cpu":
         batch = make_batch(a, mix, gen)[:3]
         for runner in runners:
@@ -351,10 +345,9 @@ def main() -> None:
               f"(95% CI {lo:.3f}-{hi:.3f}) "
               f"p10-p90 {percentile(paired, 0.1):.3f}-{percentile(paired, 0.9):.3f}")
     if a.compile:
-        recompiles, graphs, breaks = end_counts
-        print(f"compile: unique graphs {graphs}, recompiles {recompiles} in total, "
-              f"{recompiles - warm_counts[0]} during the {a.steps} measured steps "
-              f"(new graphs {graphs - warm_counts[1]}), graph breaks {breaks}")
+        print(f"compile: unique graphs {end_counts.graphs}, "
+              f"{end_counts.since(warm_counts).graphs} compiled during the {a.steps} measured "
+              f"steps (recompiles), graph breaks {end_counts.graph_breaks}")
     print(f"mot/llama3 step time ratio: {medians[mot.name] / medians[llama3.name]:.3f}")
     print(f"mot/dense step time ratio: {medians[mot.name] / medians[dense.name]:.3f}")
 

@@ -13,6 +13,7 @@ from torchtitan.models.llama3.model.args import TransformerModelArgs
 
 from torchtitan_mot.model import MoTModelArgs
 from torchtitan_mot.perf import (
+    CompileCounts,
     build_model,
     document_causal_mask,
     matmul_microbench,
@@ -66,3 +67,20 @@ def test_matmul_microbench_runs_all_three() -> None:
                               torch.float32, iters=2, warmup=1)
     assert set(times) == {"linear", "routed_mm", "grouped_mm"}
     assert all(t > 0 for t in times.values())
+
+
+def test_compile_counts_see_a_recompile() -> None:
+    """A guard failure (a new Python int under dynamic=False) compiles the frame again: one more
+    graph, which is what benchmark and acceptance report as a recompile."""
+    torch._dynamo.reset()
+
+    @torch.compile(backend="eager", dynamic=False, fullgraph=True)
+    def scale(x: torch.Tensor, n: int) -> torch.Tensor:
+        return x * n
+
+    scale(torch.ones(3), 2)
+    warm = CompileCounts.now()
+    scale(torch.ones(3), 2)
+    assert CompileCounts.now().since(warm) == CompileCounts(0, 0)
+    scale(torch.ones(3), 3)
+    assert CompileCounts.now().since(warm) == CompileCounts(graphs=1, graph_breaks=0)

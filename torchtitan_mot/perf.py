@@ -1,7 +1,7 @@
 """What the benchmarks and the GPU acceptance check measure with: a model of any shape ready
 to train outside the trainer, token counts for a modality mix, a timer that waits for the
 device, packed documents with their document-causal mask (the sdpa reference for flex and
-varlen attention), and the per-modality matmul microbenchmark (`F.linear` vs `mot::routed_mm` vs
+varlen attention), dynamo's compile counts, and the per-modality matmul microbenchmark (`F.linear` vs `mot::routed_mm` vs
 `torch._grouped_mm`) that decides whether grouped GEMMs are worth their stacked weights.
 """
 
@@ -10,10 +10,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 from torchtitan.models.llama3.model.args import TransformerModelArgs
 from torchtitan.models.llama3.model.model import Transformer
 
@@ -37,6 +39,25 @@ def build_model(
     for param in model.parameters():
         param.data = param.data.to(dtype)
     return model
+
+
+class CompileCounts(NamedTuple):
+    """What dynamo compiled so far in this process.
+
+    torch 2.13 keeps no recompile counter (`counters["recompiles"]` stays empty, and
+    `counters["frames"]` skips fullgraph compiles); every compile, first or re-, adds a
+    graph, so the recompiles of a span after warm-up are the graphs compiled in it.
+    """
+
+    graphs: int
+    graph_breaks: int
+
+    @classmethod
+    def now(cls) -> CompileCounts:
+        return cls(counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()))
+
+    def since(self, warm: CompileCounts) -> CompileCounts:
+        return CompileCounts(*(a - b for a, b in zip(self, warm)))
 
 
 def split_counts(fractions: torch.Tensor, total: int) -> list[int]:
