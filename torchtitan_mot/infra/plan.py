@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
-from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: F401  registers "fake"
 from torchtitan.config import ConfigManager, JobConfig, TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
@@ -182,7 +181,7 @@ def plan_stage(job: JobConfig, ngpu: int, args: MoTModelArgs, stage: int) -> Sta
     if dist.is_initialized():
         raise RuntimeError("check_plan simulates ranks under its own fake process group; "
                            "a process group is already initialized in this process")
-    dist.init_process_group("fake", rank=rank, world_size=ngpu, store=FakeStore())
+    dist.init_process_group("fake", rank=rank, world_size=ngpu)
     try:
         pd = parallel_dims(job, ngpu)
         pd.build_mesh()
