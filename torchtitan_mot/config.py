@@ -85,3 +85,9 @@ class MoTConfigManager(ConfigManager):
             # Before the trainer copies [mot] anywhere (e.g. into the optimizer config).
             fill_modalities_from_meta(job_config)
         return job_config
+
+
+def load_job_config(argv: list[str] | None = None) -> TorchTitanJobConfig:
+    """The one way an entry point gets a job config: TOML + command-line overrides, `[mot]`
+    registered, unset modalities/codebook sizes filled from the dataset's meta.json."""
+    return MoTConfigManager().parse_args(argv)
