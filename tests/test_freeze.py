@@ -1,26 +1,23 @@
 """Frozen modalities stay bitwise unchanged; per-modality LR multipliers hold through the schedule."""
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torchtitan.components.lr_scheduler import build_lr_schedulers, LRSchedulersContainer
-from torchtitan.config import LRScheduler as LRSchedulerConfig, Optimizer as OptimizerConfig
+from torchtitan.config import LRScheduler as LRSchedulerConfig
 
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 from torchtitan_mot.model.routing import ModalityLinear, ModalityRMSNorm
 from torchtitan_mot.warm_start import mot_target
 from torchtitan_mot.trainer.optimizer import (
     build_mot_optimizers,
-    ModalityOptimizerConfig,
     MoTOptimizersContainer,
 )
 
+from helpers import modality_optimizer_config, TINY
 from test_resume import CONFIG, run_trainer, small_args
-
-TINY = dict(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=16, n_modalities=2)
 
 
 def _modality_of(model: torch.nn.Module) -> dict[str, int | None]:
@@ -34,17 +31,13 @@ def _modality_of(model: torch.nn.Module) -> dict[str, int | None]:
     return out
 
 
-def _config(**kw) -> ModalityOptimizerConfig:
-    return ModalityOptimizerConfig(**dataclasses.asdict(OptimizerConfig(lr=1e-2, weight_decay=0.1)),
-                                   modalities=["text", "image"], **kw)
-
 
 def test_groups_lr_schedule_and_state_dict() -> None:
     torch.manual_seed(0)
     model = MoTTransformer(MoTModelArgs(**TINY))
     with torch.no_grad():
         model.init_weights()
-    opt = build_mot_optimizers([model], _config(frozen_modalities=["image"], lr_multipliers=[1.0, 0.5]), None)
+    opt = build_mot_optimizers([model], modality_optimizer_config(frozen_modalities=["image"], lr_multipliers=[1.0, 0.5]), None)
     assert isinstance(opt, MoTOptimizersContainer)
     modality = _modality_of(model)
     params = dict(model.named_parameters())
@@ -56,7 +49,7 @@ def test_groups_lr_schedule_and_state_dict() -> None:
 
     # multipliers survive warmup/decay: every group follows the same lambda
     def build(model: MoTTransformer) -> tuple[MoTOptimizersContainer, LRSchedulersContainer]:
-        opt = build_mot_optimizers([model], _config(lr_multipliers=[1.0, 0.25]), None)
+        opt = build_mot_optimizers([model], modality_optimizer_config(lr_multipliers=[1.0, 0.25]), None)
         return opt, build_lr_schedulers(opt, LRSchedulerConfig(warmup_steps=2, decay_type="cosine"), 10)
 
     def step_and_check(*runs: tuple[MoTOptimizersContainer, LRSchedulersContainer]) -> list[float]:
@@ -83,19 +76,19 @@ def test_groups_lr_schedule_and_state_dict() -> None:
 
 def test_bad_settings_are_rejected() -> None:
     with pytest.raises(ValueError, match=r"frozen_modalities \['speech'\] are not in mot.modalities"):
-        _config(frozen_modalities=["speech"])
+        modality_optimizer_config(frozen_modalities=["speech"])
     with pytest.raises(ValueError, match="lr_multipliers has 3 entries but mot.modalities has 2"):
-        _config(lr_multipliers=[1.0, 1.0, 1.0])
+        modality_optimizer_config(lr_multipliers=[1.0, 1.0, 1.0])
     dense = MoTTransformer(MoTModelArgs(**{**TINY, "n_modalities": 1}))
     with pytest.raises(ValueError, match="no per-modality weights: they need an MoT flavor"):
-        build_mot_optimizers([dense], _config(frozen_modalities=["image"]), None)
+        build_mot_optimizers([dense], modality_optimizer_config(frozen_modalities=["image"]), None)
 
 
 def test_untie_subset_freezes_only_untied_copies() -> None:
     """With `untie=["ffn"]` the single-copy attention and norms are shared: freezing image
     leaves them trainable at the base lr; only the image FFN copies are frozen."""
     model = MoTTransformer(MoTModelArgs(**TINY, untie=["ffn"]))
-    opt = build_mot_optimizers([model], _config(frozen_modalities=["image"], lr_multipliers=[0.5, 1.0]), None)
+    opt = build_mot_optimizers([model], modality_optimizer_config(frozen_modalities=["image"], lr_multipliers=[0.5, 1.0]), None)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {f"layers.{i}.feed_forward.{w}.1.weight" for i in (0, 1) for w in ("w1", "w2", "w3")}
     shared, text = opt.optimizers[0].param_groups
@@ -109,7 +102,7 @@ def test_untie_subset_freezes_only_untied_copies() -> None:
 def test_dense_twin_without_per_modality_settings_gets_one_group() -> None:
     """The dense twin trains on two-modality data: no per-modality settings, no error."""
     dense = MoTTransformer(MoTModelArgs(**{**TINY, "n_modalities": 1}))
-    opt = build_mot_optimizers([dense], _config(), None)
+    opt = build_mot_optimizers([dense], modality_optimizer_config(), None)
     (group,) = opt.optimizers[0].param_groups
     assert len(group["params"]) == len(list(dense.parameters()))
 
@@ -142,6 +135,7 @@ def _check_frozen_after_training(tmp_path: Path, nproc: int, extra: list[str]) -
             assert not torch.equal(final[name], init[name]), f"trainable {name} did not change"
 
 
+@pytest.mark.slow
 def test_frozen_modality_unchanged_single_process(tmp_path: Path) -> None:
     _check_frozen_after_training(tmp_path, 1, [])
 
