@@ -9,6 +9,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_benchmark_smoke() -> None:
     """Tiny shape, compiled, two measured steps of different modality mixes: the table (MoT,
     dense twin, TorchTitan's Llama3), the paired ratios, the compile counters (one graph per

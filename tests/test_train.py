@@ -137,6 +137,7 @@ def single(corpora, seed, tmp_path_factory) -> dict[int, tuple[float, float]]:
     return run_train([*base_args(corpora[1], tmp_path_factory.mktemp("single"), STEPS), *seed])
 
 
+@pytest.mark.slow
 def test_single_process_loss_falls(single):
     assert sorted(single) == list(range(1, STEPS + 1))
     assert single[STEPS][0] < single[1][0] - 0.5

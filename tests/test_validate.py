@@ -141,6 +141,7 @@ def test_per_modality_loss_matches_hand_computation(single_process_group) -> Non
     assert logged[0][2] == first
 
 
+@pytest.mark.slow
 def test_data_parallel_ranks_reduce_sums_and_counts(tmp_path: Path) -> None:
     """Two gloo ranks, each on its half of the split: every rank gets the global
     token-weighted mean (a reduce to rank 0 alone would leave rank 1 its local mean)."""
@@ -154,6 +155,7 @@ def test_data_parallel_ranks_reduce_sums_and_counts(tmp_path: Path) -> None:
             assert got[key] == pytest.approx(expected[key], rel=1e-5), (rank, key)
 
 
+@pytest.mark.slow
 def test_trainer_logs_validation_losses_to_tensorboard(tmp_path: Path) -> None:
     """`--validation.enable` wires the validator into the real trainer and TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

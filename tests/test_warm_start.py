@@ -90,6 +90,7 @@ def _assert_same_logits(mot: MoTTransformer, llama: Transformer, n_mod: int) -> 
             torch.testing.assert_close(got[..., :vocab], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavor", ["debugmodel", "debugmodel_3modality"])
 def test_dcp_warm_start_equals_dense(tmp_path: Path, flavor: str) -> None:
     """Dense vocab = text vocab < MoT vocab: new rows are added, old logits are exact."""
@@ -115,6 +116,7 @@ def test_dcp_warm_start_equals_dense(tmp_path: Path, flavor: str) -> None:
     assert not torch.equal(new[0], new[1])
 
 
+@pytest.mark.slow
 def test_idempotent_and_refuses_overwrite(tmp_path: Path) -> None:
     llama = _dense_like("debugmodel", 1000)
     dcp.save(llama.state_dict(), checkpoint_id=str(tmp_path / "dense"), no_dist=True)
@@ -205,6 +207,7 @@ def test_hf_adapter_against_hand_built_hf_tensors() -> None:
         assert torch.equal(back[key], value), key
 
 
+@pytest.mark.slow
 def test_warm_start_from_hf_folder(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -252,6 +255,7 @@ def test_failed_save_leaves_no_checkpoint_and_keeps_the_old_one(
     assert _tree_bytes(out) == before
 
 
+@pytest.mark.slow
 def test_trainer_starts_from_the_warm_start_weights(tmp_path: Path) -> None:
     """The real entry point, given the output as --checkpoint.initial_load_path, trains from
     exactly its weights: with lr 0 the step-1 checkpoint equals the warm start, whose

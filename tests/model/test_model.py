@@ -85,6 +85,7 @@ def test_modality_masks_equal_modality_ids() -> None:
         mot(tokens, modality_ids=ids + 1)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_trace_once_for_any_modality_mix() -> None:
     """fullgraph per-block compile; no recompilation when the modality mix changes."""
     from torch._dynamo.utils import counters
