@@ -113,14 +113,52 @@ def test_bad_untie_is_rejected(untie: list[str], n_mod: int, message: str) -> No
         MoTModelArgs(n_modalities=n_mod, untie=untie)
 
 
+def _hf_llama(dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HuggingFace Llama names and layout for a Llama3 state dict, written out by hand: HF
+    stores each q/k head's rotary pairs as two halves (all first members, then all second)
+    where TorchTitan interleaves them."""
+    head_dim = SHAPE["dim"] // SHAPE["n_heads"]
+
+    def halves(w: torch.Tensor) -> torch.Tensor:
+        rows = [h * head_dim + 2 * j + half for h in range(w.shape[0] // head_dim)
+                for half in (0, 1) for j in range(head_dim // 2)]
+        return w[rows]
+
+    hf = {"model.embed_tokens.weight": dense["tok_embeddings.weight"],
+          "model.norm.weight": dense["norm.weight"], "lm_head.weight": dense["output.weight"]}
+    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+    for i in range(SHAPE["n_layers"]):
+        for ours, theirs in names.items():
+            w = dense[f"layers.{i}.{ours}.weight"]
+            hf[f"model.layers.{i}.{theirs}.weight"] = halves(w) if ours in ("attention.wq", "attention.wk") else w
+    return hf
+
+
 def test_hf_adapter_and_export_follow_untie() -> None:
-    """from_hf gives exactly the model's keys; exporting modality 1 includes shared weights."""
+    """from_hf of a hand-written HF Llama puts each dense weight in every copy of its
+    component (the model's exact keys); to_hf gives that HF Llama back; exporting modality 1
+    includes the shared weights."""
     args = MoTModelArgs(n_modalities=2, untie=["attention"], **SHAPE)
-    mot = MoTTransformer(args)
     llama_sd = _llama().state_dict()
+    hf = _hf_llama(llama_sd)
     adapter = MoTStateDictAdapter(args, None)
-    loaded = adapter.from_hf(adapter.to_hf(untie_dense_state_dict(llama_sd, mot.state_dict())))
-    assert set(loaded) == set(mot.state_dict())
+    loaded = adapter.from_hf(hf)
+    mot_keys = set(MoTTransformer(args).state_dict())
+    assert set(loaded) == mot_keys
+    for key, value in loaded.items():
+        parts = key.split(".")
+        copy_at = 4 if parts[2:3] in (["attention"], ["feed_forward"]) else 3  # layers.i.[module.]proj.m
+        dense = ".".join(parts[:copy_at] + parts[copy_at + 1:]) if parts[0] == "layers" else key
+        assert parts[0] != "layers" or parts[copy_at] in ("0", "1"), key
+        assert torch.equal(value, llama_sd[dense]), key
+    assert sum(".attention.wq.1." in k for k in mot_keys) == 2  # untied: one copy per modality
+    assert not any(".feed_forward.w1.1." in k for k in mot_keys)  # tied: one shared copy
+    back = adapter.to_hf(loaded)
+    assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
     for modality in (0, 1):
         exported = tie_to_dense_state_dict(loaded, modality)
         assert set(exported) == set(llama_sd)
