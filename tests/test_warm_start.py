@@ -23,7 +23,7 @@ from torchtitan_mot.model.state_dict_adapter import (
 )
 from torchtitan_mot.warm_start import mot_target, warm_start
 
-from helpers import make_norms_informative
+from helpers import make_norms_informative, tb_scalars
 from test_resume import run_trainer, small_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -289,16 +289,26 @@ def test_untie_subset_warm_start_trains_and_other_setting_is_refused(tmp_path: P
     _run_script("--dense", str(tmp_path / "dense"), "--flavor", "debugmodel",
                 "--config", str(CONFIG), "--out", str(tmp_path / "mot"), "--untie", "ffn")
 
-    def train(name: str, *flags: str) -> tuple[int, str]:
+    def train(name: str, steps: int, *flags: str) -> tuple[int, str]:
         result = run_trainer(tmp_path, small_args(
-            tmp_path / name, 1, "--checkpoint.enable", "--checkpoint.interval", "1000",
+            tmp_path / name, steps, "--checkpoint.enable", "--checkpoint.interval", "1000",
             "--checkpoint.initial_load_path", str(tmp_path / "mot"), *flags), check=False)
         return result.returncode, result.stdout + result.stderr
 
-    code, log = train("ffn", "--mot.untie", "ffn")
+    code, log = train("ffn", 5, "--mot.untie", "ffn")
     assert code == 0, log[-3000:]
     assert "untied: ffn; params " in log
     assert f"Loading the checkpoint from {tmp_path / 'mot'}" in log
-    code, log = train("full")
+    losses = tb_scalars(tmp_path / "ffn")
+    assert sorted(losses) == [1, 2, 3, 4, 5] and losses[5] < losses[1] - 0.5, losses
+    # the step-0 model scalars: the untie setting and the parameter count of that model
+    args = dataclasses.replace(_mot_args("debugmodel"), untie=["ffn"])
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in MoTTransformer(args).parameters())
+    model = {tag: tb_scalars(tmp_path / "ffn", f"model/{tag}") for tag in
+             ("params", "untied_attention", "untied_ffn", "untied_norms")}
+    assert model == {"params": {0: numel}, "untied_attention": {0: 0.0}, "untied_ffn": {0: 1.0},
+                     "untied_norms": {0: 0.0}}, model
+    code, log = train("full", 1)
     assert code != 0
     assert "mot.untie setting" in log and "missing from the checkpoint: layers.0.attention.wk.1.weight" in log
