@@ -5,6 +5,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
