@@ -1,7 +1,8 @@
 """Helpers shared by tests (importable as `helpers`: pytest's `pythonpath`): TensorBoard
 scalars of a run, the tensors of a DCP checkpoint, gloo process groups in spawned processes,
 raw inputs for `torchtitan_mot.data.prepare`, the rows a data loader reads, a tiny model and
-its per-modality optimizer config. Running the trainer is the harness's (not here)."""
+its per-modality optimizer config, the HF Llama state dict of a Llama3 built by hand. Running
+the trainer is the harness's (not here)."""
 
 import dataclasses
 import json
@@ -195,3 +196,27 @@ def assert_same_batches(a: list, b: list) -> None:
     for (xa, ya), (xb, yb) in zip(a, b):
         assert xa.keys() == xb.keys() == {"input", "modality_ids"}
         assert all(torch.equal(xa[k], xb[k]) for k in xa) and torch.equal(ya, yb)
+
+
+def _hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF's rotary layout of q/k rows: transformers' convert_llama_weights_to_hf `permute`."""
+    dim1, dim2 = w.shape
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def hf_llama_state_dict(llama: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The HF Llama state dict of a dense Llama3, built from HF's names and permutation."""
+    a, sd = llama.model_args, llama.state_dict()
+    hf = {"model.embed_tokens.weight": sd["tok_embeddings.weight"],
+          "model.norm.weight": sd["norm.weight"], "lm_head.weight": sd["output.weight"]}
+    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+    heads = {"attention.wq": a.n_heads, "attention.wk": a.n_kv_heads or a.n_heads}
+    for i in range(a.n_layers):
+        for ours, theirs in names.items():
+            w = sd[f"layers.{i}.{ours}.weight"]
+            hf[f"model.layers.{i}.{theirs}.weight"] = _hf_permute(w, heads[ours]) if ours in heads else w
+    return {k: v.contiguous() for k, v in hf.items()}

@@ -23,7 +23,7 @@ from torchtitan_mot.model.state_dict_adapter import (
 )
 from torchtitan_mot.warm_start import mot_target, warm_start
 
-from helpers import make_norms_informative, tb_scalars
+from helpers import hf_llama_state_dict, make_norms_informative, tb_scalars
 from test_resume import run_trainer, small_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,36 +167,12 @@ def test_mismatch_errors_name_the_key() -> None:
         untie_dense_state_dict(bigger, target)
 
 
-def _hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF's rotary layout of q/k rows: transformers' convert_llama_weights_to_hf `permute`."""
-    dim1, dim2 = w.shape
-    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
-
-
-def _hf_by_hand(llama: Transformer) -> dict[str, torch.Tensor]:
-    """The HF Llama state dict of a dense Llama3, built from HF's names and permutation."""
-    a, sd = llama.model_args, llama.state_dict()
-    hf = {"model.embed_tokens.weight": sd["tok_embeddings.weight"],
-          "model.norm.weight": sd["norm.weight"], "lm_head.weight": sd["output.weight"]}
-    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-             "ffn_norm": "post_attention_layernorm"}
-    heads = {"attention.wq": a.n_heads, "attention.wk": a.n_kv_heads or a.n_heads}
-    for i in range(a.n_layers):
-        for ours, theirs in names.items():
-            w = sd[f"layers.{i}.{ours}.weight"]
-            hf[f"model.layers.{i}.{theirs}.weight"] = _hf_permute(w, heads[ours]) if ours in heads else w
-    return {k: v.contiguous() for k, v in hf.items()}
-
-
 def test_hf_adapter_against_hand_built_hf_tensors() -> None:
     """HF tensors made by hand (grouped-query attention, so k has its own head count) load
     into an MoT that equals the dense model; `to_hf` gives exactly those tensors back."""
     args = dataclasses.replace(_mot_args("debugmodel"), n_kv_heads=8, max_seq_len=64)
     llama = _dense_like(args, args.vocab_size)
-    hf_sd = _hf_by_hand(llama)
+    hf_sd = hf_llama_state_dict(llama)
     mot = MoTTransformer(args)
     adapter = MoTStateDictAdapter(args, None)
     mot.load_state_dict(adapter.from_hf(hf_sd))
@@ -214,7 +190,7 @@ def test_warm_start_from_hf_folder(tmp_path: Path) -> None:
     args = dataclasses.replace(_mot_args("debugmodel"), max_seq_len=64)
     llama = _dense_like("debugmodel", args.vocab_size)
     (tmp_path / "hf").mkdir()
-    save_file(_hf_by_hand(llama), str(tmp_path / "hf" / "model.safetensors"))
+    save_file(hf_llama_state_dict(llama), str(tmp_path / "hf" / "model.safetensors"))
     _run_script("--dense", str(tmp_path / "hf"), "--flavor", "debugmodel",
                 "--config", str(CONFIG), "--out", str(tmp_path / "mot"))
     _assert_same_logits(_load_mot(tmp_path / "mot", args), llama, 2)

@@ -18,7 +18,7 @@ from torchtitan_mot.model.state_dict_adapter import (
     untie_dense_state_dict,
 )
 from torchtitan_mot.trainer.checkpoint_check import check_checkpoint_matches, CheckpointMismatchError
-from helpers import make_norms_informative
+from helpers import hf_llama_state_dict, make_norms_informative
 
 SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, rope_theta=500000,
              max_seq_len=32)
@@ -113,38 +113,13 @@ def test_bad_untie_is_rejected(untie: list[str], n_mod: int, message: str) -> No
         MoTModelArgs(n_modalities=n_mod, untie=untie)
 
 
-def _hf_llama(dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HuggingFace Llama names and layout for a Llama3 state dict, written out by hand: HF
-    stores each q/k head's rotary pairs as two halves (all first members, then all second)
-    where TorchTitan interleaves them."""
-    head_dim = SHAPE["dim"] // SHAPE["n_heads"]
-
-    def halves(w: torch.Tensor) -> torch.Tensor:
-        rows = [h * head_dim + 2 * j + half for h in range(w.shape[0] // head_dim)
-                for half in (0, 1) for j in range(head_dim // 2)]
-        return w[rows]
-
-    hf = {"model.embed_tokens.weight": dense["tok_embeddings.weight"],
-          "model.norm.weight": dense["norm.weight"], "lm_head.weight": dense["output.weight"]}
-    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-             "ffn_norm": "post_attention_layernorm"}
-    for i in range(SHAPE["n_layers"]):
-        for ours, theirs in names.items():
-            w = dense[f"layers.{i}.{ours}.weight"]
-            hf[f"model.layers.{i}.{theirs}.weight"] = halves(w) if ours in ("attention.wq", "attention.wk") else w
-    return hf
-
-
 def test_hf_adapter_and_export_follow_untie() -> None:
     """from_hf of a hand-written HF Llama puts each dense weight in every copy of its
     component (the model's exact keys); to_hf gives that HF Llama back; exporting modality 1
     includes the shared weights."""
     args = MoTModelArgs(n_modalities=2, untie=["attention"], **SHAPE)
-    llama_sd = _llama().state_dict()
-    hf = _hf_llama(llama_sd)
+    llama = _llama()
+    llama_sd, hf = llama.state_dict(), hf_llama_state_dict(llama)
     adapter = MoTStateDictAdapter(args, None)
     loaded = adapter.from_hf(hf)
     mot_keys = set(MoTTransformer(args).state_dict())
