@@ -51,8 +51,10 @@ BASE_OVERRIDES = (
 that does not change the math is compared exactly; the precision sets choose theirs."""
 
 STEP_RE = re.compile(r"step:\s*(\d+)\s+loss:\s*(-?[\d.]+|nan|inf)\s+grad_norm:\s*([\d.]+|nan|inf)")
+# measured (2026-12-03: 2d_compile, pp_zbv, precision_tp2_default): loss 1e-5 (the printed digit),
+# grad norm 5.4e-5 relative
 PARITY_LOSS_ABS = 5e-5
-PARITY_GRAD_REL = 2e-3
+PARITY_GRAD_REL = 2e-4
 TRAINS_MIN_FALL = 3.0
 """A "trains" set's loss must fall this much in 10 steps (fp32 falls 7.685 -> 3.561)."""
 
