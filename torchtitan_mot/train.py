@@ -14,6 +14,8 @@ import sys
 
 from torchtitan_mot.compat.cpu import enable_cpu_fallback
 from torchtitan_mot.compat.torchtitan_0_2_2 import isolate_compile_cache_per_rank, run_main
+from torchtitan.tools.logging import init_logger
+
 from torchtitan_mot.capacity import check_model_fits
 from torchtitan_mot.config import ConfigError, load_job_config
 from torchtitan_mot.trainer.trainer import MoTTrainer
@@ -41,6 +43,7 @@ def main() -> None:
     _default_single_process_env()
     isolate_compile_cache_per_rank()
     enable_cpu_fallback()
+    init_logger()  # TorchTitan's main calls it again (idempotent); config loading logs first
     try:
         job_config = load_job_config(sys.argv[1:])
         check_model_fits(job_config)
