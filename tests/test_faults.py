@@ -173,9 +173,8 @@ def test_checkpoint_of_other_flavor_is_refused(tmp_path: Path, flavor: str) -> N
     config = CONFIG
     if flavor.endswith("3modality"):
         config = tmp_path / "mot3.toml"
-        config.write_text(CONFIG.read_text()
-                          .replace('modalities = ["text", "image"]', 'modalities = ["text", "image", "speech"]')
-                          .replace("codebook_sizes = [256]", "codebook_sizes = [256, 64]"))
+        config.write_text(CONFIG.read_text().replace(
+            "[mot]\n", '[mot]\nmodalities = ["text", "image", "speech"]\ncodebook_sizes = [256, 64]\n'))
     other = MoTTransformer(mot_target(config, flavor)[0])
     dcp.save(other.state_dict(), checkpoint_id=str(tmp_path / "other"), no_dist=True)
     before = _tree_hash(tmp_path / "other")

@@ -191,19 +191,21 @@ def _resolve_datasets(job_config: TorchTitanJobConfig, read_data: bool) -> None:
 
 def _resolve_modalities(job_config: TorchTitanJobConfig, read_data: bool) -> None:
     """Unset `[mot].modalities` / `codebook_sizes` from the dataset's meta.json
-    (`[training].dataset_path`, else `[validation].dataset_path` when validation is on); set
-    ones are checked against the meta.json of every dataset the run reads."""
+    (`[training].dataset_path`, else `[validation].dataset_path`); set ones are checked
+    against the meta.json of every dataset the run reads."""
     mot = job_config.mot
     paths = [job_config.training.dataset_path, job_config.validation.dataset_path]
-    read = paths if job_config.validation.enable or not read_data else paths[:1]
-    metas = [Path(p) / "meta.json" for p in dict.fromkeys(read) if p and (Path(p) / "meta.json").is_file()]
+    metas = [Path(p) / "meta.json" for p in paths if p and (Path(p) / "meta.json").is_file()]
     if mot.modalities:
         if not mot.codebook_sizes and len(mot.modalities) > 1:
             raise ConfigError(
                 f"[mot].modalities is set to {mot.modalities} but [mot].codebook_sizes is not: "
                 "set --mot.codebook_sizes (one per non-text modality)"
             )
-        for meta in metas if read_data else []:
+        read = paths if job_config.validation.enable else paths[:1]
+        for meta in dict.fromkeys(metas if read_data else []):
+            if str(meta.parent) not in read:
+                continue
             try:
                 check_meta(meta, mot.modalities, mot.codebook_sizes)
             except ValueError as e:

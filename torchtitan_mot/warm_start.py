@@ -87,7 +87,7 @@ def mot_target(
 ) -> tuple[MoTModelArgs, dict[str, torch.Tensor]]:
     """(model args, meta-device MoT state dict) for `flavor` under the job config `config`
     (`untie`, if given, overrides the config's `mot.untie`)."""
-    job_config = load_job_config(["--job.config_file", str(config), "--model.flavor", flavor])
+    job_config = load_job_config(["--job.config_file", str(config), "--model.flavor", flavor], read_data=False)
     if untie is not None:
         job_config.mot.untie = list(untie)
     model_args = build_model_args(job_config)
