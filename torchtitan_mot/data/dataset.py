@@ -19,6 +19,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
 from torchtitan.tools.logging import logger
 
+from torchtitan_mot.config import ConfigError
+
 from .meta import check_meta, looks_local, missing_dataset, read_meta
 from .tokenizer import TEXT, MultimodalTokenizer
 
@@ -141,7 +143,7 @@ def load_split(
         try:
             ds = load_dataset(dataset_path, split=split, streaming=streaming)
         except (ConnectionError, DatasetNotFoundError) as e:
-            raise ValueError(
+            raise ConfigError(
                 f"dataset path {dataset_path}: not a local folder and not reachable on the Hub "
                 f"({type(e).__name__}: {e})"
             ) from None
