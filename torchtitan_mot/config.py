@@ -97,7 +97,7 @@ class JobConfig:
 
 def shipped_root() -> Path:
     """Folder holding `train_configs/` and `assets/` (debug configs, demo tokenizer, demo data):
-    `torchtitan_mot/_shipped` in an installed wheel (pyproject maps the repository's files
+    `torchtitan_mot/_shipped` in an installed wheel (setup.py maps the repository's files
     there), the repository itself in a source checkout."""
     installed = PACKAGE / "_shipped"
     return installed if installed.is_dir() else PACKAGE.parent
@@ -203,8 +203,9 @@ def _resolve_modalities(job_config: TorchTitanJobConfig, read_data: bool) -> Non
                 "set --mot.codebook_sizes (one per non-text modality)"
             )
         read = paths if job_config.validation.enable else paths[:1]
-        for meta in dict.fromkeys(metas if read_data else []):
-            if str(meta.parent) not in read:
+        for path in dict.fromkeys(read if read_data else []):
+            meta = Path(path or "") / "meta.json"
+            if not path or not meta.is_file():
                 continue
             try:
                 check_meta(meta, mot.modalities, mot.codebook_sizes)
@@ -231,10 +232,12 @@ def _resolve_modalities(job_config: TorchTitanJobConfig, read_data: bool) -> Non
 def _text_vocab_size(job_config: TorchTitanJobConfig, fallback: int | None) -> int:
     """Text ids of `model.hf_assets_path` (made absolute), or `fallback` where it is not here."""
     value = job_config.model.hf_assets_path
-    if not value and fallback is not None:
-        return fallback
+    if not value:
+        if fallback is not None:
+            return fallback
+        raise ConfigError("--model.hf_assets_path is not set: name the text tokenizer's folder")
     try:
-        path = find_path(value or ".", job_config.job.config_file, "--model.hf_assets_path")
+        path = find_path(value, job_config.job.config_file, "--model.hf_assets_path")
     except ConfigError:
         if fallback is not None:
             return fallback
@@ -253,10 +256,10 @@ def _report_text_tokenizer(job_config: TorchTitanJobConfig, layout: VocabLayout)
         f"text tokenizer: {tokenizer} ({layout.text_vocab_size:,} text ids; unified "
         f"vocabulary {layout.vocab_size:,} ids)"
     )
-    demo_data = tokenizer.parent / "demo"
+    demo = (shipped_root() / "assets").resolve()
     dataset = job_config.training.dataset_path
-    if tokenizer.parent.name == "assets" and demo_data.is_dir() and dataset and not (
-        Path(dataset).resolve().is_relative_to(demo_data)
+    if tokenizer == demo / "tokenizer" and dataset and not (
+        Path(dataset).resolve().is_relative_to(demo / "demo")
     ):
         logger.warning(
             f"{dataset} is encoded with the bundled demo text tokenizer ({tokenizer}, "
