@@ -16,9 +16,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torchtitan.config import ConfigManager, JobConfig
+from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims, utils as dist_utils
 
+from torchtitan_mot.config import load_job_config
 from torchtitan_mot.data.dataloader import build_mot_validation_dataloader
 from torchtitan_mot.data.tokenizer import build_mot_tokenizer, VocabLayout
 from torchtitan_mot.compat.cpu import enable_cpu_fallback
@@ -34,8 +35,7 @@ STEPS = 3
 
 
 def make_config() -> JobConfig:
-    return ConfigManager().parse_args([
-        "--job.custom_config_module", "torchtitan_mot.config",
+    return load_job_config([
         "--model.hf_assets_path", str(ROOT / "assets" / "tokenizer"),
         "--training.seq_len", "32",
         "--validation.dataset_path", str(DEMO),

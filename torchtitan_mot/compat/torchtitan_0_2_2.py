@@ -3,6 +3,7 @@
 The first docstring line of each function or class names the limit it works around.
 """
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,10 +21,11 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.distributed.tensor.experimental._attention import _HeadTailLoadBalancer
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.optimizer import OptimizersContainer
-from torchtitan.config import ConfigManager
+from torchtitan.config import ConfigManager, JobConfig
 from torchtitan.config.job_config import Parallelism
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed import utils as dist_utils
+from torchtitan.tools.logging import logger
 
 
 def isolate_compile_cache_per_rank() -> None:
@@ -39,15 +41,39 @@ def isolate_compile_cache_per_rank() -> None:
         )
 
 
-def run_main(
-    trainer_cls: type[torchtitan.train.Trainer], config_manager_cls: type[ConfigManager]
-) -> None:
-    """0.2.2's `main()` builds a plain `ConfigManager()` itself (no parameter for a subclass).
+def run_main(trainer_cls: type[torchtitan.train.Trainer], job_config: JobConfig) -> None:
+    """0.2.2's `main()` parses the command line itself, with a plain `ConfigManager()`.
 
-    Runs TorchTitan's own `main` with `config_manager_cls` swapped in for it.
+    Runs TorchTitan's own `main` on `job_config`, already loaded (and resolved) by the caller.
     """
-    torchtitan.train.ConfigManager = config_manager_cls
+
+    class LoadedConfig(ConfigManager):
+        def parse_args(self, args: list[str] | None = None) -> JobConfig:
+            return job_config
+
+    torchtitan.train.ConfigManager = LoadedConfig
     torchtitan.train.main(trainer_cls)
+
+
+class _DropAssetsPathWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("HF assets path ")
+
+
+@contextmanager
+def without_assets_path_warning() -> Iterator[None]:
+    """0.2.2's `ConfigManager` warns "HF assets path ... does not exist!" against the working directory.
+
+    The plugin resolves a config's paths against the config's repository and the shipped
+    assets afterwards (and names a really missing one itself), so that warning is dropped
+    while parsing.
+    """
+    drop = _DropAssetsPathWarning()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def config_file_values(config_manager: ConfigManager, args: list[str]) -> dict[str, Any]:

@@ -10,6 +10,8 @@ from torchtitan.config import JobConfig
 from torchtitan.tools import utils
 from torchtitan.tools.logging import logger
 
+from torchtitan_mot.config import resolve_job_config
+
 
 def training_device() -> torch.device:
     """The device TorchTitan's trainer trains on (`Trainer.device`): where every tensor
@@ -104,9 +106,7 @@ class MoTLoss:
 
 
 def build_mot_loss(job_config: JobConfig, **kwargs) -> MoTLoss:
-    from torchtitan_mot.data.tokenizer import build_mot_tokenizer
-
-    layout = build_mot_tokenizer(job_config).layout
+    layout = resolve_job_config(job_config)  # resolved once at load: returns the attached vocabulary
     backend = None
     if job_config.compile.enable and "loss" in job_config.compile.components:
         logger.info("Compiling the loss function with torch.compile")
