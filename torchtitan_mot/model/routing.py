@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchtitan_mot.infra.modality_ids import copy_without_waiting
+from .inputs import copy_without_waiting
 
 
 @dataclass

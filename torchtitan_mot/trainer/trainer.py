@@ -31,7 +31,8 @@ from torchtitan_mot.compat.torchtitan_0_2_2 import (
     set_pipeline_loss,
     sum_gradients_over_replicas,
 )
-from torchtitan_mot.infra.modality_ids import keep_modality_ids_on_host, split_mot_batch
+from torchtitan_mot.infra.modality_ids import split_mot_batch
+from torchtitan_mot.model.inputs import keep_modality_ids_on_host
 from torchtitan_mot.trainer.checkpoint_check import check_start_checkpoint
 from torchtitan_mot.trainer.nonfinite_guard import NonFiniteLossGuard
 from torchtitan_mot.trainer.optimizer import MoTOptimizersContainer, use_modality_optimizer_settings

@@ -26,7 +26,8 @@ from torchtitan.tools.logging import logger
 from torchtitan_mot.compat.torchtitan_0_2_2 import set_pipeline_loss
 from torchtitan_mot.data.dataloader import build_mot_validation_dataloader
 from torchtitan_mot.data.tokenizer import MultimodalTokenizer
-from torchtitan_mot.infra.modality_ids import keep_modality_ids_on_host, split_mot_batch
+from torchtitan_mot.infra.modality_ids import split_mot_batch
+from torchtitan_mot.model.inputs import keep_modality_ids_on_host
 from torchtitan_mot.trainer.loss import MoTLoss, training_device
 
 
