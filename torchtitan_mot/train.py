@@ -11,6 +11,7 @@ import socket
 from torchtitan_mot.compat.cpu import enable_cpu_fallback
 from torchtitan_mot.compat.torchtitan_0_2_2 import isolate_compile_cache_per_rank, run_main
 from torchtitan_mot.config import MoTConfigManager
+from torchtitan_mot.trainer.logs import concise_logs
 from torchtitan_mot.trainer.trainer import MoTTrainer
 
 
@@ -36,7 +37,8 @@ def main() -> None:
     _default_single_process_env()
     isolate_compile_cache_per_rank()
     enable_cpu_fallback()
-    run_main(MoTTrainer, MoTConfigManager)
+    with concise_logs():
+        run_main(MoTTrainer, MoTConfigManager)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 The first docstring line of each function or class names the limit it works around.
 """
 
+import json
+import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -50,6 +53,24 @@ def run_main(
     """
     torchtitan.train.ConfigManager = config_manager_cls
     torchtitan.train.main(trainer_cls)
+
+
+class ModelArgsOnOneLine(logging.Filter):
+    """0.2.2's `Trainer.__init__` logs the model args as indented JSON, one line per field (30 for MoT).
+
+    Rewrites that record to one line of compact JSON (without the `_enforced` marker field).
+    """
+
+    _DUMP = re.compile(r"Building (\S+) (\S+)with (\{.*\})", re.DOTALL)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Building ") and "\n" in record.msg:
+            match = self._DUMP.fullmatch(record.msg)
+            if match:
+                args = json.loads(match[3])
+                args.pop("_enforced", None)
+                record.msg = f"Building {match[1]} {match[2]} with {json.dumps(args)}"
+        return True
 
 
 def config_file_values(config_manager: ConfigManager, args: list[str]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ and token counts; at each log step this processor all-reduces them over the loss
 logs `loss/<modality>` = global sum / global count, next to the usual metrics.
 """
 
+import sys
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.protocols import BaseModelArgs
 from torchtitan.tools.logging import logger
+from torchtitan.tools.utils import NoColor
 
 from torchtitan_mot.model.args import MoTModelArgs, UNTIE_COMPONENTS
 from torchtitan_mot.trainer.loss import ModalityLossStats
@@ -25,7 +27,8 @@ class MoTMetricsProcessor(MetricsProcessor):
     """`MetricsProcessor` that also logs the mean CE of each modality.
 
     The per-modality figures come from the trainer's `loss_stats`; without them this
-    behaves exactly like the stock processor.
+    behaves exactly like the stock processor. Colour codes go to a terminal only: piped
+    into a file they are noise.
     """
 
     def __init__(
@@ -37,6 +40,8 @@ class MoTMetricsProcessor(MetricsProcessor):
     ) -> None:
         super().__init__(job_config, parallel_dims, tag)
         self.loss_stats = loss_stats
+        if not sys.stdout.isatty():  # TorchTitan's logger writes to stdout
+            self.color = NoColor()
 
     def modality_losses(self) -> dict[str, float]:
         """Pop this rank's per-modality stats, reduce them globally, return the means.
