@@ -1,9 +1,10 @@
 """Metrics processor that adds per-modality losses to TorchTitan's step log.
 
 The total loss says little about an MoT run: the modalities learn at different speeds and the
-paper's comparisons are per modality. The loss function accumulates per-modality summed CE
-and token counts; at each log step this processor all-reduces them over the loss mesh and
-logs `loss/<modality>` = global sum / global count, next to the usual metrics.
+paper's comparisons are per modality. The loss records per-modality summed CE and token
+counts in the trainer's `ModalityLossStats`; at each log step this processor pops them,
+all-reduces them over the loss mesh and logs `loss/<modality>` = global sum / global count,
+next to the usual metrics.
 """
 
 import sys
