@@ -106,7 +106,7 @@ def run_validator(rank: int, world_size: int) -> tuple:
     train_loss(torch.zeros(1, 3, tok.get_vocab_size()), torch.tensor([[5, 6, 7]]))
     first = validator.validate([model], step=10)
     second = validator.validate([model], step=20)
-    sums, counts = train_loss.pop_modality_stats()
+    sums, counts = train_loss.stats.pop()
     assert counts.tolist() == [3.0, 0.0] and model.training
     return first, second, metrics.logged
 

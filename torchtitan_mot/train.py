@@ -12,12 +12,13 @@ import os
 import socket
 import sys
 
-from torchtitan_mot.compat.cpu import enable_cpu_fallback
-from torchtitan_mot.compat.torchtitan_0_2_2 import isolate_compile_cache_per_rank, run_main
 from torchtitan.tools.logging import init_logger
 
+from torchtitan_mot.compat.cpu import enable_cpu_fallback
+from torchtitan_mot.compat.torchtitan_0_2_2 import isolate_compile_cache_per_rank, run_main
 from torchtitan_mot.capacity import check_model_fits
 from torchtitan_mot.config import ConfigError, load_job_config
+from torchtitan_mot.trainer.logs import concise_logs
 from torchtitan_mot.trainer.trainer import MoTTrainer
 
 
@@ -44,13 +45,14 @@ def main() -> None:
     isolate_compile_cache_per_rank()
     enable_cpu_fallback()
     init_logger()  # TorchTitan's main calls it again (idempotent); config loading logs first
-    try:
-        job_config = load_job_config(sys.argv[1:])
-        check_model_fits(job_config)
-        run_main(MoTTrainer, job_config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    with concise_logs():
+        try:
+            job_config = load_job_config(sys.argv[1:])
+            check_model_fits(job_config)
+            run_main(MoTTrainer, job_config)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
 
 if __name__ == "__main__":
