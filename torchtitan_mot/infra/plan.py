@@ -23,12 +23,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
-from torchtitan.config import ConfigManager, JobConfig, TORCH_DTYPE_MAP
+from torchtitan.config import JobConfig, TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 
 from torchtitan_mot import build_model_args, mot_args
-from torchtitan_mot.data.tokenizer import build_mot_tokenizer, VocabLayout
+from torchtitan_mot.config import load_job_config, resolve_job_config
+from torchtitan_mot.data.tokenizer import VocabLayout
 from torchtitan_mot.compat.cpu import enable_cpu_fallback
 from torchtitan_mot.compat.torchtitan_0_2_2 import fsdp_reshards_after_forward
 from torchtitan_mot.infra.parallelize import parallelize_mot
@@ -119,9 +120,9 @@ def _numel(module: nn.Module) -> int:
 def vocab_layout(job: JobConfig) -> tuple[VocabLayout, str]:
     """The unified vocabulary: the config's tokenizer if it is local, else Llama3's text ids."""
     path = job.model.hf_assets_path
+    layout = resolve_job_config(job)  # load_job_config resolved it: the attached vocabulary
     if path and Path(path).is_dir():
-        return build_mot_tokenizer(job).layout, f"tokenizer at {path}"
-    layout = VocabLayout(LLAMA3_TEXT_VOCAB, tuple(job.mot.modalities), tuple(job.mot.codebook_sizes))
+        return layout, f"tokenizer at {path}"
     return layout, f"Llama3 text vocab {LLAMA3_TEXT_VOCAB:,} ({path or 'no tokenizer'} not local)"
 
 
@@ -297,7 +298,8 @@ def load_plan_inputs(argv: list[str]) -> tuple[str, JobConfig, int, float]:
     for name, flag in _TITAN_FLAGS.items():
         if getattr(a, name) is not None:
             titan += [flag, str(getattr(a, name))]
-    return source, ConfigManager().parse_args(titan), a.ngpu, a.gpu_gib
+    job = load_job_config(titan, read_data=False, text_vocab_fallback=LLAMA3_TEXT_VOCAB)
+    return source, job, a.ngpu, a.gpu_gib
 
 
 def check_plan(argv: list[str]) -> Plan:
