@@ -173,7 +173,8 @@ def test_two_workers_write_the_same_bytes_as_one_process(tmp_path: Path) -> None
     rerun with the same inputs and seed writes the same bytes (two spawned workers: slow)."""
     docs = make_text_docs(tmp_path / "docs.jsonl", 8)
     tokenizer = ROOT / "assets" / "tokenizer"
-    outs = [prepare(small(tmp_path, name, text_docs=docs, text_tokenizer=tokenizer, num_workers=workers))
+    outs = [prepare(small(tmp_path, name, text_docs=docs, text_tokenizer=tokenizer, num_workers=workers,
+                          chunk_size=4))  # 8 chunks of 4 items: both workers get several
             for name, workers in (("one", 0), ("again", 0), ("two", 2))]
 
     def files(root: Path) -> dict[str, bytes]:
