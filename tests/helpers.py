@@ -1,9 +1,14 @@
 """Helpers shared by tests (importable as `helpers`: pytest's `pythonpath`): TensorBoard
 scalars of a run, the tensors of a DCP checkpoint, gloo process groups in spawned processes,
-raw inputs for `torchtitan_mot.data.prepare`."""
+raw inputs for `torchtitan_mot.data.prepare`, the rows a data loader reads, a tiny model and
+its per-modality optimizer config, the HF Llama state dict of a Llama3 built by hand. Running
+the trainer is the harness's (not here)."""
 
+import dataclasses
 import json
 import os
+import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +17,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = str(REPO / "assets" / "tokenizer")
+TINY = dict(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=16, n_modalities=2)
+"""A two-modality MoT small enough to build in milliseconds."""
 
 
 def tb_scalars(dump: Path, tag: str = "loss_metrics/global_avg_loss") -> dict[int, float]:
@@ -125,3 +135,88 @@ def make_norms_informative(model: torch.nn.Module) -> None:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+
+
+def modality_optimizer_config(**kw: Any) -> Any:
+    """AdamW (lr 1e-2, weight decay 0.1) with per-modality settings for text and image."""
+    from torchtitan.config import Optimizer
+
+    from torchtitan_mot.trainer.optimizer import ModalityOptimizerConfig
+
+    return ModalityOptimizerConfig(**dataclasses.asdict(Optimizer(lr=1e-2, weight_decay=0.1)),
+                                   modalities=["text", "image"], **kw)
+
+
+def rows_seen(tok: Any, batches: list) -> list[int]:
+    """Row numbers (with repeats) of the `"row i"` text segments lying wholly inside one window.
+
+    Windows are decoded one by one (with workers, consecutive batches come from different
+    streams), dropping each window's first and last segment, which may be cut: rows cut at a
+    window edge are not seen (use `encoded_rows` to count every row read).
+    """
+    seen = []
+    for x, y in batches:
+        for b in range(len(y)):
+            segments = tok.decode_segments(x["input"][b].tolist() + [int(y[b, -1])])
+            for seg in segments[1:-1]:
+                if seg["modality"] == "text" and (m := re.fullmatch(r"row (\d+)", seg["text"])):
+                    seen.append(int(m.group(1)))
+    return seen
+
+
+def encoded_rows(monkeypatch: Any, folder: Path) -> Callable[[], Counter[int]]:
+    """Records the row-id column of every sample `MultimodalDataset` encodes, in this process
+    and in (forked) DataLoader workers. Returns a reader: the rows recorded since its last
+    call, with their counts."""
+    from torchtitan_mot.data.dataset import MultimodalDataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    encode = MultimodalDataset.encode_sample
+
+    def recording(self: MultimodalDataset, row: Any, sample: dict[str, Any]) -> list[int]:
+        ids = encode(self, row, sample)
+        with open(folder / f"rows-{os.getpid()}.txt", "a") as f:
+            f.write(f"{row}\n")
+        return ids
+
+    def read() -> Counter[int]:
+        rows: Counter[int] = Counter()
+        for path in folder.glob("rows-*.txt"):
+            rows.update(int(line) for line in path.read_text().split())
+            path.unlink()
+        return rows
+
+    monkeypatch.setattr(MultimodalDataset, "encode_sample", recording)
+    return read
+
+
+def assert_same_batches(a: list, b: list) -> None:
+    """Two lists of `(inputs, labels)` batches hold the same tensors."""
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert xa.keys() == xb.keys() == {"input", "modality_ids"}
+        assert all(torch.equal(xa[k], xb[k]) for k in xa) and torch.equal(ya, yb)
+
+
+def _hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF's rotary layout of q/k rows: transformers' convert_llama_weights_to_hf `permute`."""
+    dim1, dim2 = w.shape
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def hf_llama_state_dict(llama: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The HF Llama state dict of a dense Llama3, built from HF's names and permutation."""
+    a, sd = llama.model_args, llama.state_dict()
+    hf = {"model.embed_tokens.weight": sd["tok_embeddings.weight"],
+          "model.norm.weight": sd["norm.weight"], "lm_head.weight": sd["output.weight"]}
+    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+    heads = {"attention.wq": a.n_heads, "attention.wk": a.n_kv_heads or a.n_heads}
+    for i in range(a.n_layers):
+        for ours, theirs in names.items():
+            w = sd[f"layers.{i}.{ours}.weight"]
+            hf[f"model.layers.{i}.{theirs}.weight"] = _hf_permute(w, heads[ours]) if ours in heads else w
+    return {k: v.contiguous() for k, v in hf.items()}

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_benchmark_smoke() -> None:
     """Tiny shape, compiled, two measured steps of different modality mixes: the table (MoT,
     dense twin, TorchTitan's Llama3), the paired ratios, the compile counters (one graph per
@@ -31,12 +34,18 @@ def test_benchmark_smoke() -> None:
     assert rows["dense"][1] == rows["llama3"][1], out
     assert rows["llama3"][-1] == "-"  # no MFU without a GPU peak
     assert "host_malloc=resident" in out
+    # Two measured steps give two paired ratios r1, r2: their median is the midpoint, the
+    # bootstrap CI and the p10-p90 are [min, max], and the ratio of the two models' medians
+    # (means of two steps) lies between r1 and r2. All printed to 3 decimals.
     for base in ("dense", "llama3"):
-        paired = re.search(
-            rf"paired per-step ratio mot/{base}: median (\S+) \(95% CI (\S+)-(\S+)\)", out)
+        paired = re.search(rf"paired per-step ratio mot/{base}: median (\S+) \(95% CI (\S+)-(\S+)\) "
+                           rf"p10-p90 (\S+)-(\S+)", out)
         assert paired, out
-        median, lo, hi = map(float, paired.groups())
-        assert lo <= median <= hi
+        median, lo, hi, p10, p90 = map(float, paired.groups())
+        assert (lo, hi) == (p10, p90) and lo < hi, out
+        assert abs(median - (lo + hi) / 2) <= 1.5e-3, out
+        of_medians = re.search(rf"^mot/{base} step time ratio: (\S+)$", out, re.MULTILINE)
+        assert of_medians and lo - 1e-3 <= float(of_medians.group(1)) <= hi + 1e-3, out
     mixes = re.search(r"over measured steps: .* \((\d+) distinct mixes\)", out)
     assert mixes and int(mixes.group(1)) == 2, out  # a count-specialised graph would recompile
     assert re.search(r"^compile: unique graphs 3, 0 compiled during the 2 measured steps "

@@ -96,6 +96,7 @@ def test_flavor_too_big_for_this_machine_is_refused_before_allocating(monkeypatc
     assert "but host RAM is 24.0 GiB" in message and "check_plan" in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_entry_point_prints_config_errors_as_one_line(tmp_path: Path) -> None:
     """A flavor no machine can hold (70B: ~2 TiB of model state) stops `train` at start-up."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

@@ -17,10 +17,9 @@ from torchtitan_mot.trainer.nonfinite_guard import (
 from torchtitan_mot.trainer.loss import ModalityLossStats, MoTLoss
 from torchtitan_mot.warm_start import mot_target
 from torchtitan_mot.testing.data import repeated_dataset
-from helpers import checkpoint_tensors, optimizer_keys, run_ranks
+from helpers import checkpoint_tensors, modality_optimizer_config, optimizer_keys, run_ranks, TINY
 
 from test_resume import CONFIG, REPO, run_trainer, small_args
-from test_freeze import _config, TINY
 
 from torchtitan_mot.trainer.optimizer import build_mot_optimizers
 
@@ -75,7 +74,7 @@ def test_guard_skip_leaves_weights_and_optimizer_state() -> None:
     with torch.no_grad():
         model.init_weights()
     guard = NonFiniteLossGuard("skip")
-    opt = build_mot_optimizers([model], _config(), None, step_guard=guard)
+    opt = build_mot_optimizers([model], modality_optimizer_config(), None, step_guard=guard)
     tokens, ids = torch.randint(0, 50, (1, 16)), torch.randint(0, 2, (1, 16))
 
     def train_step(step: int, scale: float) -> None:
@@ -128,6 +127,7 @@ def _nan_run(tmp_path: Path, policy: str, check: bool):
     return dump / "checkpoint", result.stdout + result.stderr, result.returncode
 
 
+@pytest.mark.slow
 def test_nan_stop_through_entry_point(tmp_path: Path) -> None:
     folder, log, rc = _nan_run(tmp_path, "stop", check=False)
     assert rc != 0
@@ -135,6 +135,7 @@ def test_nan_stop_through_entry_point(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == ["step-1"]  # nothing written after the NaN
 
 
+@pytest.mark.slow
 def test_nan_skip_through_entry_point(tmp_path: Path) -> None:
     folder, log, _ = _nan_run(tmp_path, "skip", check=True)
     assert "non-finite loss or gradients at step 2" in log and "step skipped" in log
@@ -151,6 +152,7 @@ def _tree_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override, expected",
     [
@@ -171,6 +173,7 @@ def test_config_disagreements_fail_at_startup(tmp_path: Path, override: list[str
     assert "step:  1" not in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavor", ["debugmodel_dense", "debugmodel_3modality"])
 def test_checkpoint_of_other_flavor_is_refused(tmp_path: Path, flavor: str) -> None:
     config = CONFIG
@@ -197,6 +200,7 @@ def test_checkpoint_of_other_flavor_is_refused(tmp_path: Path, flavor: str) -> N
     assert not (tmp_path / "run" / "checkpoint").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_data_file_leaves_last_checkpoint_intact(tmp_path: Path) -> None:
     """Train 5 steps, cut a row of the data file in half, restart: the run fails before any
     step, and the step-5 checkpoint is byte-for-byte intact (and still loads)."""
@@ -214,6 +218,7 @@ def test_corrupt_data_file_leaves_last_checkpoint_intact(tmp_path: Path) -> None
     assert sorted(p.name for p in step5.parent.iterdir()) == ["step-5"]
 
 
+@pytest.mark.slow
 def test_unreadable_data_file_is_named(tmp_path: Path) -> None:
     data = repeated_dataset(REPO / "assets" / "demo" / "text_image", tmp_path / "data", jsonl=True)
     rows = (data / "train.jsonl").read_text().splitlines()

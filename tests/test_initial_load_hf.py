@@ -5,6 +5,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
@@ -16,6 +17,7 @@ from helpers import checkpoint_tensors, make_norms_informative
 from test_resume import REPO, run_trainer, small_args
 
 
+@pytest.mark.slow
 def test_trainer_starts_from_hf_llama(tmp_path: Path) -> None:
     """One step at lr 0 after loading: the saved MoT weights are the HF Llama's, in every
     modality copy. The HF folder is written by TorchTitan's own Llama3 adapter (its q/k

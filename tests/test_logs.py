@@ -48,6 +48,7 @@ def test_torchtitans_model_args_dump_is_one_line(caplog: pytest.LogCaptureFixtur
     assert json.loads(line.removeprefix(prefix)) == args
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="MFU is measured on an accelerator")
 def test_a_piped_cpu_run_logs_no_colour_no_mfu_no_probe(tmp_path: Path) -> None:
     result = run_trainer(tmp_path, small_args(tmp_path / "run", 2))
@@ -79,6 +80,7 @@ def _timeout_warnings(rank: int, world_size: int) -> list[str]:
     return [str(w.message) for w in caught]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="the CPU fallback is a no-op there")
 def test_cpu_fallback_sets_timeouts_without_warning(tmp_path: Path) -> None:
     """Unused mesh dimensions have groups on torch's "fake" backend: they get no timeout, and

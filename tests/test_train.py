@@ -137,6 +137,7 @@ def single(corpora, seed, tmp_path_factory) -> dict[int, tuple[float, float]]:
     return run_train([*base_args(corpora[1], tmp_path_factory.mktemp("single"), STEPS), *seed])
 
 
+@pytest.mark.slow
 def test_single_process_loss_falls(single):
     assert sorted(single) == list(range(1, STEPS + 1))
     assert single[STEPS][0] < single[1][0] - 0.5
@@ -201,6 +202,28 @@ def test_mot_debug_config_logs_per_modality_loss(tmp_path):
     assert losses[20] < losses[1] - 2.0, losses
     assert float(per_step[-1][1]) < float(per_step[0][1])  # text
     assert float(per_step[-1][2]) < float(per_step[0][2])  # image
+    assert "without native bf16 matmuls" not in out  # float32 config: no emulated-bf16 warning
+
+
+@pytest.mark.slow
+def test_readme_demo_losses(tmp_path):
+    """The README's demo figures: `python -m torchtitan_mot.train --job.config_file
+    train_configs/debug_mot.toml` (50 steps, seed 0; about a minute) logs the quoted total and
+    per-modality losses at steps 1 and 50, to the quoted 2 decimals."""
+    readme = (REPO / "README.md").read_text()
+    quoted = re.search(r"trains (\d+) steps of `train_configs/debug_mot.toml`.*?loss (\S+) -> (\S+), "
+                       r"text (\S+) -> (\S+), image (\S+) -> (\S+);", readme, re.S)
+    assert quoted, "the README's demo sentence moved"
+    steps = int(quoted.group(1))
+    out = run_train_log(["--job.config_file", str(REPO / "train_configs" / "debug_mot.toml"),
+                         "--job.dump_folder", str(tmp_path)])
+    losses = {step: loss for step, (loss, _) in parse_steps(out).items()}
+    per_modality = {int(s): (float(t), float(i)) for s, t, i in re.findall(
+        r"step:\s*(\d+)\s+loss/text:\s*(\S+)\s+loss/image:\s*(\S+)", out)}
+    assert max(losses) == steps, sorted(losses)
+    got = [losses[1], losses[steps], per_modality[1][0], per_modality[steps][0],
+           per_modality[1][1], per_modality[steps][1]]
+    assert [f"{v:.2f}" for v in got] == list(quoted.groups()[1:]), (got, quoted.groups())
 
 
 def test_modality_losses_skip_modalities_without_tokens():

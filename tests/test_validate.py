@@ -6,7 +6,9 @@ The oracle assigns each target token its modality from the vocabulary's id range
 
 import contextlib
 import glob
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +143,7 @@ def test_per_modality_loss_matches_hand_computation(single_process_group) -> Non
     assert logged[0][2] == first
 
 
+@pytest.mark.slow
 def test_data_parallel_ranks_reduce_sums_and_counts(tmp_path: Path) -> None:
     """Two gloo ranks, each on its half of the split: every rank gets the global
     token-weighted mean (a reduce to rank 0 alone would leave rank 1 its local mean)."""
@@ -154,6 +157,7 @@ def test_data_parallel_ranks_reduce_sums_and_counts(tmp_path: Path) -> None:
             assert got[key] == pytest.approx(expected[key], rel=1e-5), (rank, key)
 
 
+@pytest.mark.slow
 def test_trainer_logs_validation_losses_to_tensorboard(tmp_path: Path) -> None:
     """`--validation.enable` wires the validator into the real trainer and TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -169,8 +173,17 @@ def test_trainer_logs_validation_losses_to_tensorboard(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "validate step:  2  loss:" in proc.stderr + proc.stdout
+    log = re.sub(r"\x1b\[[0-9;]*m", "", proc.stderr + proc.stdout)
+    # the validator's per-modality line: 5 decimals for the loss and each modality
+    console = {int(m[0]): dict(zip(("loss", "text", "image"), map(float, m[1:]))) for m in re.findall(
+        r"validate step:\s*(\d+)\s+loss:\s*(\S+)\s+loss/text:\s*(\S+)\s+loss/image:\s*(\S+)", log)}
+    assert sorted(console) == [1, 2], log[-3000:]
     acc = EventAccumulator(glob.glob(str(tmp_path / "tb" / "*"))[0])
     acc.Reload()
-    for tag in ("validation/loss", "validation/loss/text", "validation/loss/image"):
-        assert [e.step for e in acc.Scalars(tag)] == [1, 2], tag
+    for tag, key in (("validation/loss", "loss"), ("validation/loss/text", "text"),
+                     ("validation/loss/image", "image")):
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [1, 2], tag
+        for e in events:
+            assert math.isfinite(e.value) and 0 < e.value < 20, (tag, e)
+            assert abs(e.value - console[e.step][key]) <= 5e-6 + 1e-6 * e.value, (tag, e, console)

@@ -23,7 +23,7 @@ from torchtitan_mot.model.state_dict_adapter import (
 )
 from torchtitan_mot.warm_start import mot_target, warm_start
 
-from helpers import make_norms_informative
+from helpers import hf_llama_state_dict, make_norms_informative, tb_scalars
 from test_resume import run_trainer, small_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +92,7 @@ def _assert_same_logits(mot: MoTTransformer, llama: Transformer, n_mod: int) -> 
             torch.testing.assert_close(got[..., :vocab], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavor", ["debugmodel", "debugmodel_3modality"])
 def test_dcp_warm_start_equals_dense(tmp_path: Path, flavor: str) -> None:
     """Dense vocab = text vocab < MoT vocab: new rows are added, old logits are exact."""
@@ -117,6 +118,7 @@ def test_dcp_warm_start_equals_dense(tmp_path: Path, flavor: str) -> None:
     assert not torch.equal(new[0], new[1])
 
 
+@pytest.mark.slow
 def test_idempotent_and_refuses_overwrite(tmp_path: Path) -> None:
     llama = _dense_like("debugmodel", 1000)
     dcp.save(llama.state_dict(), checkpoint_id=str(tmp_path / "dense"), no_dist=True)
@@ -167,36 +169,12 @@ def test_mismatch_errors_name_the_key() -> None:
         untie_dense_state_dict(bigger, target)
 
 
-def _hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF's rotary layout of q/k rows: transformers' convert_llama_weights_to_hf `permute`."""
-    dim1, dim2 = w.shape
-    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
-
-
-def _hf_by_hand(llama: Transformer) -> dict[str, torch.Tensor]:
-    """The HF Llama state dict of a dense Llama3, built from HF's names and permutation."""
-    a, sd = llama.model_args, llama.state_dict()
-    hf = {"model.embed_tokens.weight": sd["tok_embeddings.weight"],
-          "model.norm.weight": sd["norm.weight"], "lm_head.weight": sd["output.weight"]}
-    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-             "ffn_norm": "post_attention_layernorm"}
-    heads = {"attention.wq": a.n_heads, "attention.wk": a.n_kv_heads or a.n_heads}
-    for i in range(a.n_layers):
-        for ours, theirs in names.items():
-            w = sd[f"layers.{i}.{ours}.weight"]
-            hf[f"model.layers.{i}.{theirs}.weight"] = _hf_permute(w, heads[ours]) if ours in heads else w
-    return {k: v.contiguous() for k, v in hf.items()}
-
-
 def test_hf_adapter_against_hand_built_hf_tensors() -> None:
     """HF tensors made by hand (grouped-query attention, so k has its own head count) load
     into an MoT that equals the dense model; `to_hf` gives exactly those tensors back."""
     args = dataclasses.replace(_mot_args("debugmodel"), n_kv_heads=8, max_seq_len=64)
     llama = _dense_like(args, args.vocab_size)
-    hf_sd = _hf_by_hand(llama)
+    hf_sd = hf_llama_state_dict(llama)
     mot = MoTTransformer(args)
     adapter = MoTStateDictAdapter(args, None)
     mot.load_state_dict(adapter.from_hf(hf_sd))
@@ -207,13 +185,14 @@ def test_hf_adapter_against_hand_built_hf_tensors() -> None:
         assert torch.equal(back[key], value), key
 
 
+@pytest.mark.slow
 def test_warm_start_from_hf_folder(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     args = dataclasses.replace(_mot_args("debugmodel"), max_seq_len=64)
     llama = _dense_like("debugmodel", args.vocab_size)
     (tmp_path / "hf").mkdir()
-    save_file(_hf_by_hand(llama), str(tmp_path / "hf" / "model.safetensors"))
+    save_file(hf_llama_state_dict(llama), str(tmp_path / "hf" / "model.safetensors"))
     _run_script("--dense", str(tmp_path / "hf"), "--flavor", "debugmodel",
                 "--config", str(CONFIG), "--out", str(tmp_path / "mot"))
     _assert_same_logits(_load_mot(tmp_path / "mot", args), llama, 2)
@@ -254,6 +233,7 @@ def test_failed_save_leaves_no_checkpoint_and_keeps_the_old_one(
     assert _tree_bytes(out) == before
 
 
+@pytest.mark.slow
 def test_trainer_starts_from_the_warm_start_weights(tmp_path: Path) -> None:
     """The real entry point, given the output as --checkpoint.initial_load_path, trains from
     exactly its weights: with lr 0 the step-1 checkpoint equals the warm start, whose
@@ -287,16 +267,26 @@ def test_untie_subset_warm_start_trains_and_other_setting_is_refused(tmp_path: P
     _run_script("--dense", str(tmp_path / "dense"), "--flavor", "debugmodel",
                 "--config", str(CONFIG), "--out", str(tmp_path / "mot"), "--untie", "ffn")
 
-    def train(name: str, *flags: str) -> tuple[int, str]:
+    def train(name: str, steps: int, *flags: str) -> tuple[int, str]:
         result = run_trainer(tmp_path, small_args(
-            tmp_path / name, 1, "--checkpoint.enable", "--checkpoint.interval", "1000",
+            tmp_path / name, steps, "--checkpoint.enable", "--checkpoint.interval", "1000",
             "--checkpoint.initial_load_path", str(tmp_path / "mot"), *flags), check=False)
         return result.returncode, result.stdout + result.stderr
 
-    code, log = train("ffn", "--mot.untie", "ffn")
+    code, log = train("ffn", 5, "--mot.untie", "ffn")
     assert code == 0, log[-3000:]
     assert "untied: ffn; params " in log
     assert f"Loading the checkpoint from {tmp_path / 'mot'}" in log
-    code, log = train("full")
+    losses = tb_scalars(tmp_path / "ffn")
+    assert sorted(losses) == [1, 2, 3, 4, 5] and losses[5] < losses[1] - 0.5, losses
+    # the step-0 model scalars: the untie setting and the parameter count of that model
+    args = dataclasses.replace(_mot_args("debugmodel"), untie=["ffn"])
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in MoTTransformer(args).parameters())
+    model = {tag: tb_scalars(tmp_path / "ffn", f"model/{tag}") for tag in
+             ("params", "untied_attention", "untied_ffn", "untied_norms")}
+    assert model == {"params": {0: numel}, "untied_attention": {0: 0.0}, "untied_ffn": {0: 1.0},
+                     "untied_norms": {0: 0.0}}, model
+    code, log = train("full", 1)
     assert code != 0
     assert "mot.untie setting" in log and "missing from the checkpoint: layers.0.attention.wk.1.weight" in log

@@ -3,19 +3,17 @@
 import itertools
 import json
 import random
-import re
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_batches, encoded_rows, REPO, rows_seen, TOKENIZER
 from torchtitan.config import ConfigManager, JobConfig
 
 from torchtitan_mot.data.dataloader import build_mot_dataloader, build_mot_validation_dataloader
-from torchtitan_mot.data.tokenizer import build_mot_tokenizer, MultimodalTokenizer
+from torchtitan_mot.data.tokenizer import build_mot_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
-TOKENIZER = str(ROOT / "assets" / "tokenizer")
-DEMO = ROOT / "assets" / "demo"
+DEMO = REPO / "assets" / "demo"
 
 
 def make_config(dataset: Path | str | None, *extra: str, modalities: str = "text,image", sizes=("256",)) -> JobConfig:
@@ -50,29 +48,6 @@ def write_rows(root: Path, n: int) -> Path:
     return root
 
 
-def rows_seen(tok: MultimodalTokenizer, batches: list) -> list[int]:
-    """Row numbers (with repeats) of the text segments lying wholly inside one window.
-
-    Windows are decoded one by one (with workers, consecutive batches come from different
-    streams), dropping each window's first and last segment, which may be cut.
-    """
-    seen = []
-    for x, y in batches:
-        for b in range(len(y)):
-            segments = tok.decode_segments(x["input"][b].tolist() + [int(y[b, -1])])
-            for seg in segments[1:-1]:
-                if seg["modality"] == "text" and (m := re.fullmatch(r"row (\d+)", seg["text"])):
-                    seen.append(int(m.group(1)))
-    return seen
-
-
-def assert_same(a: list, b: list) -> None:
-    assert len(a) == len(b)
-    for (xa, ya), (xb, yb) in zip(a, b):
-        assert xa.keys() == xb.keys() == {"input", "modality_ids"}
-        assert all(torch.equal(xa[k], xb[k]) for k in xa) and torch.equal(ya, yb)
-
-
 @pytest.mark.parametrize("streaming", [False, True])
 def test_resume_across_epochs(tmp_path: Path, streaming: bool) -> None:
     cfg = make_config(write_rows(tmp_path, 24), *(["--mot.streaming"] if streaming else []))
@@ -84,30 +59,39 @@ def test_resume_across_epochs(tmp_path: Path, streaming: bool) -> None:
     state = dl.state_dict()
     fresh = build_mot_dataloader(1, 0, tok, cfg)
     fresh.load_state_dict(state)
-    assert_same(head + list(itertools.islice(fresh, 23)), ref)
+    assert_same_batches(head + list(itertools.islice(fresh, 23)), ref)
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_dp_ranks_disjoint(tmp_path: Path, streaming: bool) -> None:
+def test_dp_ranks_disjoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streaming: bool) -> None:
+    """The two ranks read every row once between them; the windows hold only their own rows."""
     cfg = make_config(write_rows(tmp_path, 40), *(["--mot.streaming"] if streaming else []))
     tok = build_mot_tokenizer(cfg)
-    seen = [set(rows_seen(tok, list(build_mot_dataloader(2, r, tok, cfg, infinite=False)))) for r in range(2)]
-    assert seen[0] and seen[1] and not seen[0] & seen[1]
-    assert seen[0] | seen[1] <= set(range(40)) and len(seen[0] | seen[1]) > 20
+    read = encoded_rows(monkeypatch, tmp_path / "rows")
+    seen, rows = [], []
+    for r in range(2):
+        seen.append(set(rows_seen(tok, list(build_mot_dataloader(2, r, tok, cfg, infinite=False)))))
+        rows.append(read())
+        assert max(rows[r].values()) == 1 and seen[r] <= set(rows[r]), (r, rows[r], seen[r])
+    assert not set(rows[0]) & set(rows[1])
+    assert sorted(set(rows[0]) | set(rows[1])) == list(range(40))
 
 
-def test_workers_split_and_resume(tmp_path: Path) -> None:
+def test_workers_split_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = make_config(write_rows(tmp_path, 40), "--training.dataloader.num_workers", "2")
     tok = build_mot_tokenizer(cfg)
+    read = encoded_rows(monkeypatch, tmp_path / "rows")
     all_batches = list(build_mot_dataloader(1, 0, tok, cfg, infinite=False))
+    rows = read()  # the workers hold disjoint halves: each row read once
+    assert sorted(rows) == list(range(40)) and set(rows.values()) == {1}, rows
     seen = rows_seen(tok, all_batches)
-    assert len(seen) > 20 and len(seen) == len(set(seen))  # workers hold disjoint halves
+    assert len(seen) == len(set(seen))
     dl = build_mot_dataloader(1, 0, tok, cfg, infinite=False)
     it = iter(dl)
     head = [next(it) for _ in range(5)]
     fresh = build_mot_dataloader(1, 0, tok, cfg, infinite=False)
     fresh.load_state_dict(dl.state_dict())
-    assert_same(head + list(fresh), all_batches)
+    assert_same_batches(head + list(fresh), all_batches)
 
 
 @pytest.mark.parametrize(

@@ -199,11 +199,32 @@ def test_repeated_dataset_copies_rows_in_either_format(tmp_path: Path) -> None:
 
 
 def test_png_grid(tmp_path: Path) -> None:
+    """The PNG decodes to the images side by side, in order, each a 100 px square (8 px
+    nearest-upscaled), RGB as given and grey through the grey colormap, clipped to [0, 1]."""
+    from PIL import Image
+
     from torchtitan_mot.generate import save_png_grid
 
-    save_png_grid(np.random.default_rng(0).random((3, 8, 8, 1)), tmp_path / "g.png", titles=["a", "b", "c"])
-    save_png_grid(np.random.default_rng(0).random((2, 4, 4, 3)), tmp_path / "rgb.png")
-    assert (tmp_path / "g.png").read_bytes()[:4] == (tmp_path / "rgb.png").read_bytes()[:4] == b"\x89PNG"
+    def squares(path: Path, colour: tuple[int, int, int]) -> tuple[int, list[int]]:
+        """(pixel count, distinct 100-px-aligned left edges) of `colour` in the PNG."""
+        png = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        assert png.shape == (140, 360, 3)  # 3 panels of 1.2 x 1.4 inches at 100 dpi
+        ys, xs = np.nonzero((png == colour).all(-1))
+        return len(xs), sorted({int(x) for x in xs if x - 1 not in set(xs.tolist())})
+
+    red_green_blue = np.broadcast_to(np.eye(3)[:, None, None, :], (3, 8, 8, 3))
+    save_png_grid(red_green_blue, tmp_path / "rgb.png")
+    lefts = [squares(tmp_path / "rgb.png", tuple(255 * np.eye(3, dtype=int)[c])) for c in range(3)]
+    assert [n for n, _ in lefts] == [100 * 100] * 3
+    assert [x for _, x in lefts] == [[15], [130], [245]]  # red, green, blue from the left
+
+    grey = np.stack([np.zeros((8, 8, 1)), np.full((8, 8, 1), 0.5), np.full((8, 8, 1), -3.0)])
+    grey[0, :4] = 1.0  # top half white: only the bottom half of the first square is black
+    save_png_grid(grey, tmp_path / "g.png")
+    assert squares(tmp_path / "g.png", (128, 128, 128)) == (100 * 100, [130])
+    assert squares(tmp_path / "g.png", (0, 0, 0)) == (100 * 50 + 100 * 100, [15, 245])
+    save_png_grid(grey, tmp_path / "titled.png", titles=["a", "b", "c"])
+    assert Image.open(tmp_path / "titled.png").size == (360, 140)
 
 
 @pytest.mark.parametrize("streaming", [False, True])

@@ -165,3 +165,42 @@ def test_audio(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match=r"transcripts.jsonl:1\b.*unreadable audio"):
         prepare(PrepareConfig(out=tmp_path / "bad", audio=audio, transcripts=transcripts, audio_codebook_size=16,
                               progress=False))
+
+
+@pytest.mark.slow
+def test_two_workers_write_the_same_bytes_as_one_process(tmp_path: Path) -> None:
+    """docs/data.md: `--num-workers 2` output is byte-identical to the 1-process run, and a
+    rerun with the same inputs and seed writes the same bytes (two spawned workers: slow)."""
+    docs = make_text_docs(tmp_path / "docs.jsonl", 8)
+    tokenizer = ROOT / "assets" / "tokenizer"
+    outs = [prepare(small(tmp_path, name, text_docs=docs, text_tokenizer=tokenizer, num_workers=workers,
+                          chunk_size=4))  # 8 chunks of 4 items: both workers get several
+            for name, workers in (("one", 0), ("again", 0), ("two", 2))]
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    reference = files(outs[0])
+    assert len(reference) > 5 and "meta.json" in reference
+    for out in outs[1:]:
+        got = files(out)
+        assert got.keys() == reference.keys(), out
+        assert [k for k in reference if got[k] != reference[k]] == [], out
+
+
+@pytest.mark.slow
+def test_demo_data_script_writes_the_same_bytes_twice(tmp_path: Path) -> None:
+    """docs/data.md: `scripts/make_demo_data.py` (tokenizer + text_image; speech needs
+    espeak-ng) rewrites its output with identical bytes."""
+    import subprocess
+    import sys
+
+    def build(out: Path) -> dict[str, bytes]:
+        subprocess.run([sys.executable, "scripts/make_demo_data.py", "--out", str(out), "--skip-speech"],
+                       cwd=ROOT, check=True, capture_output=True, timeout=600)
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    first, second = build(tmp_path / "a"), build(tmp_path / "b")
+    assert any(k.startswith("demo/text_image/") for k in first) and any(k.startswith("tokenizer/") for k in first)
+    assert first.keys() == second.keys()
+    assert [k for k in first if first[k] != second[k]] == []

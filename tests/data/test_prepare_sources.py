@@ -64,8 +64,18 @@ def test_chameleon_vqvae_adapter(tmp_path: Path) -> None:
     tok = load_tokenizer(out, "image")
     from PIL import Image
 
-    picture = Image.open(images / json.loads(captions.read_text().splitlines()[0])["file"])
+    # Pixels by hand: a 16x24 RGB picture (portrait) and a 24x16 grey one (landscape) at the
+    # VQ-VAE's 16 px resolution: centre crop, no resize, grey copied to R, G and B, / 127.5 - 1.
+    rng = np.random.default_rng(0)
+    rgb, grey = rng.integers(0, 256, (24, 16, 3), dtype=np.uint8), rng.integers(0, 256, (16, 24), dtype=np.uint8)
+    pictures = [Image.fromarray(rgb, "RGB"), Image.fromarray(grey, "L")]
+    crops = np.stack([rgb[4:20], np.repeat(grey[:, 4:20, None], 3, axis=2)]).astype(np.float32)
+    expected_pixels = torch.from_numpy(crops / 127.5 - 1.0).permute(0, 3, 1, 2)
+    assert torch.equal(tok.pixel_values(pictures), expected_pixels)
     with torch.no_grad():
-        expected = model.encode(tok.pixel_values([picture])).image_tokens.numpy()
-    assert np.array_equal(tok.encode([picture])[0], expected)
-    assert tok.decode(tok.encode([picture])[0]).shape == (8, 8, 8)
+        expected = model.encode(expected_pixels).image_tokens.reshape(2, 64).numpy()
+    encoded = tok.encode(pictures)
+    assert all(np.array_equal(encoded[i], expected[i]) for i in range(2))
+    assert len(set(expected[0].tolist())) > 1  # the random VQ-VAE gives more than one code
+    latents = tok.decode(encoded[0])
+    assert np.array_equal(latents, model.quantize.embedding.weight.detach().numpy()[encoded[0]].reshape(8, 8, 8))

@@ -10,9 +10,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import assert_same_batches, encoded_rows, rows_seen, TOKENIZER
 
 import torchtitan_mot.data.dataset as dataset_module
-from test_dataloader import TOKENIZER, assert_same, rows_seen
 from torchtitan_mot.config import ConfigError, load_job_config
 from torchtitan_mot.data.dataloader import build_mot_dataloader
 from torchtitan_mot.data.dataset import MultimodalDataset
@@ -70,14 +70,19 @@ def test_modalities_from_meta_and_conflicts(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_shards_every_row_once_and_resume(tmp_path: Path, streaming: bool) -> None:
+def test_shards_every_row_once_and_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streaming: bool
+) -> None:
     ds = write_shards(tmp_path / "ds", 30, 3, 4)
     cfg = config(ds, *(["--mot.streaming"] if streaming else []))
     tok = build_mot_tokenizer(cfg)
+    read = encoded_rows(monkeypatch, tmp_path / "rows")
     for workers in ("0", "2"):  # real DataLoader worker processes split the shards too
         one = config(ds, "--training.dataloader.num_workers", workers, *(["--mot.streaming"] if streaming else []))
         seen = Counter(rows_seen(tok, list(build_mot_dataloader(1, 0, tok, one, infinite=False))))
-        assert set(seen) <= set(range(30)) and max(seen.values()) == 1 and len(seen) > 15, (workers, seen)
+        rows = read()
+        assert sorted(rows) == list(range(30)) and set(rows.values()) == {1}, (workers, rows)
+        assert set(seen) <= set(rows) and max(seen.values()) == 1, (workers, seen)
 
     ref = list(itertools.islice(build_mot_dataloader(1, 0, tok, cfg), 30))  # crosses epochs
     loader = build_mot_dataloader(1, 0, tok, cfg)
@@ -85,7 +90,7 @@ def test_shards_every_row_once_and_resume(tmp_path: Path, streaming: bool) -> No
     state = loader.state_dict()
     resumed = build_mot_dataloader(1, 0, tok, cfg)
     resumed.load_state_dict(state)
-    assert_same(ref, first + list(itertools.islice(resumed, 19)))
+    assert_same_batches(ref, first + list(itertools.islice(resumed, 19)))
 
 
 @pytest.mark.parametrize("n_shards,group_rows", [(8, 8), (5, 4), (3, 7)])

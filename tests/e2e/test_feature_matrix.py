@@ -7,10 +7,30 @@ from pathlib import Path
 
 import pytest
 
-from torchtitan_mot.testing.feature_matrix import CI_SUBSET, FEATURE_SETS, FeatureMatrix
+from torchtitan_mot.testing.feature_matrix import (
+    CI_SUBSET,
+    FEATURE_SETS,
+    FeatureMatrix,
+    PRECISION_SETS,
+    TORCHTITAN_SETS,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BY_NAME = {fs.name: fs for fs in FEATURE_SETS}
+TORCHTITAN_0_2_2_SETS = (
+    "default", "1d_compile", "1d_compile_sac_op", "2d_eager", "2d_compile", "2d_asynctp_compile",
+    "full_checkpoint", "model_only_hf_checkpoint", "last_save_model_only_fp32",
+    "last_save_model_only_bf16", "pp_looped_zero_bubble", "pp_zbv", "pp_1f1b", "pp_gpipe",
+    "pp_dp_1f1b", "pp_dp_gpipe", "pp_tp", "pp_dp_tp", "3d_compile", "pp_looped_1f1b",
+    "pp_custom_csv", "optimizer_foreach", "ddp", "hsdp", "fsdp+flex_attn",
+    "fsdp+flex_attn+per_op_sac", "fsdp+varlen_attn+per_op_sac", "cp_allgather", "cp_alltoall",
+    "hsdp+tp", "fsdp+cp", "hsdp+cp_without_dp_shard", "hsdp+cp_with_dp_shard", "fsdp+tp+cp",
+    "cpu_offload+opt_in_bwd+TP+DP+CP", "fsdp2_memory_estimation", "test_generate",
+    "fsdp_reshard_always", "optional_checkpoint", "float8_emulation", "gradient_accumulation",
+    "validation_tp_cp_pp", "dataloader_kwargs",
+)
+"""The `test_name`s of TorchTitan v0.2.2's `tests/integration_tests/features.py`
+(`build_features_test_list()`), in its order."""
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +39,13 @@ def matrix(tmp_path_factory) -> FeatureMatrix:
 
 
 def test_matrix_lists_torchtitans_sets() -> None:
-    """All 43 upstream sets are listed, each either run, refused by name, or marked."""
-    upstream = [fs for fs in FEATURE_SETS if not fs.name.startswith(("precision_", "cpu_offload"))
-                or fs.name == "cpu_offload+opt_in_bwd+TP+DP+CP"]
-    assert len(upstream) == 43
-    assert sum(bool(fs.needs_cuda) for fs in upstream) == 10
-    assert sum(bool(fs.disabled) for fs in upstream) == 2
+    """Every upstream set is listed under its own name, in upstream's order, and the two sets
+    upstream disables are the ones marked disabled here."""
+    names = [fs.name for fs in TORCHTITAN_SETS]
+    assert names == list(TORCHTITAN_0_2_2_SETS)
+    assert {fs.name for fs in TORCHTITAN_SETS if fs.disabled} == {"2d_asynctp_compile",
+                                                                   "fsdp2_memory_estimation"}
+    assert not {fs.name for fs in PRECISION_SETS} & set(TORCHTITAN_0_2_2_SETS)
 
 
 @pytest.mark.slow

@@ -176,11 +176,13 @@ def assert_stops_with_one_line(tmp_path: Path, env: dict[str, str], args: list[s
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
 def test_missing_config_stops_the_job(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.toml")
     assert_stops_with_one_line(tmp_path, job_env(CONFIG_FILE=missing), [], missing, "no such file")
 
 
+@pytest.mark.slow
 def test_ranks_that_do_not_fit_the_degrees_stop_the_job(tmp_path: Path) -> None:
     args = ["--parallelism.tensor_parallel_degree", "4"]
     assert_stops_with_one_line(tmp_path, job_env(), args, "= 2 ranks", "tensor_parallel_degree(4)")

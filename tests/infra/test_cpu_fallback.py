@@ -149,3 +149,22 @@ def test_emulated_bf16_on_cpu_is_named_at_start_up(
     with caplog.at_level("WARNING"):
         cpu_fallback.warn_if_bf16_is_emulated(precision)
     assert ("--training.mixed_precision_param float32" in caplog.text) == warns
+
+
+@pytest.mark.slow
+def test_trainer_start_up_names_emulated_bf16(tmp_path: Path) -> None:
+    """The real entry point at TorchTitan's default precision (bf16) on a CPU whose bf16
+    matmuls are (made to look) emulated warns before its first step (without that, and in
+    float32, it does not: the helper's cases above)."""
+    repo = Path(__file__).resolve().parents[2]
+    start = ("import runpy, torchtitan_mot.compat.cpu as c; c._native_bf16_matmul = lambda: False; "
+             "runpy.run_module('torchtitan_mot.train', run_name='__main__', alter_sys=True)")
+    args = ["--job.config_file", str(repo / "train_configs" / "debug_mot.toml"),
+            "--job.dump_folder", str(tmp_path), "--training.steps", "1", "--training.seq_len", "32",
+            "--training.local_batch_size", "1", "--training.mixed_precision_param", "bfloat16"]
+    proc = subprocess.run([sys.executable, "-c", start, *args], cwd=repo, capture_output=True,
+                          text=True, timeout=300, env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "step:" in log, log[-3000:]
+    warning = "bfloat16 on a CPU without native bf16 matmuls"
+    assert warning in log and log.index(warning) < log.index("step:"), log[-3000:]

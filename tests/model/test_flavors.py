@@ -1,13 +1,17 @@
 """Flavors: parameter counts match the analytic formula; active flops match the dense twin."""
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 
 from torchtitan_mot import mot_args
-from torchtitan_mot.model import MoTTransformer
+from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 from torchtitan_mot.model.feedforward import ffn_hidden_dim
 
 VOCAB = 128256 + 2 * (8192 + 2)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def analytic_params(a, vocab: int) -> tuple[int, int]:
@@ -52,3 +56,51 @@ def test_8b_shapes_are_llama3_8b() -> None:
     b = mot_args["70B_3modality"]
     assert (b.dim, b.n_layers, b.n_heads, b.n_kv_heads, b.n_modalities) == (8192, 80, 64, 8, 3)
     assert ffn_hidden_dim(b.dim, b.multiple_of, b.ffn_dim_multiplier) == 28672
+
+
+def _table(path: Path, header: str) -> list[list[str]]:
+    """The rows of the markdown table whose header row starts with `header`, cells stripped
+    of backticks (numbers keep their thousands separators)."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().replace("`", "") for c in line.strip("|").split("|")])
+    return rows
+
+
+def _numel(args: MoTModelArgs) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in MoTTransformer(args).parameters())
+
+
+def _counts(args: MoTModelArgs) -> tuple[int, int]:
+    """(total, active) parameters of the model built on meta; active = its dense twin's."""
+    return _numel(args), _numel(dataclasses.replace(args, n_modalities=1, untie=mot_args["debugmodel_dense"].untie))
+
+
+def _rounded(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+@pytest.mark.parametrize("row", _table(REPO / "README.md", "| flavor | layers |"), ids=lambda r: r[0])
+def test_readme_flavor_table(row: list[str]) -> None:
+    flavor, layers, dim, heads, modalities, attention, vocab, total, active = row
+    args = dataclasses.replace(mot_args[flavor], vocab_size=int(vocab.replace(",", "")))
+    assert [layers, dim, heads, modalities, attention] == [
+        str(args.n_layers), str(args.dim), f"{args.n_heads}/{args.n_kv_heads or args.n_heads}",
+        str(args.n_modalities), args.attn_type]
+    assert [total, active] == [_rounded(n) for n in _counts(args)]
+
+
+@pytest.mark.parametrize("row", _table(REPO / "docs" / "untie.md", "| flavor | `untie` |"),
+                         ids=lambda r: f"{r[0]}-{r[1]}")
+def test_untie_doc_table(row: list[str]) -> None:
+    """docs/untie.md's counts, exact; its vocabularies: the README's for the same flavor."""
+    flavor, untie, total, active = row
+    vocab = {r[0]: int(r[6].replace(",", "")) for r in _table(REPO / "README.md", "| flavor | layers |")}[flavor]
+    args = dataclasses.replace(mot_args[flavor], vocab_size=vocab,
+                               untie=untie.removesuffix(" (default)").split(","))
+    assert (total, active) == tuple(f"{n:,}" for n in _counts(args))

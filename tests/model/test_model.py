@@ -1,5 +1,7 @@
 """The MoT model against independent oracles: TorchTitan's Llama3 and itself compiled."""
 
+import re
+
 import pytest
 import torch
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs
@@ -39,14 +41,25 @@ def test_mot_with_llama3_weights_equals_llama3(n_mod: int) -> None:
 
 
 def test_modalities_are_untied() -> None:
+    """A sequence of one modality gives gradients to that modality's copy of every per-
+    modality weight and none to the other's; the two modalities give different logits."""
     torch.manual_seed(0)
     mot = MoTTransformer(MoTModelArgs(n_modalities=2, **SHAPE))
     with torch.no_grad():
         mot.init_weights()
     tokens = torch.randint(0, 97, (1, 32))
-    a = mot(tokens, modality_ids=torch.zeros(1, 32, dtype=torch.long))
-    b = mot(tokens, modality_ids=torch.ones(1, 32, dtype=torch.long))
-    assert not torch.allclose(a, b)
+    logits = []
+    for m in (0, 1):
+        mot.zero_grad(set_to_none=True)
+        out = mot(tokens, modality_ids=torch.full((1, 32), m))
+        out.square().sum().backward()
+        logits.append(out.detach())
+        copies = {name: p.grad for name, p in mot.named_parameters() if re.search(r"\.[01]\.weight$", name)}
+        assert len(copies) == 2 * (7 + 2) * SHAPE["n_layers"]  # wq wk wv wo w1 w2 w3 + 2 norms
+        for name, grad in copies.items():
+            own = int(name.rsplit(".", 2)[1]) == m
+            assert (grad is not None and bool(grad.abs().sum() > 0)) == own, (m, name)
+    assert not torch.allclose(logits[0], logits[1])
 
 
 def _three_modality_mot() -> MoTTransformer:
@@ -85,6 +98,7 @@ def test_modality_masks_equal_modality_ids() -> None:
         mot(tokens, modality_ids=ids + 1)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_trace_once_for_any_modality_mix() -> None:
     """fullgraph per-block compile; no recompilation when the modality mix changes."""
     from torch._dynamo.utils import counters

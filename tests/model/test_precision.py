@@ -65,13 +65,29 @@ def test_every_projection_runs_in_the_autocast_dtype(dtype: torch.dtype) -> None
                for p in model.parameters())
 
 
-def test_autocast_matches_fp32_within_bf16_tolerance() -> None:
+def _informative_model() -> MoTTransformer:
+    """`_model()` with every matrix drawn at unit gain (std 1/sqrt(fan_in)): at the depth-scaled
+    init the last layer moves the logits by about one bf16 ulp, so a projection dropped under
+    autocast would hide in the bf16 rounding."""
     model = _model()
-    tokens, ids = torch.randint(0, 97, (2, 32)), torch.randint(0, 3, (2, 32))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+    return model
+
+
+def test_autocast_matches_fp32_within_bf16_tolerance() -> None:
+    """Logits ~4: autocast differs from fp32 by 0.046 at most (measured); dropping any one
+    modality's attention or FFN output projection in either layer moves them by >= 2.2."""
+    model = _informative_model()
+    g = torch.Generator().manual_seed(0)
+    tokens, ids = torch.randint(0, 97, (2, 32), generator=g), torch.randint(0, 3, (2, 32), generator=g)
     ref = model(tokens, modality_ids=ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(tokens, modality_ids=ids)
-    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.15)
 
 
 def test_compiled_autocast_has_one_graph_and_matches_eager() -> None:
@@ -90,7 +106,7 @@ def test_compiled_autocast_has_one_graph_and_matches_eager() -> None:
             out = model(tokens, modality_ids=ids)
             ref = eager(tokens, modality_ids=ids)
         assert out.dtype == torch.bfloat16
-        torch.testing.assert_close(out, ref, rtol=0.02, atol=0.02)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)  # same kernels: bit for bit
         out.float().sum().backward()
     assert backend.frame_count == 1
 
@@ -171,6 +187,7 @@ def test_float8_conversion_runs_every_projection_through_float8(recipe: str) -> 
     assert all(rows[n] == counts[int(n.rsplit(".", 1)[1])] for n in linears)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = reference(tokens, modality_ids=ids)
-    torch.testing.assert_close(out.float(), expected.float(), rtol=0.1, atol=0.1)
+    # measured: one bf16 ulp of the ~4 logits (0.0156) for both recipes
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=0.05)
     out.float().sum().backward()
     assert all(p.grad is not None for p in model.parameters())

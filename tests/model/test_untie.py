@@ -18,7 +18,7 @@ from torchtitan_mot.model.state_dict_adapter import (
     untie_dense_state_dict,
 )
 from torchtitan_mot.trainer.checkpoint_check import check_checkpoint_matches, CheckpointMismatchError
-from helpers import make_norms_informative
+from helpers import hf_llama_state_dict, make_norms_informative
 
 SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, rope_theta=500000,
              max_seq_len=32)
@@ -114,13 +114,26 @@ def test_bad_untie_is_rejected(untie: list[str], n_mod: int, message: str) -> No
 
 
 def test_hf_adapter_and_export_follow_untie() -> None:
-    """from_hf gives exactly the model's keys; exporting modality 1 includes shared weights."""
+    """from_hf of a hand-written HF Llama puts each dense weight in every copy of its
+    component (the model's exact keys); to_hf gives that HF Llama back; exporting modality 1
+    includes the shared weights."""
     args = MoTModelArgs(n_modalities=2, untie=["attention"], **SHAPE)
-    mot = MoTTransformer(args)
-    llama_sd = _llama().state_dict()
+    llama = _llama()
+    llama_sd, hf = llama.state_dict(), hf_llama_state_dict(llama)
     adapter = MoTStateDictAdapter(args, None)
-    loaded = adapter.from_hf(adapter.to_hf(untie_dense_state_dict(llama_sd, mot.state_dict())))
-    assert set(loaded) == set(mot.state_dict())
+    loaded = adapter.from_hf(hf)
+    mot_keys = set(MoTTransformer(args).state_dict())
+    assert set(loaded) == mot_keys
+    for key, value in loaded.items():
+        parts = key.split(".")
+        copy_at = 4 if parts[2:3] in (["attention"], ["feed_forward"]) else 3  # layers.i.[module.]proj.m
+        dense = ".".join(parts[:copy_at] + parts[copy_at + 1:]) if parts[0] == "layers" else key
+        assert parts[0] != "layers" or parts[copy_at] in ("0", "1"), key
+        assert torch.equal(value, llama_sd[dense]), key
+    assert sum(".attention.wq.1." in k for k in mot_keys) == 2  # untied: one copy per modality
+    assert not any(".feed_forward.w1.1." in k for k in mot_keys)  # tied: one shared copy
+    back = adapter.to_hf(loaded)
+    assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
     for modality in (0, 1):
         exported = tie_to_dense_state_dict(loaded, modality)
         assert set(exported) == set(llama_sd)

@@ -51,8 +51,12 @@ BASE_OVERRIDES = (
 that does not change the math is compared exactly; the precision sets choose theirs."""
 
 STEP_RE = re.compile(r"step:\s*(\d+)\s+loss:\s*(-?[\d.]+|nan|inf)\s+grad_norm:\s*([\d.]+|nan|inf)")
-PARITY_LOSS_ABS = 2e-3
-PARITY_GRAD_REL = 2e-3
+# measured (2026-12-03: 2d_compile, pp_zbv, precision_tp2_default): loss 1e-5 (the printed digit),
+# grad norm 5.4e-5 relative
+PARITY_LOSS_ABS = 5e-5
+PARITY_GRAD_REL = 2e-4
+TRAINS_MIN_FALL = 3.0
+"""A "trains" set's loss must fall this much in 10 steps (fp32 falls 7.685 -> 3.561)."""
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,7 @@ TORCHTITAN_SETS: tuple[FeatureSet, ...] = (
         ["--checkpoint.enable", "--parallelism.tensor_parallel_degree=2",
          "--parallelism.context_parallel_degree=2", "--training.enable_cpu_offload",
          "--optimizer.early_step_in_backward"]), ngpu=8, check="refused",
-        refusal=r"optimizer\.early_step_in_backward",
+        refusal=r"optimizer\.early_step_in_backward and fault tolerance are not supported",
         note="refused at start-up: the non-finite guard must decide before any parameter is "
              "stepped (docs/feature_matrix.md); CPU offload alone is the cpu_offload set"),
     FeatureSet("fsdp2_memory_estimation", _s(["--memory_estimation.enable"]), ngpu=2,
@@ -192,7 +196,7 @@ TORCHTITAN_SETS: tuple[FeatureSet, ...] = (
                                        "--quantize.linear.float8.enable_fsdp_float8_all_gather",
                                        "--quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp",
                                        "--quantize.linear.float8.emulate"]),
-               check="trains", tolerance=0.15),
+               check="trains", tolerance=0.03),
     FeatureSet("gradient_accumulation", _s(["--training.local_batch_size 8",
                                             "--training.global_batch_size 32"]), ngpu=2,
                check="trains"),
@@ -213,20 +217,20 @@ TORCHTITAN_SETS: tuple[FeatureSet, ...] = (
 BF16 = ("--training.mixed_precision_param bfloat16",)
 PRECISION_SETS: tuple[FeatureSet, ...] = (
     FeatureSet("precision_autocast_bf16", _s([*BF16, "--validation.enable"]), ngpu=1,
-               check="trains", tolerance=0.1, note="TorchTitan's default precision: autocast"),
+               check="trains", tolerance=0.006, note="TorchTitan's default precision: autocast"),
     FeatureSet("precision_ddp2_autocast", _s([*BF16, "--parallelism.data_parallel_shard_degree 1",
                                               "--parallelism.data_parallel_replicate_degree 2"]),
-               ngpu=2, check="trains", tolerance=0.1),
+               ngpu=2, check="trains", tolerance=0.006),
     FeatureSet("precision_fsdp2_bf16", _s([*BF16, "--training.mixed_precision_reduce float32",
                                            "--parallelism.data_parallel_shard_degree 2"]),
-               ngpu=2, check="trains", tolerance=0.1),
+               ngpu=2, check="trains", tolerance=0.015),
     FeatureSet("precision_hsdp2x2_bf16", _s([*BF16, "--parallelism.data_parallel_shard_degree 2",
                                              "--parallelism.data_parallel_replicate_degree 2"]),
-               ngpu=4, check="trains", tolerance=0.1),
+               ngpu=4, check="trains", tolerance=0.015),
     FeatureSet("precision_pp2_fsdp2_bf16", _s([*BF16, *PP2, "--parallelism.data_parallel_shard_degree 2"]),
-               ngpu=4, check="trains", tolerance=0.1),
+               ngpu=4, check="trains", tolerance=0.015),
     FeatureSet("precision_pure_bf16", _s(["--training.dtype bfloat16", *BF16]), ngpu=1,
-               check="trains", tolerance=0.25, note="bf16 weights and optimizer state"),
+               check="trains", tolerance=0.015, note="bf16 weights and optimizer state"),
     FeatureSet("precision_tp2_default", _s([*BF16, *TP2]), ngpu=2, check="parity",
                note="TorchTitan runs TP without FSDP in fp32 (it says so at start-up)"),
     FeatureSet("cpu_offload", _s(["--training.enable_cpu_offload"]), ngpu=2),
@@ -355,9 +359,9 @@ class FeatureMatrix:
             args = [*self.base_args(dump), *self.seed_args(), *(a.format(**fields) for a in overrides)]
             code, log = self.run_trainer(args, fs.ngpu)
             if fs.check == "refused":
-                if code and re.search(fs.refusal, log):
+                if code and re.search(fs.refusal, log) and not parse_steps(log):
                     return "passed", f"refused at start-up ({fs.refusal})", {}
-                return "failed", f"expected a start-up refusal matching {fs.refusal!r}; " + _tail(log), {}
+                return "failed", f"expected a start-up refusal matching {fs.refusal!r} before step 1; " + _tail(log), {}
             if code:
                 return "failed", f"run {i + 1} exited {code}: " + _tail(log), {}
             logs.append(parse_steps(log))
@@ -380,7 +384,7 @@ class FeatureMatrix:
                             f"process {loss} / {norm}", first)
             return "passed", "same losses and grad norms as one process", first
         # "trains": falls, and stays within the stated tolerance of the fp32 trajectory
-        if not first[STEPS][0] < first[1][0] - 0.5:
+        if not first[STEPS][0] < first[1][0] - TRAINS_MIN_FALL:
             return "failed", f"loss did not fall: {first[1][0]} -> {first[STEPS][0]}", first
         if fs.tolerance is None:  # another batch: no fp32 trajectory to compare with
             return "passed", f"loss {first[1][0]:.3f} -> {first[STEPS][0]:.3f}", first
