@@ -1,4 +1,4 @@
-"""check_plan (torchtitan_mot.infra.plan): the real sharded model on meta under a fake
+"""check_plan (torchtitan_mot.check_plan over the memory model torchtitan_mot.plan): the real sharded model on meta under a fake
 process group, and the memory model's formulas."""
 
 import copy
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from torchtitan_mot import mot_args
-from torchtitan_mot.infra.plan import check_plan, format_plan, GIB, MEGATRON_BLOCK, USABLE
+from torchtitan_mot.check_plan import check_plan, format_plan
+from torchtitan_mot.plan import GIB, MEGATRON_BLOCK, USABLE
 from torchtitan_mot.model import MoTTransformer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,14 +83,15 @@ def test_tp_and_pp_shard_every_stage() -> None:
     # stage 0 is simulated on rank 0, stage 1 on rank 4; wq's 256 rows: /2 (TP) then /2 (FSDP)
     assert [(s.stage, s.rank) for s in plan.stages] == [(0, 0), (1, 4)]
     for s in plan.stages:
-        assert "Shard(dim=0)" in s.sharding and "local (64, 256)" in s.sharding, s.sharding
+        assert "sharded 2 ways on dim 0 over tp" in s.sharding, s.sharding
+        assert "local (64, 256)" in s.sharding, s.sharding
 
 
 def test_selective_every_nth_layer_is_between_full_and_none() -> None:
     """Layer SAC 2 on a 5-layer stage: layers 2 and 4 keep their input, 1, 3, 5 everything."""
     from torchtitan.config import JobConfig
 
-    from torchtitan_mot.infra.plan import activation_bytes
+    from torchtitan_mot.plan import activation_bytes
 
     args = mot_args["debugmodel"]
     job = JobConfig()
