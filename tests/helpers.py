@@ -1,5 +1,4 @@
-"""Helpers shared by tests (importable as `helpers`: pytest's `pythonpath`): TensorBoard
-scalars of a run, the tensors of a DCP checkpoint, gloo process groups in spawned processes,
+"""Helpers shared by tests (importable as `helpers`: pytest's `pythonpath`): the tensors of a DCP checkpoint, gloo process groups in spawned processes,
 raw inputs for `torchtitan_mot.data.prepare`."""
 
 import json
@@ -12,22 +11,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def tb_scalars(dump: Path, tag: str = "loss_metrics/global_avg_loss") -> dict[int, float]:
-    """step -> value of `tag` from every TensorBoard event file under `dump` (later files win).
-
-    TensorBoard holds the logged float32 value exactly; the console prints 5 decimals.
-    """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted(dump.rglob("events.out.tfevents.*"), key=os.path.getmtime):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
 
 
 def checkpoint_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:

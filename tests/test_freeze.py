@@ -18,7 +18,7 @@ from torchtitan_mot.trainer.optimizer import (
     MoTOptimizersContainer,
 )
 
-from test_resume import CONFIG, run_trainer, small_args
+from harness.trainer import CONFIG, run_trainer, small_args
 
 TINY = dict(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=16, n_modalities=2)
 
@@ -129,7 +129,7 @@ def _init_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], MoTTransforme
 def _check_frozen_after_training(tmp_path: Path, nproc: int, extra: list[str]) -> None:
     init, model = _init_checkpoint(tmp_path / "init")
     dump = tmp_path / "run"
-    run_trainer(tmp_path, small_args(
+    run_trainer(small_args(
         dump, 4, "--checkpoint.enable", "--checkpoint.interval", "1000",
         "--checkpoint.initial_load_path", str(tmp_path / "init"),
         "--mot.frozen_modalities", "image", "--mot.lr_multipliers", "1.0", "0.5", *extra), nproc)

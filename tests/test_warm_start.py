@@ -24,7 +24,7 @@ from torchtitan_mot.model.state_dict_adapter import (
 from torchtitan_mot.warm_start import mot_target, warm_start
 
 from helpers import make_norms_informative
-from test_resume import run_trainer, small_args
+from harness.trainer import run_trainer, small_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "train_configs" / "debug_mot.toml"
@@ -59,10 +59,10 @@ def _dense_like(flavor: str | MoTModelArgs, vocab_size: int) -> Transformer:
     return llama.eval()
 
 
-def _run_script(*args: str, check: bool = True, script: bool = False) -> subprocess.CompletedProcess:
-    """`python -m torchtitan_mot.warm_start ARGS` (`script`: its wrapper scripts/warm_start.py)."""
-    entry = ["scripts/warm_start.py"] if script else ["-m", "torchtitan_mot.warm_start"]
-    result = subprocess.run([sys.executable, *entry, *args], cwd=REPO, capture_output=True, text=True)
+def _run_script(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m torchtitan_mot.warm_start ARGS`."""
+    result = subprocess.run([sys.executable, "-m", "torchtitan_mot.warm_start", *args], cwd=REPO,
+                            capture_output=True, text=True)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -120,7 +120,7 @@ def test_idempotent_and_refuses_overwrite(tmp_path: Path) -> None:
     dcp.save(llama.state_dict(), checkpoint_id=str(tmp_path / "dense"), no_dist=True)
     common = ["--dense", str(tmp_path / "dense"), "--flavor", "debugmodel", "--config", str(CONFIG)]
     _run_script(*common, "--out", str(tmp_path / "a"))
-    _run_script(*common, "--out", str(tmp_path / "b"), script=True)
+    _run_script(*common, "--out", str(tmp_path / "b"))
     _assert_same_checkpoint(tmp_path / "a", tmp_path / "b")
 
     refused = _run_script(*common, "--out", str(tmp_path / "a"), check=False)
@@ -260,7 +260,7 @@ def test_trainer_starts_from_the_warm_start_weights(tmp_path: Path) -> None:
     dcp.save(llama.state_dict(), checkpoint_id=str(tmp_path / "dense"), no_dist=True)
     _run_script("--dense", str(tmp_path / "dense"), "--flavor", "debugmodel",
                 "--config", str(CONFIG), "--out", str(tmp_path / "mot"))
-    run_trainer(tmp_path, small_args(
+    run_trainer(small_args(
         tmp_path / "run", 1, "--optimizer.lr", "0", "--checkpoint.enable", "--checkpoint.interval", "1",
         "--checkpoint.initial_load_path", str(tmp_path / "mot")))
     args = _mot_args("debugmodel")
@@ -286,7 +286,7 @@ def test_untie_subset_warm_start_trains_and_other_setting_is_refused(tmp_path: P
                 "--config", str(CONFIG), "--out", str(tmp_path / "mot"), "--untie", "ffn")
 
     def train(name: str, *flags: str) -> tuple[int, str]:
-        result = run_trainer(tmp_path, small_args(
+        result = run_trainer(small_args(
             tmp_path / name, 1, "--checkpoint.enable", "--checkpoint.interval", "1000",
             "--checkpoint.initial_load_path", str(tmp_path / "mot"), *flags), check=False)
         return result.returncode, result.stdout + result.stderr
