@@ -1,8 +1,7 @@
-"""GPU acceptance: one command that says, stage by stage, whether the CUDA path works.
-
-    python scripts/gpu_acceptance.py                # one CUDA GPU, under 8 minutes
-    python scripts/gpu_acceptance.py --multi-gpu    # one node: TP+SP, CP, PP, HSDP vs 1 GPU
-    python scripts/gpu_acceptance.py --cpu-smoke    # CI: every CPU-capable stage, tiny shapes
+"""GPU acceptance: stage by stage, whether the CUDA path works. Each stage is a test marked
+`gpu` (tests/gpu/conftest.py: the device, the time limit, the CPU smoke mode);
+`python scripts/gpu_acceptance.py` selects them and prints the table and
+`gpu acceptance: N/M passed`.
 
 Single-GPU stages:
   1. model: the 3-modality debug model in pure bf16 and under bf16 autocast, eager vs
@@ -18,133 +17,65 @@ Single-GPU stages:
      float8 (torchao, SM89+) on a 1B-class shape;
   5. microbenchmark at 8B projection shapes, 8192 tokens, bf16, forward+backward:
      `F.linear` vs `mot::routed_mm` vs `torch._grouped_mm` (stacking included);
-  6. `scripts/benchmark.py` at a 1B-class shape (dim 2048, 16 layers, seq 4096, compile,
-     bf16): TorchTitan's Llama3, the dense twin and MoT with 2 and 3 modalities.
-Every stage has its own timeout; a failure (or a timeout) does not stop the later stages.
-A stage that cannot run here (no GPU, an older GPU, a missing optional package) is reported
-as skipped with the reason. The last line is `gpu acceptance: N/M passed` (M counts the
-stages that ran); the exit status is 0 iff nothing that ran failed.
+  6. `python -m torchtitan_mot.benchmark` at a 1B-class shape (dim 2048, 16 layers, seq 4096,
+     compile, bf16): TorchTitan's Llama3, the dense twin and MoT with 2 and 3 modalities.
+Every stage has its own time limit (its marker's `timeout`; the limits add up to 8 minutes).
+A stage that cannot run here (no GPU, an older GPU, a missing optional package) skips with
+the reason.
 
-`--multi-gpu` launches the trainer with torchrun on this node for each parallelism (each
-its own run and timeout) and compares its per-step losses with a one-GPU run of the same
-config, seed and data (fp32, deterministic).
+Multi-GPU stages (also marked `multi_gpu`) launch the trainer with torchrun on this node for
+each parallelism and compare its per-step losses with a one-GPU run of the same config, seed
+and data (fp32, deterministic).
 
-`--cpu-smoke` calls the same stage functions on the CPU at tiny shapes (per-block compile
-with the aot_eager backend, to stay fast; the trainer and benchmark stages without compile),
-so the script stays alive between the rare GPU loans.
+In the CPU smoke mode the same stages run on the CPU at tiny shapes (per-block compile with
+the aot_eager backend, to stay fast; the trainer and benchmark stages without compile).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
 import importlib.util
+import json
 import math
-import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from harness.data import repeated_dataset
+from harness.feature_matrix import FEATURE_SETS, FeatureMatrix, summary_line
+from harness.gpu import Context
+from harness.trainer import REPO, run_trainer, trainer_env
 from torch._dynamo.utils import counters
 
 from torchtitan_mot import mot_args
-from torchtitan_mot.infra.modality_ids import HostTensor
-from torchtitan_mot.model import MoTModelArgs
-from torchtitan_mot.model.routing import routed_mm
-from torchtitan_mot.testing.data import repeated_dataset
-from torchtitan_mot.testing.feature_matrix import FEATURE_SETS, FeatureMatrix, summary_line
-from torchtitan_mot.perf import (
+from torchtitan_mot.benchmark.perf import (
     build_model,
     CompileCounts,
     document_causal_mask,
     matmul_microbench,
     packed_documents,
 )
+from torchtitan_mot.config import load_job_config
+from torchtitan_mot.infra.modality_ids import HostTensor
+from torchtitan_mot.model import MoTModelArgs
+from torchtitan_mot.model.routing import routed_mm
 
-REPO = Path(__file__).resolve().parents[1]
-STEP_RE = re.compile(r"step:\s*(\d+)\s+loss:\s*([-\d.naif]+)")
-# The MoT validator's line (TorchTitan logs a second one without the per-modality losses).
-VAL_RE = re.compile(r"validate step:\s*(\d+)\s+loss:\s*([\d.]+)\s+loss/")
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 EIGHT_B = mot_args["8B_2modality"]
 
 
-class Skipped(Exception):
-    """The stage cannot run on this machine; the message says why."""
-
-
-class StageTimeout(Exception):
-    pass
-
-
-@dataclasses.dataclass
-class Context:
-    device: torch.device
-    smoke: bool
-    out: Path
-    """Scratch folder for trainer dumps and datasets."""
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def need_cuda(self, what: str = "") -> None:
-        if not self.cuda:
-            raise Skipped("needs CUDA" + (f" ({what})" if what else ""))
-
-
-@dataclasses.dataclass
-class Result:
-    stage: str
-    status: str
-    figures: str
-    seconds: float
-
-
-# --- shared pieces ---------------------------------------------------------------------------
-
-
-def run_logged(cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None) -> str:
-    """Run `cmd` from the repository root with its output in `log`; return the output
-    (colours removed). A non-zero exit raises with the log's tail. On a timeout (or the
-    stage's alarm) the whole process group is killed: torchrun's workers would otherwise
-    outlive it and hold the GPUs the next stage needs."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            proc.wait(timeout=max(1.0, timeout))
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-    text = ANSI.sub("", log.read_text())
-    if proc.returncode != 0:
-        tail = "\n".join(text.splitlines()[-25:])
-        raise RuntimeError(f"exit {proc.returncode} ({' '.join(cmd[:4])} ...), log {log}:\n{tail}")
-    return text
-
-
-def step_losses(log: str) -> dict[int, float]:
-    losses: dict[int, float] = {}
-    for m in STEP_RE.finditer(log):
-        losses.setdefault(int(m.group(1)), float(m.group(2)))
-    return losses
+def stage(name: str, timeout: float, multi_gpu: bool = False) -> list[pytest.MarkDecorator]:
+    """The marks of one acceptance stage: its table name and time limit on a GPU."""
+    return [pytest.mark.gpu(stage=name, timeout=timeout)] + ([pytest.mark.multi_gpu] if multi_gpu else [])
 
 
 def tiny_3modality() -> MoTModelArgs:
@@ -329,22 +260,24 @@ def stage_trainer(ctx: Context, ac: str, timeout: float) -> str:
     """`python -m torchtitan_mot.train` end to end; `ac` "none" or "selective" (op SAC)."""
     dump = ctx.out / f"trainer_{ac}"
     shutil.rmtree(dump, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torchtitan_mot.train", *trainer_args(ctx, dump)]
+    args = trainer_args(ctx, dump)
     if ac == "selective":
-        cmd += ["--activation_checkpoint.mode", "selective",
-                "--activation_checkpoint.selective_ac_option", "op"]
-    log = run_logged(cmd, dump / "stdout.log", timeout)
+        args += ["--activation_checkpoint.mode", "selective",
+                 "--activation_checkpoint.selective_ac_option", "op"]
+    run = run_trainer(args, timeout=timeout)
+    dump.mkdir(parents=True, exist_ok=True)
+    (dump / "stdout.log").write_text(run.log)
     # TorchTitan's own log lines say what was applied (a setting that did nothing fails here).
     applied = ["Mixed precision training is handled by AMP"]
     if ac == "selective":
         applied.append("Applied selective activation checkpointing")
     if not ctx.smoke:
         applied.append("Compiling each TransformerBlock with torch.compile")
-    missing = [line for line in applied if line not in log]
+    missing = [line for line in applied if line not in run.log]
     if missing:
         raise AssertionError(f"the trainer log lacks {missing}")
-    losses = step_losses(log)
-    vals = {int(m.group(1)): float(m.group(2)) for m in VAL_RE.finditer(log)}
+    losses = {step: loss for step, (loss, _) in run.steps().items()}
+    vals = run.scalars("validation/loss")
     steps, freq = (3, 2) if ctx.smoke else (20, 10)
     if sorted(losses) != list(range(1, steps + 1)):
         raise AssertionError(f"logged steps {sorted(losses)}, expected 1..{steps}")
@@ -354,10 +287,10 @@ def stage_trainer(ctx: Context, ac: str, timeout: float) -> str:
     expected = [s for s in range(1, steps + 1) if s == 1 or s % freq == 0]
     if sorted(vals) != expected or not all(math.isfinite(v) for v in vals.values()):
         raise AssertionError(f"validation at steps {vals}, expected {expected}")
-    tps = re.findall(r"tps:\s*([\d,]+)", log)
-    mem = re.findall(r"memory:\s*([\d.]+)\s*GiB", log)
+    tps, mem = run.scalars("throughput(tps)"), run.scalars("memory/max_reserved(GiB)")
     return (f"loss {losses[1]:.3f}->{losses[steps]:.3f}, val {vals[expected[-1]]:.3f}"
-            + (f", tps {tps[-1]}" if tps else "") + (f", mem {mem[-1]} GiB" if mem else ""))
+            + (f", tps {tps[steps]:,.0f}" if steps in tps else "")
+            + (f", mem {mem[steps]:.2f} GiB" if steps in mem else ""))
 
 
 # --- stage 4: FSDP2 mixed precision and float8 -----------------------------------------------
@@ -413,19 +346,18 @@ def stage_float8(ctx: Context) -> str:
     CPU smoke: torchao's emulated float8 numerics, eager, tiny shape."""
     if ctx.cuda and torch.cuda.get_device_capability(ctx.device) < (8, 9):
         major, minor = torch.cuda.get_device_capability(ctx.device)
-        raise Skipped(f"float8 needs SM89+, this GPU is SM{major}{minor}")
+        pytest.skip(f"float8 needs SM89+, this GPU is SM{major}{minor}")
     if not ctx.cuda and not ctx.smoke:
-        raise Skipped("needs CUDA (float8 GEMMs)")
+        pytest.skip("needs CUDA (float8 GEMMs)")
     if importlib.util.find_spec("torchao") is None:
-        raise Skipped("torchao is not installed")
-    from torchtitan.config import ConfigManager
+        pytest.skip("torchao is not installed")
     from torchtitan.config.job_config import Compile as CompileConfig
     from torchtitan.distributed import ParallelDims
     from torchtitan.models.llama3.infra.parallelize import apply_compile
     from torchtitan.protocols.model_converter import build_model_converters
 
-    job_config = ConfigManager().parse_args(
-        ["--model.converters", "quantize.linear.float8"]
+    job_config = load_job_config(
+        ["--mot.modalities", "text", "--model.converters", "quantize.linear.float8"]
         + (["--quantize.linear.float8.emulate"] if ctx.smoke else []))
     parallel_dims = ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1,
                                  world_size=1)
@@ -538,8 +470,9 @@ def _check_grouped_matches_routed(ctx: Context, shape: tuple[int, int], tokens: 
 
 
 def stage_benchmark(ctx: Context, timeout: float) -> str:
-    """scripts/benchmark.py for MoT with 2 and 3 modalities (each run also trains the dense
-    twin and TorchTitan's Llama3 of the same shape, alternating)."""
+    """`python -m torchtitan_mot.benchmark` for MoT with 2 and 3 modalities (each run also
+    trains the dense twin and TorchTitan's Llama3 of the same shape, alternating); its
+    figures read from the JSON it writes."""
     if ctx.smoke:
         shape = ["--dim", "64", "--n-layers", "2", "--n-heads", "4", "--seq-len", "64",
                  "--batch", "2", "--vocab", "64", "--steps", "2", "--warmup", "1",
@@ -551,97 +484,75 @@ def stage_benchmark(ctx: Context, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     parts = []
     for n_mod in (3,) if ctx.smoke else (2, 3):
-        log = run_logged([sys.executable, "scripts/benchmark.py", *shape, "--n-modalities", str(n_mod)],
-                         ctx.out / f"benchmark_{n_mod}.log", deadline - time.monotonic())
-        rows = {}
-        for line in log.splitlines():
-            cols = line.split()
-            if cols and cols[0] in (f"mot({n_mod})", "dense", "llama3"):
-                rows[cols[0]] = cols
-        ratio = re.search(r"^mot/llama3 step time ratio: (\S+)$", log, re.M)
-        if len(rows) != 3 or ratio is None:
-            raise AssertionError(f"benchmark output incomplete, see {ctx.out}/benchmark_{n_mod}.log")
-        # columns: model params median min p10-p90 tok/s TFLOP/s state in-step total faults MFU
-        parts.append(f"mot({n_mod})/llama3 {ratio.group(1)}: " + ", ".join(
-            f"{name} {rows[name][2]} ms {rows[name][5]} tok/s {rows[name][9]} MiB MFU {rows[name][11]}%"
-            for name in (f"mot({n_mod})", "dense", "llama3")))
+        result = ctx.out / f"benchmark_{n_mod}.json"
+        subprocess.run([sys.executable, "-m", "torchtitan_mot.benchmark", *shape,
+                        "--n-modalities", str(n_mod), "--json", str(result)],
+                       cwd=REPO, env=trainer_env(), check=True, capture_output=True,
+                       timeout=max(1.0, deadline - time.monotonic()))
+        bench = json.loads(result.read_text())
+        models = bench["models"]
+
+        def mfu(m: dict) -> str:
+            return "-" if m["mfu_percent"] is None else f"{m['mfu_percent']:.1f}"
+
+        parts.append(f"mot({n_mod})/llama3 {bench['step_time_ratio']['llama3']:.3f}: " + ", ".join(
+            f"{name} {m['median_ms']:.1f} ms {m['tokens_per_s']:.0f} tok/s {m['total_mib']:.1f} MiB "
+            f"MFU {mfu(m)}%" for name, m in models.items()))
     return "; ".join(parts)
 
 
-# --- multi-GPU -------------------------------------------------------------------------------
+# --- multi-GPU: each parallelism's 10 logged losses against a one-GPU run ---------------------
 
 
-def multi_gpu_stages(ctx: Context) -> list[tuple[str, Callable[[float], str], float]]:
-    """(name, run(timeout), timeout) per parallelism; each compares 10 logged losses with a
-    one-GPU run of the same config."""
+MULTI_STEPS = 10
+MULTI_BASE = ["--training.steps", str(MULTI_STEPS), "--metrics.log_freq", "1", "--debug.seed", "0",
+              "--debug.deterministic", "--training.mixed_precision_param", "float32",
+              "--lr_scheduler.warmup_steps", "2", "--training.local_batch_size", "4",
+              "--training.seq_len", "512"]
+_references: dict[str, dict[int, float]] = {}
+
+
+def _train(ctx: Context, config: str, name: str, nproc: int, extra: list[str], timeout: float,
+           log_rank: int = 0) -> dict[int, float]:
+    dump = ctx.out / f"multi_{name}"
+    shutil.rmtree(dump, ignore_errors=True)
+    run = run_trainer(["--job.config_file", f"train_configs/{config}", "--job.dump_folder", str(dump),
+                       *MULTI_BASE, *extra], nproc, log_rank, timeout=timeout)
+    losses = {step: loss for step, (loss, _) in run.steps().items()}
+    if sorted(losses) != list(range(1, MULTI_STEPS + 1)):
+        raise AssertionError(f"{name}: logged steps {sorted(losses)}")
+    return losses
+
+
+def compare_with_one_gpu(ctx: Context, config: str, name: str, nproc: int, extra: list[str],
+                         timeout: float, log_rank: int = 0) -> str:
     n_gpu = torch.cuda.device_count()
-    steps = 10
-    base = ["--training.steps", str(steps), "--metrics.log_freq", "1", "--debug.seed", "0",
-            "--debug.deterministic", "--training.mixed_precision_param", "float32",
-            "--lr_scheduler.warmup_steps", "2", "--training.local_batch_size", "4",
-            "--training.seq_len", "512"]
-    references: dict[str, dict[int, float]] = {}
+    if n_gpu < nproc:
+        pytest.skip(f"needs {nproc} GPUs, found {n_gpu}")
+    deadline = time.monotonic() + timeout
+    if config not in _references:
+        _references[config] = _train(ctx, config, f"ref_{config}", 1, [], timeout)
+    got = _train(ctx, config, name, nproc, extra, deadline - time.monotonic(), log_rank)
+    ref = _references[config]
+    diff = max(abs(got[s] - ref[s]) for s in ref)
+    figures = f"{nproc} GPUs, max |loss - 1 GPU| over {MULTI_STEPS} steps {diff:.1e}"
+    if diff > 1e-3:  # fp32; only reduction order differs
+        raise AssertionError(figures)
+    return figures
 
-    def train(config: str, name: str, nproc: int, extra: list[str], timeout: float,
-              log_rank: int = 0) -> dict[int, float]:
-        dump = ctx.out / f"multi_{name}"
-        shutil.rmtree(dump, ignore_errors=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", f"--local-ranks-filter={log_rank}",
-               "-m", "torchtitan_mot.train", "--job.config_file", f"train_configs/{config}",
-               "--job.dump_folder", str(dump), *base, *extra]
-        losses = step_losses(run_logged(cmd, dump / "stdout.log", timeout,
-                                        env={"LOG_RANK": str(log_rank)}))
-        if sorted(losses) != list(range(1, steps + 1)):
-            raise AssertionError(f"{name}: logged steps {sorted(losses)}")
-        return losses
 
-    def compare(config: str, name: str, nproc: int, extra: list[str], log_rank: int = 0
-                ) -> Callable[[float], str]:
-        def run(timeout: float) -> str:
-            if n_gpu < nproc:
-                raise Skipped(f"needs {nproc} GPUs, found {n_gpu}")
-            deadline = time.monotonic() + timeout
-            if config not in references:
-                references[config] = train(config, f"ref_{config}", 1, [], timeout)
-            got = train(config, name, nproc, extra, deadline - time.monotonic(), log_rank)
-            ref = references[config]
-            diff = max(abs(got[s] - ref[s]) for s in ref)
-            figures = f"{nproc} GPUs, max |loss - 1 GPU| over {steps} steps {diff:.1e}"
-            if diff > 1e-3:  # fp32; only reduction order differs
-                raise AssertionError(figures)
-            return figures
-        return run
-
-    shard = max(2, n_gpu // 2)  # HSDP 2 x shard: 2x4 on 8 GPUs, 2x2 on 4
-    data = repeated_dataset(REPO / "assets/demo/text_image", ctx.out / "data_hsdp", 2 * shard)
-    return [
-        ("M1 TP=2 + SP", compare("debug_mot.toml", "tp2", 2,
-                                 ["--parallelism.tensor_parallel_degree", "2"]), 100),
-        ("M2 CP=2 ring sdpa", compare("debug_mot.toml", "cp2_sdpa", 2,
-                                      ["--parallelism.context_parallel_degree", "2"]), 60),
-        ("M3 CP=2 ring flex", compare("debug_mot_flex.toml", "cp2_flex", 2,
-                                      ["--parallelism.context_parallel_degree", "2"]), 120),
-        ("M4 PP=2", compare("debug_mot.toml", "pp2", 2,
-                            ["--parallelism.pipeline_parallel_degree", "2",
-                             "--parallelism.pipeline_parallel_microbatch_size", "1"],
-                            log_rank=1), 60),
-        (f"M5 HSDP 2x{shard} NCCL",
-         compare("debug_mot.toml", "hsdp", 2 * shard,
-                 ["--parallelism.data_parallel_replicate_degree", "2",
-                  "--parallelism.data_parallel_shard_degree", str(shard),
-                  "--training.dataset_path", str(data)]), 60),
-        ("M6 feature matrix: CUDA-only sets", cuda_feature_sets, 300),
-    ]
+def hsdp_shard() -> int:
+    """HSDP 2 x shard: 2x4 on 8 GPUs, 2x2 on 4."""
+    return max(2, torch.cuda.device_count() // 2 if torch.cuda.is_available() else 2)
 
 
 def cuda_feature_sets(timeout: float) -> str:
     """TorchTitan's feature sets that CPU CI cannot run (flex/varlen attention, context
-    parallel), through `torchtitan_mot.testing.feature_matrix` with the GPUs present."""
+    parallel), through `harness.feature_matrix` with the GPUs present."""
     n_gpu = torch.cuda.device_count()
     sets = [fs for fs in FEATURE_SETS if fs.needs_cuda and fs.ngpu <= n_gpu]
     if not sets:
-        raise Skipped(f"every CUDA-only feature set needs more than {n_gpu} GPUs")
+        pytest.skip(f"every CUDA-only feature set needs more than {n_gpu} GPUs")
     matrix = FeatureMatrix(REPO, Path(tempfile.mkdtemp(prefix="feature_matrix_cuda_")))
     deadline = time.monotonic() + timeout
     outcomes = []
@@ -654,116 +565,81 @@ def cuda_feature_sets(timeout: float) -> str:
     return summary_line(outcomes)
 
 
-# --- the runner ------------------------------------------------------------------------------
+# --- the stages as tests (figures go to the runner's table) ----------------------------------
 
 
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise StageTimeout in this (main) thread after `seconds`. A kernel already queued
-    finishes first; subprocess stages get the remaining time as their own timeout."""
-
-    def expire(*_: object) -> None:
-        raise StageTimeout(f"timed out after {seconds:.0f} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+Figures = Callable[[str], None]
 
 
-def run_stage(name: str, fn: Callable[[float], str], timeout: float) -> Result:
-    print(f"[{name}] running (timeout {timeout:.0f} s)", flush=True)
-    start = time.perf_counter()
-    try:
-        with time_limit(timeout):
-            figures, status = fn(timeout), "pass"
-    except Skipped as e:
-        figures, status = "", f"skipped: {e}"
-    except (StageTimeout, subprocess.TimeoutExpired) as e:
-        figures, status = str(e).splitlines()[0], "FAIL (timeout)"
-    except Exception as e:  # any failure is this stage's result, never the end of the run
-        traceback.print_exc()
-        figures, status = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "FAIL"
-    finally:
-        torch._dynamo.reset()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    seconds = time.perf_counter() - start
-    print(f"[{name}] {status} in {seconds:.1f} s {figures}", flush=True)
-    return Result(name, status, figures, seconds)
+@pytest.fixture
+def figures(record_property: Callable[[str, object], None]) -> Figures:
+    """Record a stage's figures (the runner prints them in its table)."""
+    return lambda text: record_property("figures", text)
 
 
-def single_gpu_stages(ctx: Context) -> list[tuple[str, Callable[[float], str], float]]:
-    """(name, run(timeout), timeout). On a GPU the timeouts add up to 8 minutes; the CPU
-    smoke only guards against hangs (a shared 2-core box is slow and uneven)."""
-    stages = [
-        ("1a model bf16", lambda t: stage_model(ctx, "bf16"), 45),
-        ("1b model autocast", lambda t: stage_model(ctx, "autocast"), 45),
-        ("2a flex document-causal", lambda t: stage_attention(ctx, "flex"), 35),
-        ("2b varlen document-causal", lambda t: stage_attention(ctx, "varlen"), 25),
-        ("3a trainer compile+val", lambda t: stage_trainer(ctx, "none", t), 55),
-        ("3b trainer + op SAC", lambda t: stage_trainer(ctx, "selective", t), 55),
-        ("4a FSDP2 bf16/fp32-reduce", lambda t: stage_fsdp(ctx), 20),
-        ("4b float8 1B-class", lambda t: stage_float8(ctx), 40),
-        ("5 routed_mm microbench", lambda t: stage_microbench(ctx), 20),
-        ("6 benchmark 1B-class", lambda t: stage_benchmark(ctx, t), 140),
-    ]
-    return [(name, fn, 300 if ctx.smoke else timeout) for name, fn, timeout in stages]
+@pytest.mark.parametrize("mode", [pytest.param("bf16", marks=stage("1a model bf16", 45)),
+                                  pytest.param("autocast", marks=stage("1b model autocast", 45))])
+def test_model(ctx: Context, mode: str, figures: Figures) -> None:
+    figures(stage_model(ctx, mode))
 
 
-
-def print_table(results: list[Result]) -> int:
-    width = max(len(r.stage) for r in results)
-    status_width = max(len(r.status) for r in results)
-    print()
-    print(f"{'stage':<{width}}  {'result':<{status_width}}  {'s':>5}  figures")
-    print("-" * (width + status_width + 20))
-    for r in results:
-        print(f"{r.stage:<{width}}  {r.status:<{status_width}}  {r.seconds:>5.0f}  {r.figures}")
-    ran = [r for r in results if not r.status.startswith("skipped")]
-    passed = sum(r.status == "pass" for r in ran)
-    print(f"gpu acceptance: {passed}/{len(ran)} passed")
-    return 0 if passed == len(ran) else 1
+@pytest.mark.parametrize("kind", [pytest.param("flex", marks=stage("2a flex document-causal", 35)),
+                                  pytest.param("varlen", marks=stage("2b varlen document-causal", 25))])
+def test_attention(ctx: Context, kind: str, figures: Figures) -> None:
+    figures(stage_attention(ctx, kind))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (CI)")
-    mode.add_argument("--multi-gpu", action="store_true", help="parallelism stages, one node")
-    p.add_argument("--out", type=Path, default=None,
-                   help="scratch folder for logs and dumps (default: a temporary folder)")
-    a = p.parse_args()
-    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        p.error("run this script as one process: --multi-gpu launches torchrun itself")
-    if not a.cpu_smoke and not torch.cuda.is_available():
-        print("no CUDA device: every stage needs one (use --cpu-smoke for the CPU checks)")
-    device = torch.device("cpu" if a.cpu_smoke or not torch.cuda.is_available() else "cuda:0")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    with tempfile.TemporaryDirectory(prefix="gpu_acceptance_") as tmp:
-        ctx = Context(device, a.cpu_smoke, (a.out or Path(tmp)).resolve())
-        ctx.out.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        name = (f"{torch.cuda.get_device_name(device)} x{torch.cuda.device_count()}"
-                if ctx.cuda else "cpu")
-        print(f"device {name}, torch {torch.__version__}, "
-              f"mode {'cpu-smoke' if a.cpu_smoke else 'multi-gpu' if a.multi_gpu else 'single-gpu'}, "
-              f"logs under {ctx.out}", flush=True)
-        if a.multi_gpu:
-            stages = multi_gpu_stages(ctx) if ctx.cuda else []
-            if not stages:
-                print("--multi-gpu needs CUDA devices")
-        else:
-            stages = single_gpu_stages(ctx)
-        results = [run_stage(name, fn, timeout) for name, fn, timeout in stages]
-        print(f"total {time.perf_counter() - start:.0f} s")
-        code = print_table(results) if results else 1
-    sys.exit(code)
+@pytest.mark.parametrize("ac", [pytest.param("none", marks=stage("3a trainer compile+val", 55)),
+                                pytest.param("selective", marks=stage("3b trainer + op SAC", 55))])
+def test_trainer(ctx: Context, ac: str, stage_timeout: float, figures: Figures) -> None:
+    figures(stage_trainer(ctx, ac, stage_timeout))
 
 
-if __name__ == "__main__":
-    main()
+@pytest.mark.parametrize("case", [pytest.param("fsdp", marks=stage("4a FSDP2 bf16/fp32-reduce", 20)),
+                                  pytest.param("float8", marks=stage("4b float8 1B-class", 40))])
+def test_precision(ctx: Context, case: str, figures: Figures) -> None:
+    figures(stage_fsdp(ctx) if case == "fsdp" else stage_float8(ctx))
+
+
+@pytest.mark.gpu(stage="5 routed_mm microbench", timeout=20)
+def test_microbench(ctx: Context, figures: Figures) -> None:
+    figures(stage_microbench(ctx))
+
+
+@pytest.mark.gpu(stage="6 benchmark 1B-class", timeout=140)
+def test_benchmark(ctx: Context, stage_timeout: float, figures: Figures) -> None:
+    figures(stage_benchmark(ctx, stage_timeout))
+
+
+TP2 = ["--parallelism.tensor_parallel_degree", "2"]
+CP2 = ["--parallelism.context_parallel_degree", "2"]
+PP2 = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_microbatch_size", "1"]
+
+
+@pytest.mark.parametrize("config, name, extra, log_rank", [
+    pytest.param("debug_mot.toml", "tp2", TP2, 0, marks=stage("M1 TP=2 + SP", 100, multi_gpu=True)),
+    pytest.param("debug_mot.toml", "cp2_sdpa", CP2, 0, marks=stage("M2 CP=2 ring sdpa", 60, multi_gpu=True)),
+    pytest.param("debug_mot_flex.toml", "cp2_flex", CP2, 0,
+                 marks=stage("M3 CP=2 ring flex", 120, multi_gpu=True)),
+    pytest.param("debug_mot.toml", "pp2", PP2, 1, marks=stage("M4 PP=2", 60, multi_gpu=True)),
+])
+def test_two_gpus_match_one(ctx: Context, config: str, name: str, extra: list[str], log_rank: int,
+                            stage_timeout: float, figures: Figures) -> None:
+    figures(compare_with_one_gpu(ctx, config, name, 2, extra, stage_timeout, log_rank))
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.gpu(stage=f"M5 HSDP 2x{hsdp_shard()} NCCL", timeout=60)
+def test_hsdp_matches_one_gpu(ctx: Context, stage_timeout: float, figures: Figures) -> None:
+    shard = hsdp_shard()
+    data = repeated_dataset(REPO / "assets/demo/text_image", ctx.out / "data_hsdp", 2 * shard)
+    figures(compare_with_one_gpu(ctx, "debug_mot.toml", "hsdp", 2 * shard,
+                                 ["--parallelism.data_parallel_replicate_degree", "2",
+                                  "--parallelism.data_parallel_shard_degree", str(shard),
+                                  "--training.dataset_path", str(data)], stage_timeout))
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.gpu(stage="M6 feature matrix: CUDA-only sets", timeout=300)
+def test_cuda_feature_sets(ctx: Context, stage_timeout: float, figures: Figures) -> None:
+    figures(cuda_feature_sets(stage_timeout))
