@@ -127,3 +127,14 @@ def test_flavor_that_does_not_fit_the_config_is_named() -> None:
     with pytest.raises(ValueError, match=f"{config}: model.flavor 'debugmodel_3modality' has "
                                          r"n_modalities=3 but mot.modalities lists 2"):
         check_plan(["--config", str(config), "--flavor", "debugmodel_3modality"])
+
+
+def test_report_puts_the_verdict_first_and_placements_in_words() -> None:
+    """The verdict is the first line; the assumptions only with --verbose; no DTensor reprs."""
+    plan = check_plan(["--flavor", "debugmodel", "--ngpu", "8", "--tp", "2", "--seq-len", "256"])
+    report, verbose = format_plan(plan), format_plan(plan, verbose=True)
+    assert report.splitlines()[0].startswith("check_plan: fits: the largest rank needs "), report
+    assert "assumptions:" not in report and "assumptions:" in verbose
+    assert "Shard(" not in report and "sharded 4 ways on dim 0 over fsdp" in report, report
+    header = report.splitlines()[2]
+    assert "| unsharded blocks |" in header and "| FSDP gathered GiB |" in header, header
