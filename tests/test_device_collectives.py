@@ -14,7 +14,7 @@ import torch
 
 import torchtitan_mot.trainer.metrics as metrics_module
 import torchtitan_mot.trainer.validate as validate_module
-from torchtitan_mot.trainer.loss import MoTLoss
+from torchtitan_mot.trainer.loss import ModalityLossStats, MoTLoss
 from torchtitan_mot.trainer.metrics import MoTMetricsProcessor
 from torchtitan_mot.trainer.nonfinite_guard import NonFiniteLossGuard
 from torchtitan_mot.trainer.validate import MoTValidator
@@ -41,8 +41,8 @@ def _parallel_dims(*meshes: str) -> SimpleNamespace:
 
 
 def test_stage_without_the_loss_pops_stats_on_the_training_device() -> None:
-    loss = MoTLoss(TABLE, ["text", "image"], [], device=META)
-    sums, counts = loss.pop_modality_stats()  # never called: a pipeline stage without the loss
+    loss = MoTLoss(TABLE, ModalityLossStats(["text", "image"], META))
+    sums, counts = loss.stats.pop()  # never called: a pipeline stage without the loss
     assert sums.device == META and counts.device == META
     assert loss.token_modality.device == META and loss.weights.device == META
 
@@ -52,7 +52,7 @@ def test_metrics_all_reduce_gets_device_tensors(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(metrics_module.funcol, "all_reduce", spy)
     processor = MoTMetricsProcessor.__new__(MoTMetricsProcessor)
     processor.parallel_dims = _parallel_dims("loss")
-    processor.loss_fn = MoTLoss(TABLE, ["text", "image"], [], device=META)
+    processor.loss_stats = ModalityLossStats(["text", "image"], META)
     assert processor.modality_losses() == {"text": 1.0, "image": 1.0}
     assert spy.devices == [META]
 
@@ -62,8 +62,8 @@ def test_validator_reduce_gets_device_tensors(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(validate_module.funcol, "all_reduce", spy)
     validator = MoTValidator.__new__(MoTValidator)
     validator.parallel_dims = _parallel_dims("loss", "pp")
-    validator.loss_fn = MoTLoss(TABLE, ["text", "image"], [], device=META)
-    sums, counts = validator.loss_fn.pop_modality_stats()
+    validator.loss_stats = ModalityLossStats(["text", "image"], META)
+    sums, counts = validator.loss_stats.pop()
     validator._reduce(torch.stack([sums, counts]))
     assert spy.devices == [META, META]
 
@@ -76,9 +76,9 @@ def test_nonfinite_guard_flag_is_reduced_on_the_training_device(
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(torch.distributed, "all_reduce",
                         lambda t, op=None, group=None: seen.append(t.device))
-    guard = NonFiniteLossGuard("stop", ["text", "image"])
+    guard = NonFiniteLossGuard("stop")
     guard.record(torch.tensor(1.0, device=META))
     guard.record_grad_norm(torch.tensor(2.0, device=META))
     with pytest.raises(NotImplementedError):  # the host read of a meta flag; the point is below
-        guard.should_step(1)
+        guard.should_step()
     assert seen == [META]

@@ -14,7 +14,7 @@ from torchtitan_mot.trainer.nonfinite_guard import (
     NonFiniteLossError,
     NonFiniteLossGuard,
 )
-from torchtitan_mot.trainer.loss import MoTLoss
+from torchtitan_mot.trainer.loss import ModalityLossStats, MoTLoss
 from torchtitan_mot.warm_start import mot_target
 from harness.data import repeated_dataset
 from helpers import checkpoint_tensors, optimizer_keys, run_ranks
@@ -25,33 +25,35 @@ from test_freeze import _config, TINY
 from torchtitan_mot.trainer.optimizer import build_mot_optimizers
 
 
-def _loss_with_stats() -> MoTLoss:
-    loss = MoTLoss(torch.tensor([0, 0, 1, 1]), ["text", "image"], [])
+def _stats_of_a_nan_image_loss() -> ModalityLossStats:
+    stats = ModalityLossStats(["text", "image"])
     pred = torch.zeros(1, 2, 4)
     pred[0, 1, 2] = float("nan")
-    loss(pred, torch.tensor([[0, 2]]))  # text target finite, image target NaN
-    return loss
+    MoTLoss(torch.tensor([0, 0, 1, 1]), stats)(pred, torch.tensor([[0, 2]]))  # text finite, image NaN
+    return stats
 
 
 def test_guard_stop_reports_step_and_modalities() -> None:
-    loss_fn = _loss_with_stats()
-    guard = NonFiniteLossGuard("stop", ["text", "image"], loss_fn)
+    guard = NonFiniteLossGuard("stop", _stats_of_a_nan_image_loss())
+    guard.step = 3
     guard.record(torch.tensor(1.5))
-    assert guard.should_step(3)  # finite: steps, and resets
+    assert guard.should_step()  # finite: steps, and resets
+    guard.step = 7
     guard.record(torch.tensor(1.5))
     guard.record(torch.tensor(float("nan")))
     with pytest.raises(NonFiniteLossError, match=r"step 7: .*\[1\.5, nan\].*'text': 1\.38.*'image': nan"):
-        guard.should_step(7)
+        guard.should_step()
     # finite loss, non-finite gradient norm (as clipping computed it): still stopped
+    guard.step = 8
     guard.record(torch.tensor(2.0))
     guard.record_grad_norm(torch.tensor(float("inf")))
     with pytest.raises(NonFiniteLossError, match="the loss was finite, the gradients were not"):
-        guard.should_step(8)
+        guard.should_step()
     guard.record(torch.tensor(2.0))
     guard.record_grad_norm(torch.tensor(3.0))
-    assert guard.should_step(9)
+    assert guard.should_step()
     with pytest.raises(ValueError, match="nan_policy must be one of"):
-        NonFiniteLossGuard("ignore", ["text"])
+        NonFiniteLossGuard("ignore")
 
 
 def _snapshot(state: dict) -> dict:
@@ -72,27 +74,26 @@ def test_guard_skip_leaves_weights_and_optimizer_state() -> None:
     model = MoTTransformer(MoTModelArgs(**TINY))
     with torch.no_grad():
         model.init_weights()
-    opt = build_mot_optimizers([model], _config(), None)
-    guard = NonFiniteLossGuard("skip", ["text", "image"])
-    steps = iter(range(1, 4))
-    opt.step_guard = lambda: guard.should_step(next(steps))
+    guard = NonFiniteLossGuard("skip")
+    opt = build_mot_optimizers([model], _config(), None, step_guard=guard)
     tokens, ids = torch.randint(0, 50, (1, 16)), torch.randint(0, 2, (1, 16))
 
-    def train_step(scale: float) -> None:
-        model.zero_grad()
-        loss = model(tokens, modality_ids=ids).sum() * scale
-        loss.backward()
-        guard.record(loss)
-        opt.step()
+    def train_step(step: int, scale: float) -> None:
+        with guard.guarding(step):
+            model.zero_grad()
+            loss = model(tokens, modality_ids=ids).sum() * scale
+            loss.backward()
+            guard.record(loss)
+            opt.step()
 
-    train_step(1.0)
+    train_step(1, 1.0)
     model_before, opt_before = _snapshot(model.state_dict()), _snapshot(opt.state_dict())
     assert any(k.endswith("exp_avg") for k in opt_before)
-    train_step(float("inf"))
+    train_step(2, float("inf"))
     assert guard.skipped_steps == [2]
     _assert_same_state(model.state_dict(), model_before)
     _assert_same_state(opt.state_dict(), opt_before)
-    train_step(1.0)  # a finite step goes through
+    train_step(3, 1.0)  # a finite step goes through
     assert not torch.equal(model_before["output.weight"], model.output.weight)
 
 
@@ -100,10 +101,11 @@ def _guard_decisions(rank: int, world_size: int) -> dict[str, str]:
     """Each policy's decision on this rank when only the last rank's loss is NaN."""
     decisions = {}
     for policy in NAN_POLICIES:
-        guard = NonFiniteLossGuard(policy, ["text"])
+        guard = NonFiniteLossGuard(policy)
+        guard.step = 3
         guard.record(torch.tensor(float("nan") if rank == world_size - 1 else 2.0))
         try:
-            decisions[policy] = "step" if guard.should_step(3) else "skip"
+            decisions[policy] = "step" if guard.should_step() else "skip"
         except NonFiniteLossError:
             decisions[policy] = "stop"
     return decisions
@@ -154,7 +156,8 @@ def _tree_hash(folder: Path) -> str:
     [
         (["--mot.modalities", "text,speech", "--mot.codebook_sizes", "256"],
          r"declares modalities \['text', 'image'\] but the config has \[mot\].modalities = \['text', 'speech'\]"),
-        (["--mot.codebook_sizes", "128"], r"meta.json.*256.*128|meta.json.*128.*256"),
+        (["--mot.modalities", "text,image", "--mot.codebook_sizes", "128"],  # debug_mot.toml sets neither
+         r"meta.json.*256.*128|meta.json.*128.*256"),
         (["--model.flavor", "debugmodel_3modality"],
          r"'debugmodel_3modality' has n_modalities=3 but mot.modalities lists 2"),
     ],
@@ -173,9 +176,8 @@ def test_checkpoint_of_other_flavor_is_refused(tmp_path: Path, flavor: str) -> N
     config = CONFIG
     if flavor.endswith("3modality"):
         config = tmp_path / "mot3.toml"
-        config.write_text(CONFIG.read_text()
-                          .replace('modalities = ["text", "image"]', 'modalities = ["text", "image", "speech"]')
-                          .replace("codebook_sizes = [256]", "codebook_sizes = [256, 64]"))
+        config.write_text(CONFIG.read_text().replace(
+            "[mot]\n", '[mot]\nmodalities = ["text", "image", "speech"]\ncodebook_sizes = [256, 64]\n'))
     other = MoTTransformer(mot_target(config, flavor)[0])
     dcp.save(other.state_dict(), checkpoint_id=str(tmp_path / "other"), no_dist=True)
     before = _tree_hash(tmp_path / "other")

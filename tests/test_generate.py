@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torchtitan.config import ConfigManager
 
 from torchtitan_mot import build_model_args
+from torchtitan_mot.config import load_job_config
 from torchtitan_mot.data.tokenizer import VocabLayout
 from torchtitan_mot.generate import generate_segment, load_model, sample_token
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
@@ -80,9 +80,8 @@ def test_text_modality_is_rejected() -> None:
 
 def test_load_model_reads_a_dcp_checkpoint(tmp_path: Path) -> None:
     """A model-only TorchTitan checkpoint stores plain state-dict names; load them back."""
-    cfg = ConfigManager().parse_args([
+    cfg = load_job_config([
         "--job.config_file", str(ROOT / "train_configs" / "debug_mot.toml"),
-        "--job.custom_config_module", "torchtitan_mot.config",
         "--model.hf_assets_path", str(ROOT / "assets" / "tokenizer"),
         "--training.seq_len", "32",
     ])

@@ -70,3 +70,26 @@ def test_audio_prepare_train_validate(tmp_path: Path) -> None:
     assert json.loads((dataset / "meta.json").read_text())["modalities"] == ["text", "speech"]
 
     check_exact_resume(tmp_path, 1, data_args(dataset), config=config_without_modalities(tmp_path))
+
+
+@pytest.mark.slow
+def test_readme_own_data_recipe_runs_as_written(tmp_path: Path) -> None:
+    """README "Data": prepare with its defaults (1,024 image codes), then train debug_mot.toml
+    on the result with no flag but the dataset (and a 2-step limit): the config takes the
+    modalities and codebook sizes from meta.json, and both tools name the text tokenizer."""
+    images, captions = make_image_folder(tmp_path / "raw", 12)
+    prepared = subprocess.run([sys.executable, "-m", "torchtitan_mot.data.prepare", "--images", str(images),
+                               "--captions", str(captions), "--out", "data/mine"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    assert json.loads((tmp_path / "data" / "mine" / "meta.json").read_text())["codebook_sizes"] == {"image": 1024}
+    assert "encoded at training time by the config's --model.hf_assets_path" in prepared.stdout
+    trained = subprocess.run([sys.executable, "-m", "torchtitan_mot.train", "--job.config_file",
+                              "train_configs/debug_mot.toml", "--training.dataset_path", "data/mine",
+                              "--training.steps", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    log = trained.stdout + trained.stderr
+    assert trained.returncode == 0, log[-3000:]
+    assert re.search(r"step:\s+2\s+\S*loss:", log), log[-3000:]
+    assert f"text tokenizer: {REPO / 'assets' / 'tokenizer'} (1,024 text ids; unified vocabulary 2,050 ids)" in log
+    assert re.search(r"WARNING - \S+/data/mine is encoded with the bundled demo text tokenizer .*"
+                     r"pass --model.hf_assets_path", log), log[-3000:]

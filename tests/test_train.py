@@ -183,18 +183,16 @@ def test_modality_losses_skip_modalities_without_tokens():
     """mean = sum / count per modality; a modality with no tokens is left out, not NaN."""
     import torch
 
+    from torchtitan_mot.trainer.loss import ModalityLossStats
     from torchtitan_mot.trainer.metrics import MoTMetricsProcessor
 
-    class StatsLoss:
-        modalities = ["text", "image", "speech"]
-
-        def pop_modality_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-            return torch.tensor([6.0, 0.0, 3.0]), torch.tensor([3.0, 0.0, 2.0])
+    stats = ModalityLossStats(["text", "image", "speech"])
+    stats.add(torch.tensor([6.0, 0.0, 3.0]), torch.tensor([3.0, 0.0, 2.0]))
 
     class NoMeshes:
         def get_optional_mesh(self, name: str) -> None:
             return None
 
     processor = MoTMetricsProcessor.__new__(MoTMetricsProcessor)
-    processor.parallel_dims, processor.loss_fn = NoMeshes(), StatsLoss()
+    processor.parallel_dims, processor.loss_stats = NoMeshes(), stats
     assert processor.modality_losses() == {"text": 2.0, "speech": 1.5}

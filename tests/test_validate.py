@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torchtitan.config import ConfigManager, JobConfig
+from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims, utils as dist_utils
 
+from torchtitan_mot.config import load_job_config
 from torchtitan_mot.data.dataloader import build_mot_validation_dataloader
 from torchtitan_mot.data.tokenizer import build_mot_tokenizer, VocabLayout
 from torchtitan_mot.compat.cpu import enable_cpu_fallback
@@ -31,8 +32,7 @@ STEPS = 3
 
 
 def make_config() -> JobConfig:
-    return ConfigManager().parse_args([
-        "--job.custom_config_module", "torchtitan_mot.config",
+    return load_job_config([
         "--model.hf_assets_path", str(ROOT / "assets" / "tokenizer"),
         "--training.seq_len", "32",
         "--validation.dataset_path", str(DEMO),
@@ -103,7 +103,7 @@ def run_validator(rank: int, world_size: int) -> tuple:
     train_loss(torch.zeros(1, 3, tok.get_vocab_size()), torch.tensor([[5, 6, 7]]))
     first = validator.validate([model], step=10)
     second = validator.validate([model], step=20)
-    sums, counts = train_loss.pop_modality_stats()
+    sums, counts = train_loss.stats.pop()
     assert counts.tolist() == [3.0, 0.0] and model.training
     return first, second, metrics.logged
 

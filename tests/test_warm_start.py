@@ -37,9 +37,11 @@ def _mot_args(flavor: str, config: Path = CONFIG) -> MoTModelArgs:
 
 def _config_3modality(tmp_path: Path) -> Path:
     """debug_mot.toml with a third (speech) modality."""
-    text = CONFIG.read_text().replace('modalities = ["text", "image"]', 'modalities = ["text", "image", "speech"]')
+    text = CONFIG.read_text().replace("[mot]\n", '[mot]\nmodalities = ["text", "image", "speech"]\n'
+                                      "codebook_sizes = [256, 64]\n")
+    assert "codebook_sizes = [256, 64]" in text
     path = tmp_path / "mot3.toml"
-    path.write_text(text.replace("codebook_sizes = [256]", "codebook_sizes = [256, 64]"))
+    path.write_text(text)
     return path
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torchtitan_mot import mot_args
 from torchtitan_mot.config import load_job_config
-from torchtitan_mot.plan import ASSUMPTIONS, build_plan, Plan, USABLE
+from torchtitan_mot.plan import ASSUMPTIONS, build_plan, LLAMA3_TEXT_VOCAB, Plan, USABLE
 
 COMMENT = re.compile(r"^#\s*check_plan:(.*)$", re.M)
 
@@ -102,7 +102,9 @@ def check_plan(argv: list[str]) -> Plan:
     for name, flag in _TITAN_FLAGS.items():
         if getattr(a, name) is not None:
             overrides += [flag, str(getattr(a, name))]
-    return build_plan(source, load_job_config(overrides), a.ngpu, a.gpu_gib)
+    # The plan reads no data: the vocabulary is the config's tokenizer, or Llama3's text ids.
+    job = load_job_config(overrides, read_data=False, text_vocab_fallback=LLAMA3_TEXT_VOCAB)
+    return build_plan(source, job, a.ngpu, a.gpu_gib)
 
 
 def verdict(plan: Plan) -> str:

@@ -1,19 +1,44 @@
-"""The `[mot]` section of the job config (loaded through `job.custom_config_module`).
+"""The `[mot]` section of the job config and `load_job_config`, the one way any entry point
+gets a job config.
 
-TorchTitan merges this `JobConfig` into its own, so every field is settable from TOML
-(`[mot]`) and from the command line (`--mot.modalities text image`). `MoTConfigManager`
-(what `python -m torchtitan_mot.train` parses with) loads this module by default.
+TorchTitan merges this module's `JobConfig` into its own (`job.custom_config_module`), so
+every field is settable from TOML (`[mot]`) and from the command line (`--mot.modalities
+text image`). `load_job_config` then resolves the config once, before anything is built:
+
+- `--job.config_file` is a path or a built-in config name (`debug_mot.toml`);
+- a relative path of the config (`model.hf_assets_path`, `[training]`/`[validation]
+  .dataset_path`) that is not in the working directory is looked up in the config file's
+  repository, then in the configs and assets shipped with the package (`shipped_root`);
+- a dataset path that looks local is never sent to the HuggingFace Hub;
+- unset `[mot].modalities` / `codebook_sizes` come from the dataset's meta.json, set ones must
+  agree with it;
+- the unified vocabulary (`VocabLayout`) is computed once and attached to the config, where
+  the model args and the loss read it (`resolved_vocab`).
+
+What cannot work raises `ConfigError`: one line naming the file, field or flag to change.
 """
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.config import ConfigManager, JobConfig as TorchTitanJobConfig
+from torchtitan.tools.logging import logger
 
-from torchtitan_mot.compat.torchtitan_0_2_2 import config_file_values
-from torchtitan_mot.data.dataset import fill_modalities_from_meta
+from torchtitan_mot.compat.torchtitan_0_2_2 import config_file_values, without_assets_path_warning
+from torchtitan_mot.data.meta import check_meta, looks_local, meta_modalities, missing_dataset
+from torchtitan_mot.data.tokenizer import VocabLayout
+from torchtitan_mot.model.args import UNTIE_COMPONENTS, VOCAB_ATTRIBUTE
 
 _CONFIG_MODULE_FLAGS = ("--job.custom_config_module", "--job.custom-config-module")
+_CONFIG_FILE_FLAGS = ("--job.config_file", "--job.config-file")
+PACKAGE = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A job config that cannot work. The message is one line naming the file, field or flag
+    to change; `python -m torchtitan_mot.train` prints it as `error: <message>` and exits 2."""
 
 
 @dataclass
@@ -28,7 +53,7 @@ class MoT:
     vocabulary places each codebook (plus a begin and an end marker) after the text vocabulary.
     Empty: taken from the training dataset's meta.json, like `modalities`."""
 
-    untie: list[str] = field(default_factory=lambda: ["attention", "ffn", "norms"])
+    untie: list[str] = field(default_factory=lambda: list(UNTIE_COMPONENTS))
     """Which block components get one weight set per modality (the paper's ablations, e.g.
     `--mot.untie ffn` for modality-specific FFNs only): any of "attention" (wq/wk/wv/wo),
     "ffn" (w1/w2/w3) and "norms" (attention_norm, ffn_norm, QK-norms), each at most once.
@@ -70,24 +95,216 @@ class JobConfig:
     mot: MoT = field(default_factory=MoT)
 
 
+def shipped_root() -> Path:
+    """Folder holding `train_configs/` and `assets/` (debug configs, demo tokenizer, demo data):
+    `torchtitan_mot/_shipped` in an installed wheel (setup.py maps the repository's files
+    there), the repository itself in a source checkout."""
+    installed = PACKAGE / "_shipped"
+    return installed if installed.is_dir() else PACKAGE.parent
+
+
+def _candidates(value: str, config_file: str | None) -> list[Path]:
+    """Where a config's relative path may be: the working directory, the config file's
+    repository (the folder above its `train_configs/`) and folder, the shipped files."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return [path]
+    roots = [Path.cwd()]
+    if config_file:
+        folder = Path(config_file).absolute().parent
+        roots += [folder.parent, folder]
+    roots.append(shipped_root())
+    return list(dict.fromkeys(root / path for root in roots))
+
+
+def find_path(value: str, config_file: str | None, flag: str) -> Path:
+    """The first existing candidate of `value` (see `_candidates`); ConfigError naming every
+    place looked in when there is none."""
+    candidates = _candidates(value, config_file)
+    for path in candidates:
+        if path.exists():
+            return path
+    raise ConfigError(f"{flag} {value}: not found (looked in {', '.join(map(str, candidates))})")
+
+
+def find_config_file(name: str) -> Path:
+    """`--job.config_file`: a path, or the name of a built-in config (`debug_mot.toml`)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_root() / "train_configs"
+    candidates = [path] if path.is_absolute() else [path.absolute(), shipped / path, shipped / path.name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    names = ", ".join(sorted(p.name for p in shipped.glob("*.toml")))
+    raise ConfigError(
+        f"--job.config_file {name}: no such file (looked in "
+        f"{', '.join(map(str, dict.fromkeys(candidates)))}); built-in configs: {names}"
+    )
+
+
+def _with_config_file(args: list[str]) -> list[str]:
+    """`args` with the `--job.config_file` value replaced by the file `find_config_file` finds."""
+    args = list(args)
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        if key in _CONFIG_FILE_FLAGS:
+            if eq:
+                args[i] = f"{key}={find_config_file(value)}"
+            elif i + 1 < len(args):
+                args[i + 1] = str(find_config_file(args[i + 1]))
+            break
+    return args
+
+
 class MoTConfigManager(ConfigManager):
-    """ConfigManager whose `job.custom_config_module` defaults to this module and whose unset
-    `[mot].modalities` / `codebook_sizes` come from the dataset's meta.json."""
+    """ConfigManager whose `job.custom_config_module` defaults to this module and whose
+    `--job.config_file` may name a built-in config. Parses only: `load_job_config` resolves."""
 
     def parse_args(self, args: list[str] | None = None) -> TorchTitanJobConfig:
-        args = list(sys.argv[1:] if args is None else args)
+        args = _with_config_file(sys.argv[1:] if args is None else args)
         given = any(a.split("=", 1)[0] in _CONFIG_MODULE_FLAGS for a in args)
         toml_values = config_file_values(self, args)
         if not given and not toml_values.get("job", {}).get("custom_config_module"):
             args += [_CONFIG_MODULE_FLAGS[0], __name__]
-        job_config = super().parse_args(args)
-        if hasattr(job_config, "mot"):
-            # Before the trainer copies [mot] anywhere (e.g. into the optimizer config).
-            fill_modalities_from_meta(job_config)
-        return job_config
+        with without_assets_path_warning():
+            return super().parse_args(args)
 
 
-def load_job_config(argv: list[str] | None = None) -> TorchTitanJobConfig:
+def _resolve_datasets(job_config: TorchTitanJobConfig, read_data: bool) -> None:
+    """Make local dataset paths absolute (found as `find_path` finds them); a missing one
+    that the run reads is a ConfigError, never a Hub lookup."""
+    config_file = job_config.job.config_file
+    for section in ("training", "validation"):
+        cfg = getattr(job_config, section)
+        if not cfg.dataset_path:
+            continue
+        found = next((p for p in _candidates(cfg.dataset_path, config_file) if p.exists()), None)
+        if found is not None:
+            cfg.dataset_path = str(found)
+        elif looks_local(cfg.dataset_path) and read_data and (
+            section == "training" or job_config.validation.enable
+        ):
+            raise ConfigError(missing_dataset(cfg.dataset_path, f"--{section}.dataset_path"))
+
+
+def _resolve_modalities(job_config: TorchTitanJobConfig, read_data: bool) -> None:
+    """Unset `[mot].modalities` / `codebook_sizes` from the dataset's meta.json
+    (`[training].dataset_path`, else `[validation].dataset_path`); set ones are checked
+    against the meta.json of every dataset the run reads."""
+    mot = job_config.mot
+    paths = [job_config.training.dataset_path, job_config.validation.dataset_path]
+    metas = [Path(p) / "meta.json" for p in paths if p and (Path(p) / "meta.json").is_file()]
+    if mot.modalities:
+        if not mot.codebook_sizes and len(mot.modalities) > 1:
+            raise ConfigError(
+                f"[mot].modalities is set to {mot.modalities} but [mot].codebook_sizes is not: "
+                "set --mot.codebook_sizes (one per non-text modality)"
+            )
+        read = paths if job_config.validation.enable else paths[:1]
+        for path in dict.fromkeys(read if read_data else []):
+            meta = Path(path or "") / "meta.json"
+            if not path or not meta.is_file():
+                continue
+            try:
+                check_meta(meta, mot.modalities, mot.codebook_sizes)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        return
+    if mot.codebook_sizes:
+        raise ConfigError(
+            f"[mot].codebook_sizes is set to {mot.codebook_sizes} but [mot].modalities is not: "
+            "set --mot.modalities too, or neither (both then come from meta.json)"
+        )
+    if not metas:
+        raise ConfigError(
+            "[mot].modalities is not set and neither [training].dataset_path "
+            f"({paths[0]!r}) nor [validation].dataset_path ({paths[1]!r}) has a meta.json to "
+            "take it from: set [mot].modalities and [mot].codebook_sizes"
+        )
+    try:
+        mot.modalities, mot.codebook_sizes = meta_modalities(metas[0])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _text_vocab_size(job_config: TorchTitanJobConfig, fallback: int | None) -> int:
+    """Text ids of `model.hf_assets_path` (made absolute), or `fallback` where it is not here."""
+    value = job_config.model.hf_assets_path
+    if not value:
+        if fallback is not None:
+            return fallback
+        raise ConfigError("--model.hf_assets_path is not set: name the text tokenizer's folder")
+    try:
+        path = find_path(value, job_config.job.config_file, "--model.hf_assets_path")
+    except ConfigError:
+        if fallback is not None:
+            return fallback
+        raise
+    job_config.model.hf_assets_path = str(path)
+    try:
+        return HuggingFaceTokenizer(str(path)).get_vocab_size()
+    except Exception as e:  # tokenizers/json raise many types; any of them means "not a tokenizer"
+        raise ConfigError(f"--model.hf_assets_path {path}: not a HuggingFace tokenizer folder ({e})") from None
+
+
+def _report_text_tokenizer(job_config: TorchTitanJobConfig, layout: VocabLayout) -> None:
+    """Say which tokenizer encodes the text; warn when the demo tokenizer encodes user data."""
+    tokenizer = Path(job_config.model.hf_assets_path).resolve()
+    logger.info(
+        f"text tokenizer: {tokenizer} ({layout.text_vocab_size:,} text ids; unified "
+        f"vocabulary {layout.vocab_size:,} ids)"
+    )
+    demo = (shipped_root() / "assets").resolve()
+    dataset = job_config.training.dataset_path
+    if tokenizer == demo / "tokenizer" and dataset and not (
+        Path(dataset).resolve().is_relative_to(demo / "demo")
+    ):
+        logger.warning(
+            f"{dataset} is encoded with the bundled demo text tokenizer ({tokenizer}, "
+            f"{layout.text_vocab_size:,} ids fitted to the demo captions): pass "
+            "--model.hf_assets_path with the tokenizer folder meant for your text "
+            "(e.g. a Llama 3 tokenizer)"
+        )
+
+
+def resolve_job_config(
+    job_config: TorchTitanJobConfig, *, read_data: bool = True, text_vocab_fallback: int | None = None
+) -> VocabLayout:
+    """Resolve paths, `[mot]` and the unified vocabulary of a parsed config, once (see the
+    module docstring); returns the vocabulary, also attached to the config.
+
+    `read_data=False` (a memory plan) skips the checks of data the run would read;
+    `text_vocab_fallback` is the text vocabulary size when the tokenizer is not on this machine.
+    """
+    if getattr(job_config, "mot", None) is None:
+        raise ConfigError(
+            "the [mot] config section is missing: set job.custom_config_module = "
+            "'torchtitan_mot.config' (load_job_config does this unless told otherwise)"
+        )
+    resolved = getattr(job_config.mot, VOCAB_ATTRIBUTE, None)
+    if resolved is not None:
+        return resolved
+    _resolve_datasets(job_config, read_data)
+    _resolve_modalities(job_config, read_data)
+    text_vocab = _text_vocab_size(job_config, text_vocab_fallback)
+    mot = job_config.mot
+    try:
+        layout = VocabLayout(text_vocab, tuple(mot.modalities), tuple(mot.codebook_sizes))
+    except ValueError as e:
+        raise ConfigError(f"[mot].modalities {mot.modalities} / codebook_sizes {mot.codebook_sizes}: {e}") from None
+    if read_data:
+        _report_text_tokenizer(job_config, layout)
+    setattr(job_config.mot, VOCAB_ATTRIBUTE, layout)
+    return layout
+
+
+def load_job_config(
+    argv: list[str] | None = None, *, read_data: bool = True, text_vocab_fallback: int | None = None
+) -> TorchTitanJobConfig:
     """The one way an entry point gets a job config: TOML + command-line overrides, `[mot]`
-    registered, unset modalities/codebook sizes filled from the dataset's meta.json."""
-    return MoTConfigManager().parse_args(argv)
+    registered, resolved by `resolve_job_config` (whose keywords these are)."""
+    job_config = MoTConfigManager().parse_args(argv)
+    resolve_job_config(job_config, read_data=read_data, text_vocab_fallback=text_vocab_fallback)
+    return job_config

@@ -22,7 +22,8 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 
 from torchtitan_mot import build_model_args
-from torchtitan_mot.data.tokenizer import build_mot_tokenizer, VocabLayout
+from torchtitan_mot.config import resolve_job_config
+from torchtitan_mot.data.tokenizer import VocabLayout
 from torchtitan_mot.compat.cpu import enable_cpu_fallback
 from torchtitan_mot.compat.torchtitan_0_2_2 import fsdp_reshards_after_forward
 from torchtitan_mot.infra.parallelize import parallelize_mot
@@ -132,9 +133,9 @@ def placements_in_words(param: torch.Tensor) -> str:
 def vocab_layout(job: JobConfig) -> tuple[VocabLayout, str]:
     """The unified vocabulary: the config's tokenizer if it is local, else Llama3's text ids."""
     path = job.model.hf_assets_path
+    layout = resolve_job_config(job)  # load_job_config resolved it: the attached vocabulary
     if path and Path(path).is_dir():
-        return build_mot_tokenizer(job).layout, f"tokenizer at {path}"
-    layout = VocabLayout(LLAMA3_TEXT_VOCAB, tuple(job.mot.modalities), tuple(job.mot.codebook_sizes))
+        return layout, f"tokenizer at {path}"
     return layout, f"Llama3 text vocab {LLAMA3_TEXT_VOCAB:,} ({path or 'no tokenizer'} not local)"
 
 

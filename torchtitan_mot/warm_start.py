@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torchtitan.config import ConfigManager
 
 from torchtitan_mot import build_model_args
+from torchtitan_mot.config import load_job_config
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 from torchtitan_mot.model.state_dict_adapter import untie_dense_state_dict, WarmStartError
 
@@ -87,14 +87,9 @@ def mot_target(
 ) -> tuple[MoTModelArgs, dict[str, torch.Tensor]]:
     """(model args, meta-device MoT state dict) for `flavor` under the job config `config`
     (`untie`, if given, overrides the config's `mot.untie`)."""
-    job_config = ConfigManager().parse_args(
-        [
-            "--job.config_file", str(config),
-            "--job.custom_config_module", "torchtitan_mot.config",
-            "--model.flavor", flavor,
-            *(["--mot.untie", ",".join(untie)] if untie is not None else []),
-        ]
-    )
+    job_config = load_job_config(["--job.config_file", str(config), "--model.flavor", flavor], read_data=False)
+    if untie is not None:
+        job_config.mot.untie = list(untie)
     model_args = build_model_args(job_config)
     with torch.device("meta"):
         model = MoTTransformer(model_args)

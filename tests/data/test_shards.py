@@ -10,10 +10,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from torchtitan.config import ConfigManager
 
 import torchtitan_mot.data.dataset as dataset_module
 from test_dataloader import TOKENIZER, assert_same, rows_seen
+from torchtitan_mot.config import ConfigError, load_job_config
 from torchtitan_mot.data.dataloader import build_mot_dataloader
 from torchtitan_mot.data.dataset import MultimodalDataset
 from torchtitan_mot.data.prepare.build import SCHEMA
@@ -45,8 +45,7 @@ def write_shards(root: Path, n_rows: int, n_shards: int, group_rows: int) -> Pat
 
 def config(dataset: Path, *extra: str):
     """No [mot].modalities / codebook_sizes: they come from meta.json."""
-    return ConfigManager().parse_args([
-        "--job.custom_config_module", "torchtitan_mot.config",
+    return load_job_config([
         "--model.hf_assets_path", TOKENIZER,
         "--training.dataset_path", str(dataset), "--training.seq_len", "32", "--training.local_batch_size", "2",
         *extra,
@@ -59,13 +58,15 @@ def test_modalities_from_meta_and_conflicts(tmp_path: Path) -> None:
     tok = build_mot_tokenizer(cfg)
     assert cfg.mot.modalities == ["text", "image"] and cfg.mot.codebook_sizes == [64]
     assert tok.layout.codebook_sizes == (64,)
-    with pytest.raises(ValueError, match=r"declares codebook_sizes \{'image': 64\} but the config has"):
-        bad = config(ds, "--mot.modalities", "text,image", "--mot.codebook_sizes", "256")
-        next(iter(build_mot_dataloader(1, 0, build_mot_tokenizer(bad), bad)))
-    with pytest.raises(ValueError, match=r"\[mot\].codebook_sizes is set to \[64\] but \[mot\].modalities is not"):
-        build_mot_tokenizer(config(ds, "--mot.codebook_sizes", "64"))
-    with pytest.raises(ValueError, match=r"nor \[validation\].dataset_path \(None\) has a meta.json"):
-        build_mot_tokenizer(config(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"declares codebook_sizes \{'image': 64\} but the config has "
+                       r".*: pass --mot.codebook_sizes 64 "):
+        config(ds, "--mot.modalities", "text,image", "--mot.codebook_sizes", "256")
+    with pytest.raises(ConfigError, match=r"\[mot\].codebook_sizes is set to \[64\] but \[mot\].modalities is not"):
+        config(ds, "--mot.codebook_sizes", "64")
+    with pytest.raises(ConfigError, match=r"nor \[validation\].dataset_path \(None\) has a meta.json"):
+        config(tmp_path)  # a folder, but no meta.json
+    with pytest.raises(ConfigError, match=rf"--training.dataset_path {tmp_path / 'nowhere'}: no such folder"):
+        config(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("streaming", [False, True])

@@ -28,7 +28,8 @@ from torchtitan.distributed import ParallelDims  # noqa: E402
 from torchtitan.distributed.pipeline_parallel import pipeline_llm  # noqa: E402
 from torchtitan.distributed.utils import clip_grad_norm_  # noqa: E402
 
-from torchtitan_mot.infra.modality_ids import HostTensor, prepare_mot_inputs  # noqa: E402
+from torchtitan_mot.infra.modality_ids import prepare_mot_inputs  # noqa: E402
+from torchtitan_mot.model.inputs import HostTensor  # noqa: E402
 from torchtitan_mot.infra.parallelize import parallelize_mot  # noqa: E402
 from torchtitan_mot.trainer.loss import modality_cross_entropy  # noqa: E402
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer  # noqa: E402

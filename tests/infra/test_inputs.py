@@ -11,7 +11,8 @@ from torch.distributed.utils import _to_kwargs
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 
-from torchtitan_mot.infra.modality_ids import HostTensor, keep_modality_ids_on_host, prepare_mot_inputs
+from torchtitan_mot.infra.modality_ids import prepare_mot_inputs
+from torchtitan_mot.model.inputs import HostTensor, keep_modality_ids_on_host
 
 META = torch.device("meta")  # stands for the accelerator: a tensor moved there has no data
 

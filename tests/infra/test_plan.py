@@ -115,8 +115,7 @@ def test_config_untie_reaches_the_plan(tmp_path: Path) -> None:
     """The plan builds the config's model args: `[mot] untie` changes its parameter count."""
     full_config = REPO / "train_configs" / "debug_mot.toml"
     config = tmp_path / "untie_ffn.toml"
-    config.write_text(full_config.read_text().replace("codebook_sizes = [256]",
-                                                      'codebook_sizes = [256]\nuntie = ["ffn"]'))
+    config.write_text(full_config.read_text().replace("[mot]\n", '[mot]\nuntie = ["ffn"]\n'))
     full, ffn = (check_plan(["--config", str(c)]) for c in (full_config, config))
     args = dataclasses.replace(mot_args["debugmodel"], vocab_size=full.vocab.vocab_size, untie=["ffn"])
     assert ffn.stages[0].params == args.param_counts()[0] < full.stages[0].params

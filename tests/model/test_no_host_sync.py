@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchtitan_mot.infra.modality_ids import HostTensor
+from torchtitan_mot.model.inputs import HostTensor
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 from torchtitan_mot.model.routing import build_routing
 from torchtitan_mot.benchmark.perf import CompileCounts

@@ -141,14 +141,12 @@ def test_config_reaches_model_args_and_bad_values_fail_at_start_up() -> None:
     """`--mot.untie` (TorchTitan's comma-separated list flag) goes through update_from_config."""
     from pathlib import Path
 
-    from torchtitan.config import ConfigManager
+    from torchtitan_mot.config import load_job_config
 
     config = Path(__file__).resolve().parents[2] / "train_configs" / "debug_mot.toml"
 
     def args_for(flavor: str, untie: str) -> MoTModelArgs:
-        job = ConfigManager().parse_args(["--job.config_file", str(config), "--job.custom_config_module",
-                                          "torchtitan_mot.config", "--model.flavor", flavor,
-                                          "--mot.untie", untie])
+        job = load_job_config(["--job.config_file", str(config), "--model.flavor", flavor, "--mot.untie", untie])
         return build_model_args(job)
 
     assert args_for("debugmodel", "ffn,norms").untie == ["ffn", "norms"]

@@ -3,12 +3,16 @@
 TorchTitan 0.2.2 assumes an accelerator: it picks `device_type = "cuda"` when none is found,
 reads CUDA memory stats, asks gloo for reduce ops it does not have and passes a CUDA device
 index to `barrier`. `enable_cpu_fallback()` patches exactly those spots, in place, and only
-when `torch.accelerator.is_available()` is False, so GPU runs see stock TorchTitan.
+when `torch.accelerator.is_available()` is False, so GPU runs see stock TorchTitan. It also
+keeps the CPU log true: no MFU against an A100's peak, no `lspci` probe, no float32 autocast.
 """
 
+import contextlib
 import functools
 import importlib
+import logging
 import os
+import re
 import resource
 import sys
 from datetime import timedelta
@@ -22,6 +26,7 @@ from torch.distributed.fsdp._fully_shard import _fsdp_collectives
 from torchtitan.config.job_config import Training
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed import utils as dist_utils_module
+from torchtitan.tools import utils as tt_utils_module
 from torchtitan.tools.logging import logger
 
 # TorchTitan modules that bind `device_type` / `device_module` at import time (by value).
@@ -101,14 +106,64 @@ class HostMemoryMonitor:
 
 
 def _set_pg_timeouts_cpu(timeout: timedelta, parallel_dims: ParallelDims) -> None:
-    """`set_pg_timeouts` for gloo: same barrier-then-shorten, without CUDA device ids."""
+    """`set_pg_timeouts` for gloo: same barrier-then-shorten, without CUDA device ids.
+
+    Meshes of dimensions a run does not use (e.g. `efsdp` without expert parallel) have
+    placeholder groups on torch's "fake" backend, which has no timeout: only gloo groups
+    get one (torch warns "Set timeout is now only supported for either nccl or gloo" for
+    the others).
+    """
     torch.distributed.barrier()
     groups: list[torch.distributed.ProcessGroup | None] = [
         mesh.get_group()
         for mesh in parallel_dims.get_all_one_dimensional_meshes().values()
     ] + [None]
     for group in groups:
-        c10d._set_pg_timeout(timeout, group)
+        if torch.distributed.get_backend(group) == "gloo":
+            c10d._set_pg_timeout(timeout, group)
+
+
+_stock_get_peak_flops = tt_utils_module.get_peak_flops
+_stock_maybe_enable_amp = dist_utils_module.maybe_enable_amp
+
+
+def _peak_flops_cpu(device_name: str) -> float:
+    """0.2.2's `get_peak_flops` runs `lspci` and falls back to an A100's peak for a CPU (two warnings, a meaningless MFU).
+
+    A CPU has no peak to measure MFU against: infinity makes the MFU 0, which
+    `MfuNotApplicable` prints as not applicable.
+    """
+    return float("inf") if device_name == "CPU" else _stock_get_peak_flops(device_name)
+
+
+class MfuNotApplicable(logging.Filter):
+    """0.2.2 prints an MFU in every step line and the peak FLOPS it uses, also on a CPU.
+
+    On the CPU (`_peak_flops_cpu`) both say that MFU does not apply instead.
+    """
+
+    _STEP_MFU = re.compile(r"mfu: [0-9.]+%")
+    _PEAK = "Peak FLOPS used for computing MFU: inf"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and not record.args:
+            if record.msg == self._PEAK:
+                record.msg = "MFU: not applicable on a CPU (no peak FLOPS to compare against)"
+            elif "mfu: " in record.msg:
+                record.msg = self._STEP_MFU.sub("mfu: n/a (CPU)", record.msg)
+        return True
+
+
+def _maybe_enable_amp_cpu(
+    parallel_dims: ParallelDims, mixed_precision_param: str, device_type: str
+) -> contextlib.AbstractContextManager[None]:
+    """0.2.2's `maybe_enable_amp` opens CPU autocast even for float32, which torch rejects with a warning and disables.
+
+    A float32 run gets no autocast context at all (the same computation, without the warning).
+    """
+    if mixed_precision_param == "float32":
+        return contextlib.nullcontext()
+    return _stock_maybe_enable_amp(parallel_dims, mixed_precision_param, device_type)
 
 
 class _ProfileWithoutNoneActivity(torch.profiler.profile):
@@ -210,6 +265,10 @@ def enable_cpu_fallback() -> bool:
     llama3_parallelize.CPUOffloadPolicy = functools.partial(CPUOffloadPolicy, pin_memory=False)
     # 0.2.2's maybe_enable_profiling passes `None` as the device activity without a GPU.
     torch.profiler.profile = _ProfileWithoutNoneActivity
+    # 0.2.2 measures a CPU's MFU against an A100 (after probing lspci) and autocasts float32.
+    tt_utils.get_peak_flops = _peak_flops_cpu
+    logger.addFilter(MfuNotApplicable())
+    dist_utils.maybe_enable_amp = _maybe_enable_amp_cpu
 
     _enabled = True
     return True

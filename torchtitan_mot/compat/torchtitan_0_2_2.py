@@ -3,10 +3,13 @@
 The first docstring line of each function or class names the limit it works around.
 """
 
+import json
+import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,10 +23,13 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.distributed.tensor.experimental._attention import _HeadTailLoadBalancer
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.optimizer import OptimizersContainer
-from torchtitan.config import ConfigManager
+from torchtitan.config import ConfigManager, JobConfig, Optimizer as OptimizerConfig
 from torchtitan.config.job_config import Parallelism
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed import utils as dist_utils
+from torchtitan.protocols import train_spec as train_spec_module
+from torchtitan.protocols.train_spec import TrainSpec
+from torchtitan.tools.logging import logger
 
 
 def isolate_compile_cache_per_rank() -> None:
@@ -39,15 +45,57 @@ def isolate_compile_cache_per_rank() -> None:
         )
 
 
-def run_main(
-    trainer_cls: type[torchtitan.train.Trainer], config_manager_cls: type[ConfigManager]
-) -> None:
-    """0.2.2's `main()` builds a plain `ConfigManager()` itself (no parameter for a subclass).
+def run_main(trainer_cls: type[torchtitan.train.Trainer], job_config: JobConfig) -> None:
+    """0.2.2's `main()` parses the command line itself, with a plain `ConfigManager()`.
 
-    Runs TorchTitan's own `main` with `config_manager_cls` swapped in for it.
+    Runs TorchTitan's own `main` on `job_config`, already loaded (and resolved) by the caller.
     """
-    torchtitan.train.ConfigManager = config_manager_cls
+
+    class LoadedConfig(ConfigManager):
+        def parse_args(self, args: list[str] | None = None) -> JobConfig:
+            return job_config
+
+    torchtitan.train.ConfigManager = LoadedConfig
     torchtitan.train.main(trainer_cls)
+
+
+class _DropAssetsPathWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("HF assets path ")
+
+
+@contextmanager
+def without_assets_path_warning() -> Iterator[None]:
+    """0.2.2's `ConfigManager` warns "HF assets path ... does not exist!" against the working directory.
+
+    The plugin resolves a config's paths against the config's repository and the shipped
+    assets afterwards (and names a really missing one itself), so that warning is dropped
+    while parsing.
+    """
+    drop = _DropAssetsPathWarning()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+class ModelArgsOnOneLine(logging.Filter):
+    """0.2.2's `Trainer.__init__` logs the model args as indented JSON, one line per field (30 for MoT).
+
+    Rewrites that record to one line of compact JSON (without the `_enforced` marker field).
+    """
+
+    _DUMP = re.compile(r"Building (\S+) (\S+)with (\{.*\})", re.DOTALL)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Building ") and "\n" in record.msg:
+            match = self._DUMP.fullmatch(record.msg)
+            if match:
+                args = json.loads(match[3])
+                args.pop("_enforced", None)
+                record.msg = f"Building {match[1]} {match[2]} with {json.dumps(args)}"
+        return True
 
 
 def config_file_values(config_manager: ConfigManager, args: list[str]) -> dict[str, Any]:
@@ -58,13 +106,41 @@ def config_file_values(config_manager: ConfigManager, args: list[str]) -> dict[s
     return config_manager._maybe_load_toml(args) or {}
 
 
-class MoTLossRecords(Protocol):
-    """The per-call records of `torchtitan_mot.trainer.loss.MoTLoss`."""
+@contextmanager
+def train_spec_as(adapt: Callable[[TrainSpec], TrainSpec]) -> Iterator[None]:
+    """0.2.2's `Trainer.__init__` looks its TrainSpec up by name and calls each builder with a fixed signature.
 
-    @property
-    def n_records(self) -> int: ...
+    Within the context that look-up returns `adapt(registered spec)`: a trainer hands objects
+    it owns to the builders by binding them into the spec's builder functions (the one way
+    MoTTrainer injects its loss statistics and non-finite guard).
+    """
+    lookup = train_spec_module.get_train_spec
+    train_spec_module.get_train_spec = lambda name: adapt(lookup(name))
+    try:
+        yield
+    finally:
+        train_spec_module.get_train_spec = lookup
 
-    def discard_records(self, start: int, count: int) -> None: ...
+
+def optimizer_class_and_kwargs(
+    config: OptimizerConfig,
+) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """0.2.2's `build_optimizers` translates `[optimizer]` into a class and kwargs inline, with no function to call.
+
+    The same translation, for a container that needs them with its own parameter groups.
+    """
+    classes = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
+    if config.name not in classes:
+        raise NotImplementedError(f"Optimizer {config.name} not added.")
+    assert config.implementation in ("fused", "foreach", "for-loop"), config.implementation
+    return classes[config.name], {
+        "lr": config.lr,
+        "betas": (config.beta1, config.beta2),
+        "eps": config.eps,
+        "weight_decay": config.weight_decay,
+        "fused": config.implementation == "fused",
+        "foreach": config.implementation == "foreach",
+    }
 
 
 @contextmanager
@@ -129,19 +205,15 @@ class GlobalTokenScaledLoss:
             self.divisor = 1.0
 
 
-def discard_pipeline_metadata_loss(
-    loss_fn: MoTLossRecords, first: int, parallelism: Parallelism, local_batch: int
-) -> None:
+def pipeline_metadata_loss_calls(calls: int, parallelism: Parallelism, local_batch: int) -> int:
     """torch's pipeline schedules call the loss once more, on real data, the first time they run.
 
-    That call (backward metadata inference) is no training microbatch: drops the records of
-    such extra calls made since record `first`, so the per-modality losses of the first step
-    cover exactly its microbatches.
+    That call (backward metadata inference) is no training microbatch: of the `calls` loss
+    calls one pipeline step made, returns how many were such extra calls (the first ones),
+    so the per-modality losses of the first step can cover exactly its microbatches.
     """
     microbatches = local_batch // parallelism.pipeline_parallel_microbatch_size
-    extra = loss_fn.n_records - first - microbatches
-    if extra > 0:
-        loss_fn.discard_records(first, extra)
+    return max(calls - microbatches, 0)
 
 
 def _allreduce_sum_hook(

@@ -5,7 +5,7 @@ from dataclasses import asdict
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.config import JobConfig
 
-from .dataset import MultimodalDataset, fill_modalities_from_meta
+from .dataset import MultimodalDataset
 from .tokenizer import MultimodalTokenizer
 
 
@@ -36,7 +36,6 @@ def _build(
         raise ValueError(
             f"[{section}].dataset_path must name a MoT dataset directory (with meta.json) or a hub dataset"
         )
-    fill_modalities_from_meta(job_config)
     _check_tokenizer(tokenizer, job_config)
     dataset = MultimodalDataset(
         dataset_path=cfg.dataset_path,

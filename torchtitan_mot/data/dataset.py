@@ -6,7 +6,6 @@ greedily into `seq_len + 1` windows exactly like torchtitan's `HuggingFaceTextDa
 the eos-based document masks of flex/varlen attention apply unchanged.
 """
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,13 +13,15 @@ import torch
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset, IterableDataset as HFIterableDataset, load_dataset
-from datasets.exceptions import DatasetGenerationError
+from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 from datasets.distributed import split_dataset_by_node
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
-from torchtitan.config import JobConfig
 from torchtitan.tools.logging import logger
 
+from torchtitan_mot.config import ConfigError
+
+from .meta import check_meta, looks_local, missing_dataset, read_meta
 from .tokenizer import TEXT, MultimodalTokenizer
 
 ROW_COLUMN = "__mot_row__"
@@ -29,58 +30,6 @@ _FILE_BUILDERS = (("jsonl", "json"), ("json", "json"), ("parquet", "parquet"))
 
 class BadSampleError(ValueError):
     """A malformed row; skippable with `[mot].skip_bad_samples`, unlike config errors."""
-
-
-def read_meta(meta_path: Path) -> dict[str, Any]:
-    """A dataset's meta.json; a file that is not a JSON object is named in the error."""
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{meta_path} must hold a JSON object, got {type(meta).__name__}")
-    return meta
-
-
-def check_meta(meta_path: Path, modalities: list[str], codebook_sizes: list[int]) -> None:
-    """`meta.json` must describe exactly the configured modalities and codebooks."""
-    meta = read_meta(meta_path)
-    if list(meta.get("modalities", [])) != list(modalities):
-        raise ValueError(
-            f"{meta_path} declares modalities {meta.get('modalities')} "
-            f"but the config has [mot].modalities = {list(modalities)}"
-        )
-    expected = dict(zip(modalities[1:], codebook_sizes))
-    if meta.get("codebook_sizes") != expected:
-        raise ValueError(
-            f"{meta_path} declares codebook_sizes {meta.get('codebook_sizes')} "
-            f"but the config has [mot].codebook_sizes = {list(codebook_sizes)} "
-            f"(i.e. {expected})"
-        )
-
-
-def fill_modalities_from_meta(job_config: JobConfig) -> None:
-    """Unset `[mot].modalities` / `codebook_sizes` are taken from the dataset's meta.json
-    (`[training].dataset_path`, else `[validation].dataset_path`); set ones are checked
-    against it when the data is loaded."""
-    mot = job_config.mot
-    if mot.modalities:
-        if not mot.codebook_sizes and len(mot.modalities) > 1:
-            raise ValueError(f"[mot].modalities is set to {mot.modalities} but [mot].codebook_sizes is not")
-        return
-    if mot.codebook_sizes:
-        raise ValueError(f"[mot].codebook_sizes is set to {mot.codebook_sizes} but [mot].modalities is not")
-    paths = [job_config.training.dataset_path, job_config.validation.dataset_path]
-    metas = [Path(p) / "meta.json" for p in paths if p and (Path(p) / "meta.json").is_file()]
-    if not metas:
-        raise ValueError(
-            "[mot].modalities is not set and neither [training].dataset_path "
-            f"({paths[0]!r}) nor [validation].dataset_path ({paths[1]!r}) has a meta.json to "
-            "take it from: set [mot].modalities and [mot].codebook_sizes"
-        )
-    meta = read_meta(metas[0])
-    mot.modalities = list(meta["modalities"])
-    mot.codebook_sizes = [int(meta["codebook_sizes"][m]) for m in mot.modalities[1:]]
 
 
 class ShardedParquetStream:
@@ -188,8 +137,16 @@ def load_split(
             ds = load_dataset(builder, data_files={split: source}, split=split, streaming=streaming)
         except _UNREADABLE as e:
             raise _unreadable(source, e) from e
+    elif looks_local(dataset_path):
+        raise FileNotFoundError(missing_dataset(dataset_path, "dataset path"))
     else:
-        ds = load_dataset(dataset_path, split=split, streaming=streaming)
+        try:
+            ds = load_dataset(dataset_path, split=split, streaming=streaming)
+        except (ConnectionError, DatasetNotFoundError) as e:
+            raise ConfigError(
+                f"dataset path {dataset_path}: not a local folder and not reachable on the Hub "
+                f"({type(e).__name__}: {e})"
+            ) from None
         source = f"{dataset_path}[{split}]"
     if isinstance(ds, Dataset):
         ds = ds.add_column(ROW_COLUMN, range(len(ds)))

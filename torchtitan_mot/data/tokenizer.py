@@ -5,7 +5,6 @@ non-text modality (begin marker, end marker, codebook), Chameleon style.
 `token_modality_table`) and generation all ask it.
 """
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -212,24 +211,13 @@ class MultimodalTokenizer(BaseTokenizer):
 
 
 def build_mot_tokenizer(job_config: JobConfig) -> MultimodalTokenizer:
-    """Text tokenizer from `model.hf_assets_path`, layout from the `[mot]` section (filled in
-    from the training dataset's meta.json where unset)."""
-    from .dataset import fill_modalities_from_meta
-
-    fill_modalities_from_meta(job_config)
-    return _cached_tokenizer(
-        str(job_config.model.hf_assets_path),
-        tuple(job_config.mot.modalities),
-        tuple(job_config.mot.codebook_sizes),
-    )
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_tokenizer(
-    hf_assets_path: str, modalities: tuple[str, ...], codebook_sizes: tuple[int, ...]
-) -> MultimodalTokenizer:
-    """The trainer asks for the tokenizer several times at start-up (model args, loss,
-    dataloader, validator); its JSON is read once per process and layout."""
-    return MultimodalTokenizer(
-        hf_assets_path, modalities=list(modalities), codebook_sizes=list(codebook_sizes)
-    )
+    """Text tokenizer from `model.hf_assets_path`, layout from the `[mot]` section, as
+    `torchtitan_mot.config.load_job_config` resolved them (paths found, unset modalities and
+    codebook sizes taken from the dataset's meta.json)."""
+    mot = job_config.mot
+    if not mot.modalities:
+        raise ValueError(
+            "[mot].modalities is not set: load the job config with "
+            "torchtitan_mot.config.load_job_config, which takes it from the dataset's meta.json"
+        )
+    return MultimodalTokenizer(job_config.model.hf_assets_path, mot.modalities, mot.codebook_sizes)

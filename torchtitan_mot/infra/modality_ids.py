@@ -1,22 +1,16 @@
-"""Host-side modality ids: kept in host memory up to the model, routed through PP and CP.
+"""Modality ids through pipeline parallel (microbatching) and context parallel (sharding).
 
-The ids stay in host memory up to the model (`HostTensor`): the model counts the modality
-group sizes there, so its forward never copies anything back from the device; the one copy
-to the device goes through pinned memory (`copy_without_waiting`).
-
-TorchTitan 0.2.2 splits a batch into `extra_inputs` (first pipeline stage only) and
+The ids are the model's input (`model/inputs.py`: `HostTensor`, kept in host memory up to
+the model). TorchTitan 0.2.2 splits a batch into `extra_inputs` (first pipeline stage only) and
 `extra_kwargs` (every stage), and context parallel shards only `inputs`, `labels` and
 `positions`. Every MoT block needs the modality of every token, so `modality_ids` must
 reach every stage and, under context parallel, be sharded exactly like the tokens
 (including the load balancer's reordering).
 """
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.attention.flex_attention import BlockMask
@@ -26,46 +20,7 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.context_parallel import cp_shard
 
 from torchtitan_mot.compat.torchtitan_0_2_2 import shard_on_host_for_context_parallel
-
-MODALITY_IDS = "modality_ids"
-
-
-@dataclass(frozen=True)
-class HostTensor:
-    """Modality ids that must stay in host memory until `build_routing` has counted them.
-
-    TorchTitan's `train_step`, FSDP2's and DDP's root pre-forward all move every
-    `torch.Tensor` argument to the device (a blocking copy); this wrapper is not a tensor, so
-    they pass it through. It is a pytree node, so pipeline parallel still splits the ids
-    into microbatches along with the tokens.
-    """
-
-    tensor: torch.Tensor
-
-
-pytree.register_dataclass(HostTensor)
-
-
-def copy_without_waiting(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`t.to(device)` that never waits for the device. A blocking host->GPU copy synchronises
-    the stream, and from pageable memory even a non-blocking one may, so host tensors go
-    through page-locked memory (PyTorch keeps that buffer until the copy has run)."""
-    if t.device == device:
-        return t
-    if t.device.type == "cpu" and device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
-
-
-def keep_modality_ids_on_host(
-    batches: Iterable[tuple[dict[str, Any], torch.Tensor]],
-) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-    """Wrap each batch's `modality_ids` in `HostTensor`, which TorchTitan's `train_step`
-    does not move to the device; the model unwraps them."""
-    for input_dict, labels in batches:
-        if isinstance(input_dict.get(MODALITY_IDS), torch.Tensor):
-            input_dict = {**input_dict, MODALITY_IDS: HostTensor(input_dict[MODALITY_IDS])}
-        yield input_dict, labels
+from torchtitan_mot.model.inputs import HostTensor, MODALITY_IDS
 
 
 def shard_for_context_parallel(

@@ -4,7 +4,6 @@ Order as in TorchTitan's Llama3: tensor (+ sequence, + loss) parallel, context p
 activation checkpointing, per-block compile, FSDP2/HSDP.
 """
 
-import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -17,32 +16,21 @@ from torch.distributed.tensor.parallel import (
 )
 from torchtitan.config import JobConfig, TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
-from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.context_parallel import apply_cp_to_attention_module
-from torchtitan.models.llama3.infra.parallelize import (
-    _op_sac_save_list,
-    apply_compile,
-    apply_ddp,
-    apply_fsdp,
-)
+from torchtitan.models.llama3.infra.parallelize import apply_compile, apply_ddp, apply_fsdp
 from torchtitan.tools.logging import logger
 
 from torchtitan_mot.model.args import MoTModelArgs
 from torchtitan_mot.model.model import MoTBlock, MoTTransformer
 from torchtitan_mot.model.routing import ModalityLinear
 
+from .activation_checkpoint import apply_mot_ac
 from .sequence_parallel import (
     ModalityLinearParallel,
     ModalityNormParallel,
     SortedStreamParallel,
     SortedSublayerParallel,
 )
-
-# Selective op AC: Llama3's list plus the per-modality matmul that is saved (SAC sees the
-# custom op as one op). `mot::routed_mm_recompute` stays out: together they save Llama3's
-# every other mm (see model/routing.py).
-MOT_OP_SAC_SAVE_LIST = _op_sac_save_list | {torch.ops.mot.routed_mm.default}
-
 
 def validate_parallelism(model_args: MoTModelArgs, parallel_dims: ParallelDims, job_config: JobConfig) -> None:
     """Fail at start-up, naming the setting, for shardings that cannot work."""
@@ -191,13 +179,7 @@ def parallelize_mot(
 
     compile_model = job_config.compile.enable and "model" in job_config.compile.components
     if job_config.activation_checkpoint.mode != "none":
-        apply_ac(
-            model,
-            job_config.activation_checkpoint,
-            model_compile_enabled=compile_model,
-            op_sac_save_list=MOT_OP_SAC_SAVE_LIST,
-            base_folder=job_config.job.dump_folder,
-        )
+        apply_mot_ac(model, job_config, compile_model)
     if compile_model:
         apply_compile(model, job_config.compile)
 

@@ -16,6 +16,10 @@ UNTIE_COMPONENTS = ("attention", "ffn", "norms")
 """What `untie` may list: the attention projections (wq/wk/wv/wo), the SwiGLU FFN (w1/w2/w3)
 and every RMSNorm of a block (attention_norm, ffn_norm and the optional QK-norms)."""
 
+VOCAB_ATTRIBUTE = "resolved_vocab"
+"""Attribute of a job config's `[mot]` section holding its unified vocabulary (`VocabLayout`),
+set by `torchtitan_mot.config.load_job_config`; not a config field, so no flag can set it."""
+
 
 def check_untie(untie: Sequence[str], n_modalities: int, setting: str = "mot.untie") -> None:
     """Reject unknown or repeated components, and an empty list for a multi-modality model
@@ -92,8 +96,8 @@ class MoTModelArgs(TransformerModelArgs):
     def update_from_config(
         self, job_config: JobConfig, vocab: "VocabLayout | None" = None, **kwargs
     ) -> None:
-        """Apply the config; the vocabulary is the tokenizer's unless `vocab` gives it (a plan
-        for a machine without the tokenizer)."""
+        """Apply the config; the vocabulary is the one `load_job_config` resolved unless
+        `vocab` gives it (a plan for a machine without the tokenizer)."""
         super().update_from_config(job_config, **kwargs)
         mot = getattr(job_config, "mot", None)
         if mot is None:
@@ -112,10 +116,12 @@ class MoTModelArgs(TransformerModelArgs):
         untie = [] if list(mot.untie) == [""] else list(mot.untie)
         check_untie(untie, self.n_modalities)
         self.untie = untie
+        vocab = vocab or getattr(mot, VOCAB_ATTRIBUTE, None)
         if vocab is None:
-            from torchtitan_mot.data.tokenizer import build_mot_tokenizer
-
-            vocab = build_mot_tokenizer(job_config).layout
+            raise ValueError(
+                "the job config has no resolved vocabulary: load it with "
+                "torchtitan_mot.config.load_job_config"
+            )
         vocab_size = vocab.vocab_size
         if self.vocab_size not in (0, vocab_size):
             raise ValueError(

@@ -37,10 +37,9 @@ class MoTAttention(nn.Module):
         self.enable_gqa = self.n_heads > self.n_kv_heads
         dim = model_args.dim
         self.wq = ModalityLinear(dim, self.n_heads * self.head_dim, n_proj)
-        # sac_save: selective op AC saves wq and wv outputs, recomputes wk and wo (Llama3's rate)
-        self.wk = ModalityLinear(dim, self.n_kv_heads * self.head_dim, n_proj, sac_save=False)
+        self.wk = ModalityLinear(dim, self.n_kv_heads * self.head_dim, n_proj)
         self.wv = ModalityLinear(dim, self.n_kv_heads * self.head_dim, n_proj)
-        self.wo = ModalityLinear(self.n_heads * self.head_dim, dim, n_proj, sac_save=False)
+        self.wo = ModalityLinear(self.n_heads * self.head_dim, dim, n_proj)
         self.q_norm = self.k_norm = None
         if model_args.qk_norm:
             self.q_norm = ModalityRMSNorm(self.head_dim, n_norms, model_args.norm_eps)

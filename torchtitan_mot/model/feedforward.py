@@ -24,8 +24,7 @@ class MoTFeedForward(nn.Module):
         super().__init__()
         self.w1 = ModalityLinear(dim, hidden_dim, n_sets)
         self.w2 = ModalityLinear(hidden_dim, dim, n_sets)
-        # selective op AC saves w1 and w2 outputs and recomputes w3 (Llama3's every other mm)
-        self.w3 = ModalityLinear(dim, hidden_dim, n_sets, sac_save=False)
+        self.w3 = ModalityLinear(dim, hidden_dim, n_sets)
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x, routing)) * self.w3(x, routing), routing)

@@ -8,11 +8,10 @@ from torchtitan.models.llama3.model.model import Transformer
 from torchtitan.protocols.model import AttentionMasksType
 from torchtitan.protocols.train_spec import ModelProtocol
 
-from torchtitan_mot.infra.modality_ids import HostTensor
-
 from .args import MoTModelArgs
 from .attention import MoTAttention
 from .feedforward import ffn_hidden_dim, MoTFeedForward
+from .inputs import HostTensor
 from .routing import (
     build_routing,
     check_modality_ids,

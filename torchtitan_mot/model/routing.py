@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchtitan_mot.infra.modality_ids import copy_without_waiting
+from .inputs import copy_without_waiting
 
 
 @dataclass
@@ -190,10 +190,9 @@ def _routed_mm_fake(x: torch.Tensor, weights: list[torch.Tensor], offsets: torch
     return x.new_empty(x.shape[0], weights[0].shape[0])
 
 
-# Two ops with one body. Selective op activation checkpointing decides per op whether an
-# output is saved; TorchTitan's Llama3 policy saves every other mm (wq, wv, w1, w2 of a block
-# are saved, wk, wo, w3 recomputed). `routed_mm` is in MoT's save list, `routed_mm_recompute`
-# is not, so the per-modality projections are saved at the same rate as Llama3's.
+# Two ops with one body: selective op activation checkpointing decides per op whether an
+# output is saved. Its policy (infra/activation_checkpoint.py) saves `routed_mm`'s outputs and
+# switches the projections it recomputes to `routed_mm_recompute` (`ModalityLinear.recompute`).
 routed_mm = torch.library.custom_op("mot::routed_mm", mutates_args=(), tags=_OP_TAGS)(_routed_mm)
 routed_mm_recompute = torch.library.custom_op(
     "mot::routed_mm_recompute", mutates_args=(), tags=_OP_TAGS
@@ -275,14 +274,13 @@ class ModalityLinear(nn.ModuleList):
     its modality's slice, so the conversion takes effect for every modality.
     """
 
-    def __init__(
-        self, in_features: int, out_features: int, n_modalities: int, sac_save: bool = True
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, n_modalities: int) -> None:
         super().__init__(
             nn.Linear(in_features, out_features, bias=False) for _ in range(n_modalities)
         )
-        self.sac_save = sac_save
-        """Whether selective op activation checkpointing saves this projection's output."""
+        self.recompute = False
+        """Run as `mot::routed_mm_recompute`, the op whose output selective op activation
+        checkpointing recomputes (set by its policy: infra/activation_checkpoint.py)."""
         self.fqn = ""
         """Set by the model to this module's name, for errors that must name a parameter."""
 
@@ -303,7 +301,7 @@ class ModalityLinear(nn.ModuleList):
             x, weights = x.to(dtype), [w.to(dtype) for w in weights]
         if len(self) == 1:
             return F.linear(x, weights[0])
-        op = routed_mm if self.sac_save else routed_mm_recompute
+        op = routed_mm_recompute if self.recompute else routed_mm
         return op(x.contiguous(), weights, routing.offsets)
 
     def modality_weight(self, modality: int) -> torch.Tensor:

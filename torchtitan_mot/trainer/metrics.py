@@ -1,12 +1,14 @@
 """Metrics processor that adds per-modality losses to TorchTitan's step log.
 
 The total loss says little about an MoT run: the modalities learn at different speeds and the
-paper's comparisons are per modality. The loss function accumulates per-modality summed CE
-and token counts; at each log step this processor all-reduces them over the loss mesh and
-logs `loss/<modality>` = global sum / global count, next to the usual metrics.
+paper's comparisons are per modality. The loss records per-modality summed CE and token
+counts in the trainer's `ModalityLossStats`; at each log step this processor pops them,
+all-reduces them over the loss mesh and logs `loss/<modality>` = global sum / global count,
+next to the usual metrics.
 """
 
-from typing import Any, Callable, Protocol
+import sys
+from typing import Any
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -16,26 +18,31 @@ from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.protocols import BaseModelArgs
 from torchtitan.tools.logging import logger
+from torchtitan.tools.utils import NoColor
 
 from torchtitan_mot.model.args import MoTModelArgs, UNTIE_COMPONENTS
-
-
-class ModalityLossStats(Protocol):
-    """What the MoT loss function exposes to the metrics processor."""
-
-    modalities: list[str]
-
-    def pop_modality_stats(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+from torchtitan_mot.trainer.loss import ModalityLossStats
 
 
 class MoTMetricsProcessor(MetricsProcessor):
     """`MetricsProcessor` that also logs the mean CE of each modality.
 
-    `loss_fn` is attached by the trainer after the loss is built; without it (or with a loss
-    that does not track modalities) this behaves exactly like the stock processor.
+    The per-modality figures come from the trainer's `loss_stats`; without them this
+    behaves exactly like the stock processor. Colour codes go to a terminal only: piped
+    into a file they are noise.
     """
 
-    loss_fn: ModalityLossStats | Callable[..., torch.Tensor] | None = None
+    def __init__(
+        self,
+        job_config: JobConfig,
+        parallel_dims: ParallelDims,
+        tag: str | None = None,
+        loss_stats: ModalityLossStats | None = None,
+    ) -> None:
+        super().__init__(job_config, parallel_dims, tag)
+        self.loss_stats = loss_stats
+        if not sys.stdout.isatty():  # TorchTitan's logger writes to stdout
+            self.color = NoColor()
 
     def modality_losses(self) -> dict[str, float]:
         """Pop this rank's per-modality stats, reduce them globally, return the means.
@@ -43,19 +50,14 @@ class MoTMetricsProcessor(MetricsProcessor):
         Every rank of the loss mesh must call this at the same step (it is a collective).
         Modalities with no target tokens anywhere are left out rather than logged as NaN.
         """
-        if not hasattr(self.loss_fn, "pop_modality_stats"):
+        if self.loss_stats is None:
             return {}
-        loss_sum, count = self.loss_fn.pop_modality_stats()
+        loss_sum, count = self.loss_stats.pop()
         stats = torch.stack([loss_sum.detach().float(), count.detach().float()])
         loss_mesh = self.parallel_dims.get_optional_mesh("loss")
         if loss_mesh is not None:
             stats = funcol.all_reduce(stats, reduceOp="sum", group=loss_mesh)
-        loss_sum, count = stats.cpu()
-        return {
-            name: (loss_sum[i] / count[i]).item()
-            for i, name in enumerate(self.loss_fn.modalities)
-            if count[i] > 0
-        }
+        return self.loss_stats.means(*stats.cpu())
 
     def log(
         self,
@@ -69,12 +71,12 @@ class MoTMetricsProcessor(MetricsProcessor):
         metrics = dict(extra_metrics or {})
         metrics.update({f"loss/{name}": value for name, value in per_modality.items()})
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=metrics)
-        if hasattr(self.loss_fn, "pop_modality_stats"):
+        if self.loss_stats is not None:
             line = "  ".join(
                 f"loss/{name}: {per_modality[name]:8.5f}"
                 if name in per_modality
                 else f"loss/{name}: -"
-                for name in self.loss_fn.modalities
+                for name in self.loss_stats.modalities
             )
             color = self.color
             logger.info(f"{color.red}step: {step:2}  {color.green}{line}{color.reset}")
@@ -85,13 +87,15 @@ def build_mot_metrics_processor(
     parallel_dims: ParallelDims,
     model_args: BaseModelArgs | None = None,
     tag: str | None = None,
+    loss_stats: ModalityLossStats | None = None,
 ) -> MoTMetricsProcessor:
-    """`TrainSpec.build_metrics_processor_fn` for MoT (same signature as the stock builder).
+    """`TrainSpec.build_metrics_processor_fn` for MoT (the stock builder's signature, plus the
+    trainer's `loss_stats`, bound by `MoTTrainer`).
 
     The trainer builds it right after the model args are final, so it also logs what the
     run unties (see `log_untie_summary`).
     """
-    processor = MoTMetricsProcessor(job_config, parallel_dims, tag)
+    processor = MoTMetricsProcessor(job_config, parallel_dims, tag, loss_stats)
     if isinstance(model_args, MoTModelArgs):
         log_untie_summary(processor, model_args)
     return processor

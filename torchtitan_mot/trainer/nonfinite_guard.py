@@ -2,24 +2,33 @@
 
 TorchTitan's `train_step` runs forward/backward for every microbatch, clips gradients, steps
 the optimizer, then (in `train`) may save a checkpoint. A NaN/inf loss would be stepped into
-the weights and the optimizer moments and then saved. `NonFiniteLossGuard` sees each
-microbatch loss (`record`, no host sync) and the total gradient norm TorchTitan computes for
-clipping (`record_grad_norm`), and is asked by the optimizer container right before the step
-(`should_step`, one small all-reduce so every rank takes the same decision: with FSDP a rank
-that skipped while another stepped would diverge or hang). With `mot.nan_policy = "stop"` it
-raises `NonFiniteLossError` naming the step and this rank's per-modality losses; the
-exception leaves `train_step` before the optimizer step, so the weights stay finite and
-TorchTitan's `main` closes the trainer without saving. With `"skip"` the step is skipped
-(weights and optimizer state untouched; the LR schedule and the data position move on) and
-training continues. `MoTTrainer` wires it in.
+the weights and the optimizer moments and then saved. The guard takes part in each step at
+three points, all visible here:
+
+1. `MoTTrainer.train_step` runs TorchTitan's step inside `guard.guarding(step)`, which also
+   hands the total gradient norm TorchTitan computes for clipping to `record_grad_norm`
+   (0.2.2 keeps it to itself until logging: `compat.clipped_grad_norm_to`);
+2. `MoTTrainer.forward_backward_step` hands it every microbatch loss (`record`, no host sync);
+3. the optimizer container it was built with (`MoTOptimizersContainer(step_guard=...)`) asks
+   `should_step()` right before stepping: one small all-reduce, so every rank takes the same
+   decision (with FSDP a rank that skipped while another stepped would diverge or hang).
+
+With `mot.nan_policy = "stop"` it raises `NonFiniteLossError` naming the step and this rank's
+per-modality losses; the exception leaves `train_step` before the optimizer step, so the
+weights stay finite and TorchTitan's `main` closes the trainer without saving. With `"skip"`
+the step is skipped (weights and optimizer state untouched; the LR schedule and the data
+position move on) and training continues.
 """
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from torchtitan.tools.logging import logger
+
+from torchtitan_mot.compat.torchtitan_0_2_2 import clipped_grad_norm_to
+from torchtitan_mot.trainer.loss import ModalityLossStats
 
 NAN_POLICIES = ("stop", "skip")
 
@@ -28,37 +37,33 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def per_modality_losses(
-    sums: torch.Tensor, counts: torch.Tensor, modalities: Sequence[str]
-) -> dict[str, float]:
-    """Mean cross-entropy per modality; modalities without target tokens are left out."""
-    return {
-        name: float(s / c)
-        for name, s, c in zip(modalities, sums.tolist(), counts.tolist())
-        if c > 0
-    }
-
-
 class NonFiniteLossGuard:
-    """Collects one step's microbatch losses and decides whether the optimizer may step."""
+    """Collects one step's microbatch losses and gradient norm; decides whether the optimizer
+    may step. `loss_stats` (the trainer's) name the per-modality losses in its report."""
 
     def __init__(
         self,
         policy: str,
-        modalities: Sequence[str],
-        loss_fn: Any = None,
+        loss_stats: ModalityLossStats | None = None,
         group: dist.ProcessGroup | None = None,
     ) -> None:
         if policy not in NAN_POLICIES:
             raise ValueError(f"mot.nan_policy must be one of {NAN_POLICIES}, got {policy!r}")
         self.policy = policy
-        self.modalities = list(modalities)
-        self.loss_fn = loss_fn
+        self.loss_stats = loss_stats
         self.group = group
+        self.step = 0
         self.skipped_steps: list[int] = []
         self._bad: torch.Tensor | None = None
         self._losses: list[torch.Tensor] = []
         self._grad_norm: torch.Tensor | None = None
+
+    @contextmanager
+    def guarding(self, step: int) -> Iterator[None]:
+        """Training step `step`: its clipped gradient norm is recorded as it is computed."""
+        self.step = step
+        with clipped_grad_norm_to(self.record_grad_norm):
+            yield
 
     def record(self, loss: torch.Tensor) -> None:
         """Remember a microbatch loss (device tensor; no host sync here)."""
@@ -77,7 +82,7 @@ class NonFiniteLossGuard:
         """
         self._grad_norm = total_norm.detach()
 
-    def should_step(self, step: int) -> bool:
+    def should_step(self) -> bool:
         """True if every rank's losses and the step's gradients are finite; resets.
 
         A finite loss can still give non-finite gradients (an overflow in backward, or
@@ -98,7 +103,7 @@ class NonFiniteLossGuard:
         loss_bad, grad_bad = flag.tolist()
         if not (loss_bad or grad_bad):
             return True
-        report = self.report(step, losses)
+        report = self.report(losses)
         if not loss_bad:
             report += " (the loss was finite, the gradients were not)"
         if self.policy == "stop":
@@ -106,15 +111,15 @@ class NonFiniteLossGuard:
                 f"{report}; stopped before the optimizer step, nothing was saved for this step "
                 "(set mot.nan_policy = \"skip\" to skip such steps instead)"
             )
-        self.skipped_steps.append(step)
+        self.skipped_steps.append(self.step)
         logger.warning(f"{report}; step skipped (weights and optimizer state unchanged)")
         return False
 
-    def report(self, step: int, losses: Sequence[torch.Tensor]) -> str:
+    def report(self, losses: Sequence[torch.Tensor]) -> str:
         """Step number, this rank's microbatch losses and per-modality mean losses."""
         values = [round(float(v), 6) for v in torch.stack([l.float().reshape(()) for l in losses])] if losses else []
-        text = f"non-finite loss or gradients at step {step}: microbatch losses on this rank {values}"
-        if self.loss_fn is not None and hasattr(self.loss_fn, "pop_modality_stats"):
-            sums, counts = self.loss_fn.pop_modality_stats()
-            text += f", per-modality loss {per_modality_losses(sums, counts, self.modalities)}"
+        text = f"non-finite loss or gradients at step {self.step}: microbatch losses on this rank {values}"
+        if self.loss_stats is not None:
+            sums, counts = self.loss_stats.pop()
+            text += f", per-modality loss {self.loss_stats.means(sums.cpu(), counts.cpu())}"
         return text

@@ -18,7 +18,6 @@ not shrink the other weights' updates) and by weight decay, and it is never step
 """
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +28,12 @@ from torchtitan.components.optimizer import build_optimizers, OptimizersContaine
 from torchtitan.config import JobConfig, Optimizer as OptimizerConfig
 from torchtitan.distributed import ParallelDims
 
-from torchtitan_mot.compat.torchtitan_0_2_2 import ParamGroupsOptimizersContainer
+from torchtitan_mot.compat.torchtitan_0_2_2 import (
+    optimizer_class_and_kwargs,
+    ParamGroupsOptimizersContainer,
+)
 from torchtitan_mot.model.routing import ModalityLinear, ModalityRMSNorm
+from torchtitan_mot.trainer.nonfinite_guard import NonFiniteLossGuard
 
 
 @dataclass
@@ -93,8 +96,8 @@ class MoTOptimizersContainer(ParamGroupsOptimizersContainer):
     so the schedule keeps the ratios. Checkpointing is TorchTitan's flattened optimizer state
     dict, which stores lr and the other hyperparameters per parameter, whatever the grouping.
 
-    `step_guard`, when set, is asked before every step; if it returns False the step is
-    skipped, leaving weights and optimizer state untouched (the non-finite loss guard).
+    `step_guard` (the trainer's non-finite loss guard), when given, is asked before every
+    step; if it says no, the step is skipped, leaving weights and optimizer state untouched.
     """
 
     def __init__(
@@ -104,8 +107,9 @@ class MoTOptimizersContainer(ParamGroupsOptimizersContainer):
         optimizer_kwargs: dict[str, Any],
         frozen_ids: set[int],
         multipliers: list[float],
+        step_guard: NonFiniteLossGuard | None = None,
     ) -> None:
-        self.step_guard: Callable[[], bool] | None = None
+        self.step_guard = step_guard
         param_groups_per_part: list[list[dict[str, Any]]] = []
         any_untied = False
         per_modality = bool(frozen_ids) or any(m != 1.0 for m in multipliers)
@@ -141,7 +145,7 @@ class MoTOptimizersContainer(ParamGroupsOptimizersContainer):
         super().__init__(model_parts, optimizer_cls, optimizer_kwargs, param_groups_per_part)
 
     def step(self, *args, **kwargs) -> None:
-        if self.step_guard is not None and not self.step_guard():
+        if self.step_guard is not None and not self.step_guard.should_step():
             return
         super().step(*args, **kwargs)
 
@@ -151,11 +155,14 @@ def build_mot_optimizers(
     optimizer_config: OptimizerConfig,
     parallel_dims: ParallelDims,
     ft_manager: FTManager | None = None,
+    step_guard: NonFiniteLossGuard | None = None,
 ) -> OptimizersContainer:
-    """TorchTitan's `build_optimizers`, with per-modality groups when the config has them.
+    """TorchTitan's `build_optimizers`, with per-modality groups when the config has them
+    and the trainer's non-finite loss guard (`step_guard`, bound by `MoTTrainer`).
 
     A plain `[optimizer]` config (no `use_modality_optimizer_settings`) or one that asks for
-    an optimizer-in-backward / fault-tolerant container gets TorchTitan's own container.
+    an optimizer-in-backward / fault-tolerant container gets TorchTitan's own container,
+    which has no place for the guard (`MoTTrainer` refuses it).
     """
     if not isinstance(optimizer_config, ModalityOptimizerConfig):
         return build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
@@ -170,15 +177,12 @@ def build_mot_optimizers(
                 "optimizer.early_step_in_backward or fault tolerance"
             )
         return build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
-    # Reuse TorchTitan's own translation of the config into optimizer class and kwargs.
-    reference = build_optimizers([nn.Linear(1, 1, bias=False)], optimizer_config, parallel_dims)
-    optimizer_cls = type(reference.optimizers[0])
-    optimizer_kwargs = {k: v for k, v in reference.optimizers[0].defaults.items()
-                        if k in ("lr", "betas", "eps", "weight_decay", "fused", "foreach")}
+    optimizer_cls, optimizer_kwargs = optimizer_class_and_kwargs(optimizer_config)
     return MoTOptimizersContainer(
         model_parts,
         optimizer_cls,
         optimizer_kwargs,
         optimizer_config.frozen_ids,
         optimizer_config.multipliers,
+        step_guard,
     )

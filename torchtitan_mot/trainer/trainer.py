@@ -3,7 +3,7 @@
 - modality ids stay on the host and reach every pipeline stage, sharded with the tokens
   under context parallel (`infra.modality_ids`);
 - per-modality optimizer settings (`optimizer`), per-modality losses in the step log
-  (`metrics`);
+  (`metrics`), from loss statistics the trainer owns (`loss.ModalityLossStats`);
 - the non-finite loss guard (`nonfinite_guard`) and the start-up checkpoint check
   (`checkpoint_check`);
 - the correct gradient scale under pipeline parallel and DDP, which 0.2.2 gets wrong
@@ -14,25 +14,34 @@ valid tokens`: the loss function returns a SUM, and without PP `forward_backward
 by `global_valid_tokens` before `backward`, so FSDP (whose gradient division TorchTitan turns
 off) sums already-normalised gradients. Under PP the division has to happen inside the
 schedule's loss, and under DDP the replicas' gradients have to be summed, not averaged.
+
+Wiring. The trainer owns the loss statistics and the non-finite guard and builds them
+first; the parent's builders get them as arguments (`_with_owned_objects`), since TorchTitan
+fixes the builders' signatures (`compat.train_spec_as`).
 """
 
+import dataclasses
+import functools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 import torchtitan.train
 from torchtitan.config import JobConfig
+from torchtitan.protocols.train_spec import TrainSpec
 
 from torchtitan_mot.compat.cpu import warn_if_bf16_is_emulated
 from torchtitan_mot.compat.torchtitan_0_2_2 import (
-    clipped_grad_norm_to,
-    discard_pipeline_metadata_loss,
     GlobalTokenScaledLoss,
+    pipeline_metadata_loss_calls,
     set_pipeline_loss,
     sum_gradients_over_replicas,
+    train_spec_as,
 )
-from torchtitan_mot.infra.modality_ids import keep_modality_ids_on_host, split_mot_batch
+from torchtitan_mot.infra.modality_ids import split_mot_batch
+from torchtitan_mot.model.inputs import keep_modality_ids_on_host
 from torchtitan_mot.trainer.checkpoint_check import check_start_checkpoint
+from torchtitan_mot.trainer.loss import ModalityLossStats, training_device
 from torchtitan_mot.trainer.nonfinite_guard import NonFiniteLossGuard
 from torchtitan_mot.trainer.optimizer import MoTOptimizersContainer, use_modality_optimizer_settings
 
@@ -44,10 +53,10 @@ class MoTTrainer(torchtitan.train.Trainer):
         # The parent builds the optimizer from `job_config.optimizer`: give it the [mot] settings.
         use_modality_optimizer_settings(job_config)
         warn_if_bf16_is_emulated(job_config.training)
-        super().__init__(job_config)
-        self.nonfinite_guard = NonFiniteLossGuard(
-            job_config.mot.nan_policy, job_config.mot.modalities, self.loss_fn
-        )
+        self.loss_stats = ModalityLossStats(job_config.mot.modalities, training_device())
+        self.nonfinite_guard = NonFiniteLossGuard(job_config.mot.nan_policy, self.loss_stats)
+        with train_spec_as(self._with_owned_objects):
+            super().__init__(job_config)
         if not isinstance(self.optimizers, MoTOptimizersContainer):
             raise ValueError(
                 "the non-finite loss guard needs torchtitan_mot's optimizer container "
@@ -57,14 +66,26 @@ class MoTTrainer(torchtitan.train.Trainer):
         check_start_checkpoint(
             self.checkpointer, job_config, self.model_parts, stage_only=self.parallel_dims.pp_enabled
         )
-        self.optimizers.step_guard = lambda: self.nonfinite_guard.should_step(self.step)
-        self.metrics_processor.loss_fn = self.loss_fn
 
         self.pp_loss_fn: GlobalTokenScaledLoss | None = None
         if self.parallel_dims.pp_enabled:
             self.pp_loss_fn = GlobalTokenScaledLoss(self.loss_fn)
             set_pipeline_loss(self.pp_schedule, self.pp_loss_fn)
         sum_gradients_over_replicas(self.model_parts, self.parallel_dims)
+
+    def _with_owned_objects(self, spec: TrainSpec) -> TrainSpec:
+        """`spec` with the loss statistics bound into the loss and metrics builders and the
+        non-finite guard into the optimizer builder."""
+        return dataclasses.replace(
+            spec,
+            build_loss_fn=functools.partial(spec.build_loss_fn, loss_stats=self.loss_stats),
+            build_metrics_processor_fn=functools.partial(
+                spec.build_metrics_processor_fn, loss_stats=self.loss_stats
+            ),
+            build_optimizers_fn=functools.partial(
+                spec.build_optimizers_fn, step_guard=self.nonfinite_guard
+            ),
+        )
 
     def batch_generator(
         self, data_iterable: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]
@@ -97,16 +118,17 @@ class MoTTrainer(torchtitan.train.Trainer):
                 input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
             )
         else:
-            records = getattr(self.loss_fn, "n_records", 0)
+            first = self.loss_stats.n_records
             with self.pp_loss_fn.dividing_by(global_valid_tokens):
                 # Losses come back already divided; the parent's division must be a no-op.
                 loss = super().forward_backward_step(
                     input_dict=input_dict, labels=labels, global_valid_tokens=1.0
                 )
-            if self.pp_has_last_stage and hasattr(self.loss_fn, "discard_records"):
-                discard_pipeline_metadata_loss(
-                    self.loss_fn, records, self.job_config.parallelism, labels.shape[0]
+            if self.pp_has_last_stage:
+                extra = pipeline_metadata_loss_calls(
+                    self.loss_stats.n_records - first, self.job_config.parallelism, labels.shape[0]
                 )
+                self.loss_stats.discard(first, extra)
         self.nonfinite_guard.record(loss)
         return loss
 
@@ -114,8 +136,7 @@ class MoTTrainer(torchtitan.train.Trainer):
         self, data_iterator: Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]
     ) -> None:
         # Per-modality stats are logged for this step only, like the total loss: drop what
-        # accumulated since the last log (earlier unlogged steps, validation).
-        if hasattr(self.loss_fn, "pop_modality_stats"):
-            self.loss_fn.pop_modality_stats()
-        with clipped_grad_norm_to(self.nonfinite_guard.record_grad_norm):
+        # accumulated since the last log (earlier unlogged steps).
+        self.loss_stats.pop()
+        with self.nonfinite_guard.guarding(self.step):
             super().train_step(data_iterator)

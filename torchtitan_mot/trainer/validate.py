@@ -26,15 +26,16 @@ from torchtitan.tools.logging import logger
 from torchtitan_mot.compat.torchtitan_0_2_2 import set_pipeline_loss
 from torchtitan_mot.data.dataloader import build_mot_validation_dataloader
 from torchtitan_mot.data.tokenizer import MultimodalTokenizer
-from torchtitan_mot.infra.modality_ids import keep_modality_ids_on_host, split_mot_batch
-from torchtitan_mot.trainer.loss import MoTLoss, training_device
+from torchtitan_mot.infra.modality_ids import split_mot_batch
+from torchtitan_mot.model.inputs import keep_modality_ids_on_host
+from torchtitan_mot.trainer.loss import ModalityLossStats, MoTLoss, training_device
 
 
 class MoTValidator(BaseValidator):
     """Validation over the MoT validation split, with per-modality losses.
 
-    Uses its OWN `MoTLoss` (unweighted, same vocabulary layout), so the training loss's
-    per-modality accumulators, which feed the training log, never see validation tokens.
+    Uses its OWN `MoTLoss` and `ModalityLossStats` (unweighted, same vocabulary layout), so
+    the trainer's loss statistics, which feed the training log, never see validation tokens.
     Every call evaluates the same batches: the dataset is rewound to its initial state
     first, so successive validation points are comparable.
     """
@@ -72,9 +73,8 @@ class MoTValidator(BaseValidator):
         self.pp_has_first_stage = pp_has_first_stage
         self.pp_has_last_stage = pp_has_last_stage
         layout = tokenizer.layout
-        self.loss_fn = MoTLoss(
-            layout.token_modality_table(), list(layout.modalities), [], device=training_device()
-        )
+        self.loss_stats = ModalityLossStats(layout.modalities, training_device())
+        self.loss_fn = MoTLoss(layout.token_modality_table(), self.loss_stats)
         # Same convention as TorchTitan: a fixed step count re-loops a short split, so every
         # data-parallel rank runs the same number of (collective) forwards.
         self.validation_dataloader = build_mot_validation_dataloader(
@@ -113,7 +113,7 @@ class MoTValidator(BaseValidator):
         extra_inputs: dict[str, torch.Tensor],
         extra_kwargs: dict[str, Any],
     ) -> None:
-        """One batch through the model; the loss lands in `self.loss_fn`'s accumulators."""
+        """One batch through the model; the loss lands in `self.loss_stats`."""
         with self.validation_context():
             if not self.parallel_dims.pp_enabled:
                 with self.maybe_enable_amp:
@@ -149,7 +149,7 @@ class MoTValidator(BaseValidator):
             model.eval()
         device_type = utils.device_type
         self.validation_dataloader.dataset.load_state_dict(self._initial_data_state)
-        self.loss_fn.pop_modality_stats()  # nothing should be there; start clean regardless
+        self.loss_stats.pop()  # nothing should be there; start clean regardless
 
         max_steps = self.job_config.validation.steps
         num_steps = 0
@@ -168,7 +168,7 @@ class MoTValidator(BaseValidator):
             self._forward(model_parts, inputs, labels, extra_inputs, extra_kwargs)
             num_steps += 1
 
-        sums, counts = self.loss_fn.pop_modality_stats()
+        sums, counts = self.loss_stats.pop()
         sums, counts = self._reduce(torch.stack([sums.float(), counts.float()])).cpu()
         if counts.sum() == 0:
             raise RuntimeError(
@@ -176,9 +176,8 @@ class MoTValidator(BaseValidator):
                 "(split 'validation') shorter than one seq_len window?"
             )
         losses = {"validation/loss": (sums.sum() / counts.sum()).item()}
-        for i, name in enumerate(self.loss_fn.modalities):
-            if counts[i] > 0:
-                losses[f"validation/loss/{name}"] = (sums[i] / counts[i]).item()
+        for name, mean in self.loss_stats.means(sums, counts).items():
+            losses[f"validation/loss/{name}"] = mean
 
         self.metrics_processor.log_validation(
             loss=losses["validation/loss"], step=step, extra_metrics=losses

@@ -78,6 +78,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {out}: {meta['splits']} rows, modalities {meta['modalities']}, "
           f"codebooks {meta['codebook_sizes']}, skipped {meta['skipped']['count']}; "
           f"{seconds:.1f} s ({rows / seconds:.1f} rows/s)")
+    print(text_tokenizer_note(meta.get("text_tokenizer")))
+
+
+def text_tokenizer_note(recorded: dict | None) -> str:
+    """Which tokenizer will encode the dataset's text: prepare stores raw text, the training
+    run encodes it with its `--model.hf_assets_path`."""
+    if recorded:
+        return (f"text is stored raw and counted in the tokens of {recorded['path']} "
+                f"({recorded['vocab_size']:,} ids): train with --model.hf_assets_path {recorded['path']}")
+    return ("text is stored raw and encoded at training time by the config's --model.hf_assets_path; "
+            "the debug configs use the bundled demo tokenizer (1,024 ids fitted to the demo captions): "
+            "for your own text pass --model.hf_assets_path DIR (e.g. a Llama 3 tokenizer; "
+            "--text-tokenizer DIR here records it in meta.json)")
 
 
 if __name__ == "__main__":
