@@ -65,7 +65,6 @@ from torchtitan_mot.benchmark.perf import (
     matmul_microbench,
     packed_documents,
 )
-from torchtitan_mot.config import load_job_config
 from torchtitan_mot.infra.modality_ids import HostTensor
 from torchtitan_mot.model import MoTModelArgs
 from torchtitan_mot.model.routing import routed_mm
@@ -351,14 +350,16 @@ def stage_float8(ctx: Context) -> str:
         pytest.skip("needs CUDA (float8 GEMMs)")
     if importlib.util.find_spec("torchao") is None:
         pytest.skip("torchao is not installed")
+    from torchtitan.config import JobConfig
     from torchtitan.config.job_config import Compile as CompileConfig
     from torchtitan.distributed import ParallelDims
     from torchtitan.models.llama3.infra.parallelize import apply_compile
     from torchtitan.protocols.model_converter import build_model_converters
 
-    job_config = load_job_config(
-        ["--mot.modalities", "text", "--model.converters", "quantize.linear.float8"]
-        + (["--quantize.linear.float8.emulate"] if ctx.smoke else []))
+    # The converter reads only these two settings: no TOML, tokenizer or data involved.
+    job_config = JobConfig()
+    job_config.model.converters = ["quantize.linear.float8"]
+    job_config.quantize.linear.float8.emulate = ctx.smoke
     parallel_dims = ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1,
                                  world_size=1)
     if ctx.smoke:
