@@ -4,732 +4,65 @@
     python scripts/gpu_acceptance.py --multi-gpu    # one node: TP+SP, CP, PP, HSDP vs 1 GPU
     python scripts/gpu_acceptance.py --cpu-smoke    # CI: every CPU-capable stage, tiny shapes
 
-Single-GPU stages:
-  1. model: the 3-modality debug model in pure bf16 and under bf16 autocast, eager vs
-     per-block compiled (fullgraph, as the trainer compiles), five modality mixes (an absent
-     modality, a one-token modality, counts that are not multiples of 8); 0 recompiles and 0
-     graph breaks after the first mix; then a forward+backward under
-     `torch.cuda.set_sync_debug_mode("error")` (any device->host sync raises);
-  2. flex and varlen document-causal attention, forward and backward, against sdpa with the
-     same block-diagonal causal mask (the masks built by TorchTitan's own mask builders);
-  3. the real trainer: debug_mot_3modality, 20 steps, compile, validation every 10 steps,
-     TorchTitan's default bf16 mixed precision; again with selective op AC;
-  4. FSDP2 on a one-rank NCCL mesh (bf16 params, fp32 reduce) against the autocast run;
-     float8 (torchao, SM89+) on a 1B-class shape;
-  5. microbenchmark at 8B projection shapes, 8192 tokens, bf16, forward+backward:
-     `F.linear` vs `mot::routed_mm` vs `torch._grouped_mm` (stacking included);
-  6. `scripts/benchmark.py` at a 1B-class shape (dim 2048, 16 layers, seq 4096, compile,
-     bf16): TorchTitan's Llama3, the dense twin and MoT with 2 and 3 modalities.
-Every stage has its own timeout; a failure (or a timeout) does not stop the later stages.
-A stage that cannot run here (no GPU, an older GPU, a missing optional package) is reported
-as skipped with the reason. The last line is `gpu acceptance: N/M passed` (M counts the
-stages that ran); the exit status is 0 iff nothing that ran failed.
-
-`--multi-gpu` launches the trainer with torchrun on this node for each parallelism (each
-its own run and timeout) and compares its per-step losses with a one-GPU run of the same
-config, seed and data (fp32, deterministic).
-
-`--cpu-smoke` calls the same stage functions on the CPU at tiny shapes (per-block compile
-with the aot_eager backend, to stay fast; the trainer and benchmark stages without compile),
-so the script stays alive between the rare GPU loans.
+A thin runner of the tests marked `gpu` (tests/gpu/test_acceptance.py says what each stage
+checks): it selects them with pytest, then prints one row per stage (result, seconds,
+figures) and `gpu acceptance: N/M passed` (M counts the stages that ran). A failure or a
+timeout does not stop the later stages; a stage that cannot run here is skipped with the
+reason. The exit status is 0 iff nothing that ran failed.
 """
 
-from __future__ import annotations
-
 import argparse
-import contextlib
-import copy
-import dataclasses
-import importlib.util
-import math
 import os
-import re
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
-import traceback
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch._dynamo.utils import counters
 
-from torchtitan_mot import mot_args
-from torchtitan_mot.infra.modality_ids import HostTensor
-from torchtitan_mot.model import MoTModelArgs
-from torchtitan_mot.model.routing import routed_mm
-from torchtitan_mot.testing.data import repeated_dataset
-from torchtitan_mot.testing.feature_matrix import FEATURE_SETS, FeatureMatrix, summary_line
-from torchtitan_mot.perf import (
-    build_model,
-    CompileCounts,
-    document_causal_mask,
-    matmul_microbench,
-    packed_documents,
-)
-
-REPO = Path(__file__).resolve().parents[1]
-STEP_RE = re.compile(r"step:\s*(\d+)\s+loss:\s*([-\d.naif]+)")
-# The MoT validator's line (TorchTitan logs a second one without the per-modality losses).
-VAL_RE = re.compile(r"validate step:\s*(\d+)\s+loss:\s*([\d.]+)\s+loss/")
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-EIGHT_B = mot_args["8B_2modality"]
-
-
-class Skipped(Exception):
-    """The stage cannot run on this machine; the message says why."""
-
-
-class StageTimeout(Exception):
-    pass
-
-
-@dataclasses.dataclass
-class Context:
-    device: torch.device
-    smoke: bool
-    out: Path
-    """Scratch folder for trainer dumps and datasets."""
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def need_cuda(self, what: str = "") -> None:
-        if not self.cuda:
-            raise Skipped("needs CUDA" + (f" ({what})" if what else ""))
-
-
-@dataclasses.dataclass
-class Result:
-    stage: str
-    status: str
-    figures: str
-    seconds: float
-
-
-# --- shared pieces ---------------------------------------------------------------------------
-
-
-def run_logged(cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None) -> str:
-    """Run `cmd` from the repository root with its output in `log`; return the output
-    (colours removed). A non-zero exit raises with the log's tail. On a timeout (or the
-    stage's alarm) the whole process group is killed: torchrun's workers would otherwise
-    outlive it and hold the GPUs the next stage needs."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            proc.wait(timeout=max(1.0, timeout))
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-    text = ANSI.sub("", log.read_text())
-    if proc.returncode != 0:
-        tail = "\n".join(text.splitlines()[-25:])
-        raise RuntimeError(f"exit {proc.returncode} ({' '.join(cmd[:4])} ...), log {log}:\n{tail}")
-    return text
-
-
-def step_losses(log: str) -> dict[int, float]:
-    losses: dict[int, float] = {}
-    for m in STEP_RE.finditer(log):
-        losses.setdefault(int(m.group(1)), float(m.group(2)))
-    return losses
-
-
-def tiny_3modality() -> MoTModelArgs:
-    return dataclasses.replace(mot_args["debugmodel_3modality"], dim=64, n_layers=2, n_heads=4,
-                               n_kv_heads=2)
-
-
-def five_mixes(batch: int, seq: int, n_mod: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """(batch, seq) modality ids: a random mix, modality n-1 absent, modality n-1 with ONE
-    token, per-modality counts that are odd (not multiples of 8), and contiguous segments."""
-    total = batch * seq
-    random = torch.randint(0, n_mod, (total,), generator=gen)
-    absent = torch.randint(0, n_mod - 1, (total,), generator=gen)
-    one_token = absent.clone()
-    one_token[int(torch.randint(0, total, (1,), generator=gen))] = n_mod - 1
-    odd = torch.cat([torch.full((c,), m) for m, c in enumerate(_odd_counts(total, n_mod))])
-    odd = odd[torch.randperm(total, generator=gen)]
-    segments = (torch.arange(total) // max(1, seq // 4)) % n_mod
-    return [ids.view(batch, seq) for ids in (random, absent, one_token, odd, segments)]
-
-
-def _odd_counts(total: int, n_mod: int) -> list[int]:
-    """Near-equal counts summing to `total`, none a multiple of 8."""
-    counts = [total // n_mod // 8 * 8 + 3 + 2 * m for m in range(n_mod - 1)]
-    last = total - sum(counts)
-    if last % 8 == 0:
-        counts[0], last = counts[0] + 1, last - 1
-    return counts + [last]
-
-
-@contextlib.contextmanager
-def autocast_if(enabled: bool, device: torch.device) -> Iterator[None]:
-    with torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext():
-        yield
-
-
-def _loss(model: torch.nn.Module, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    logits = model(tokens, modality_ids=HostTensor(ids))
-    return F.cross_entropy(logits.flatten(0, 1).float(), tokens.roll(-1, 1).flatten())
-
-
-def _grads(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([
-        (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float().flatten()
-        for p in model.parameters()
-    ])
-
-
-# --- stage 1: the model ----------------------------------------------------------------------
-
-
-def stage_model(ctx: Context, mode: str) -> str:
-    """Eager vs compiled over five mixes; compile counters; a sync-free step on CUDA.
-
-    `mode` "bf16": parameters and activations in bf16. "autocast": fp32 parameters under
-    bf16 autocast (what a single-GPU trainer run does; CPU autocast runs it too)."""
-    args = tiny_3modality() if ctx.smoke else mot_args["debugmodel_3modality"]
-    batch, seq = (2, 64) if ctx.smoke else (4, 2048)
-    args = dataclasses.replace(args, vocab_size=2048, max_seq_len=seq)
-    torch.manual_seed(0)
-    model = build_model(args, ctx.device, torch.bfloat16 if mode == "bf16" else torch.float32)
-    autocast = mode == "autocast"
-    gen = torch.Generator().manual_seed(0)
-    mixes = five_mixes(batch, seq, args.n_modalities, gen)
-    tokens = torch.randint(0, args.vocab_size, (batch, seq), generator=gen).to(ctx.device)
-
-    def run(ids: torch.Tensor) -> tuple[float, torch.Tensor]:
-        model.zero_grad(set_to_none=True)
-        with autocast_if(autocast, ctx.device):
-            loss = _loss(model, tokens, ids)
-        loss.backward()
-        return loss.item(), _grads(model)
-
-    eager = [run(ids) for ids in mixes]
-    from torchtitan.config.job_config import Compile as CompileConfig
-    from torchtitan.models.llama3.infra.parallelize import apply_compile
-
-    torch._dynamo.reset()
-    counters.clear()
-    apply_compile(model, CompileConfig(enable=True, components=["model"],
-                                       backend="aot_eager" if ctx.smoke else "inductor"))
-    worst_loss = worst_grad = 0.0
-    for i, ids in enumerate(mixes):
-        loss, grads = run(ids)
-        if i == 0:
-            warm = CompileCounts.now()
-        ref_loss, ref_grads = eager[i]
-        if not (math.isfinite(loss) and bool(torch.isfinite(grads).all())):
-            raise AssertionError(f"mix {i}: non-finite loss or gradients (loss {loss})")
-        worst_loss = max(worst_loss, abs(loss - ref_loss) / abs(ref_loss))
-        worst_grad = max(worst_grad, float((grads - ref_grads).norm() / ref_grads.norm()))
-    end = CompileCounts.now()
-    new_graphs, breaks = end.since(warm).graphs, end.graph_breaks
-    # bf16 eager and compiled kernels round differently; fp32 would agree to ~1e-6.
-    tol_loss, tol_grad = 1e-2, 5e-2
-    figures = (f"loss rel diff {worst_loss:.1e}, grad rel diff {worst_grad:.1e}, "
-               f"recompiles (new graphs) {new_graphs}, graph breaks {breaks}")
-    if worst_loss > tol_loss or worst_grad > tol_grad:
-        raise AssertionError(f"compiled != eager beyond ({tol_loss}, {tol_grad}): {figures}")
-    if new_graphs or breaks:
-        raise AssertionError(f"compile not stable across mixes: {figures}")
-    if ctx.cuda:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            model.zero_grad(set_to_none=True)
-            with autocast_if(autocast, ctx.device):
-                loss_t = _loss(model, tokens, mixes[3])
-            loss_t.backward()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        figures += ", sync-free fwd+bwd ok"
-    else:
-        figures += ", sync check: CUDA only"
-    return figures
-
-
-# --- stage 2: document-causal attention ------------------------------------------------------
-
-
-def stage_attention(ctx: Context, kind: str) -> str:
-    """`kind` "flex" or "varlen": TorchTitan's wrapper with the mask its model builds, vs
-    `F.scaled_dot_product_attention` with an explicit mask; outputs and q/k/v gradients."""
-    from torchtitan.models.attention import (
-        create_attention_mask,
-        create_varlen_metadata_for_document,
-        FlexAttentionWrapper,
-        get_causal_mask_mod,
-        get_document_mask_mod,
-        VarlenAttentionWrapper,
-    )
-    from torch.nn.attention.flex_attention import and_masks
-
-    ctx.need_cuda("flex attention has no CPU backward" if kind == "flex"
-                  else "varlen attention is a CUDA kernel")
-    batch, seq, heads, head_dim, eos = 2, 2048, 16, 64, 0
-    gen = torch.Generator().manual_seed(0)
-    tokens = packed_documents(batch, seq, eos, gen).to(ctx.device)
-    q, k, v = (torch.randn(batch, heads, seq, head_dim, generator=gen)
-               .to(ctx.device, torch.bfloat16).requires_grad_() for _ in range(3))
-    grad_out = torch.randn(batch, heads, seq, head_dim, generator=gen).to(ctx.device, torch.bfloat16)
-    if kind == "flex":
-        mask = create_attention_mask(and_masks(get_causal_mask_mod(), get_document_mask_mod(tokens, eos)),
-                                     batch, None, seq, seq)
-        out = FlexAttentionWrapper()(q, k, v, block_mask=mask)
-    else:
-        meta = create_varlen_metadata_for_document(tokens, eos)
-        packed = VarlenAttentionWrapper()(q, k, v, meta)  # (batch*seq, heads, head_dim)
-        out = packed.view(batch, seq, heads, head_dim).transpose(1, 2)
-    got = torch.autograd.grad(out, (q, k, v), grad_out)
-    ref_out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(tokens, eos))
-    ref = torch.autograd.grad(ref_out, (q, k, v), grad_out)
-    diffs = [float((a.float() - b.float()).abs().max() / b.float().abs().max())
-             for a, b in zip((out, *got), (ref_out, *ref))]
-    docs = int((tokens == eos).sum())
-    figures = (f"{docs} documents; max diff / max |ref|: out {diffs[0]:.1e} dq {diffs[1]:.1e} "
-               f"dk {diffs[2]:.1e} dv {diffs[3]:.1e}")
-    if max(diffs) > 2e-2:  # bf16 inputs and outputs; both sides accumulate in fp32
-        raise AssertionError(f"{kind} differs from sdpa: {figures}")
-    return figures
-
-
-# --- stage 3: the trainer --------------------------------------------------------------------
-
-
-def trainer_args(ctx: Context, dump: Path) -> list[str]:
-    """debug_mot_3modality with validation; on CPU tiny and uncompiled."""
-    common = ["--job.config_file", "train_configs/debug_mot_3modality.toml",
-              "--job.dump_folder", str(dump), "--metrics.log_freq", "1",
-              "--validation.enable", "--debug.seed", "0"]
-    if ctx.smoke:
-        return common + ["--training.steps", "3", "--validation.freq", "2",
-                         "--validation.steps", "1", "--training.seq_len", "64",
-                         "--validation.seq_len", "64", "--training.local_batch_size", "2",
-                         "--validation.local_batch_size", "2", "--lr_scheduler.warmup_steps", "1",
-                         "--training.mixed_precision_param", "bfloat16"]
-    return common + ["--training.steps", "20", "--validation.freq", "10", "--compile.enable",
-                     "--training.mixed_precision_param", "bfloat16"]
-
-
-def stage_trainer(ctx: Context, ac: str, timeout: float) -> str:
-    """`python -m torchtitan_mot.train` end to end; `ac` "none" or "selective" (op SAC)."""
-    dump = ctx.out / f"trainer_{ac}"
-    shutil.rmtree(dump, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torchtitan_mot.train", *trainer_args(ctx, dump)]
-    if ac == "selective":
-        cmd += ["--activation_checkpoint.mode", "selective",
-                "--activation_checkpoint.selective_ac_option", "op"]
-    log = run_logged(cmd, dump / "stdout.log", timeout)
-    # TorchTitan's own log lines say what was applied (a setting that did nothing fails here).
-    applied = ["Mixed precision training is handled by AMP"]
-    if ac == "selective":
-        applied.append("Applied selective activation checkpointing")
-    if not ctx.smoke:
-        applied.append("Compiling each TransformerBlock with torch.compile")
-    missing = [line for line in applied if line not in log]
-    if missing:
-        raise AssertionError(f"the trainer log lacks {missing}")
-    losses = step_losses(log)
-    vals = {int(m.group(1)): float(m.group(2)) for m in VAL_RE.finditer(log)}
-    steps, freq = (3, 2) if ctx.smoke else (20, 10)
-    if sorted(losses) != list(range(1, steps + 1)):
-        raise AssertionError(f"logged steps {sorted(losses)}, expected 1..{steps}")
-    if not all(math.isfinite(x) for x in losses.values()) or losses[steps] >= losses[1]:
-        raise AssertionError(f"loss did not go down: {losses}")
-    # TorchTitan validates at step 1 and every `freq` steps.
-    expected = [s for s in range(1, steps + 1) if s == 1 or s % freq == 0]
-    if sorted(vals) != expected or not all(math.isfinite(v) for v in vals.values()):
-        raise AssertionError(f"validation at steps {vals}, expected {expected}")
-    tps = re.findall(r"tps:\s*([\d,]+)", log)
-    mem = re.findall(r"memory:\s*([\d.]+)\s*GiB", log)
-    return (f"loss {losses[1]:.3f}->{losses[steps]:.3f}, val {vals[expected[-1]]:.3f}"
-            + (f", tps {tps[-1]}" if tps else "") + (f", mem {mem[-1]} GiB" if mem else ""))
-
-
-# --- stage 4: FSDP2 mixed precision and float8 -----------------------------------------------
-
-
-def stage_fsdp(ctx: Context) -> str:
-    """FSDP2 (TorchTitan's apply_fsdp) on a one-rank mesh, bf16 params + fp32 reduce, against
-    the same weights unsharded under bf16 autocast: loss and full gradients."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torchtitan.models.llama3.infra.parallelize import apply_fsdp, disable_fsdp_gradient_division
-
-    args = tiny_3modality() if ctx.smoke else mot_args["debugmodel_3modality"]
-    batch, seq = (2, 64) if ctx.smoke else (4, 2048)
-    args = dataclasses.replace(args, vocab_size=2048, max_seq_len=seq)
-    gen = torch.Generator().manual_seed(1)
-    ids = five_mixes(batch, seq, args.n_modalities, gen)[0]
-    tokens = torch.randint(0, args.vocab_size, (batch, seq), generator=gen).to(ctx.device)
-    torch.manual_seed(0)
-    reference = build_model(args, ctx.device, torch.float32)
-    sharded = copy.deepcopy(reference)
-    with autocast_if(True, ctx.device):
-        ref_loss = _loss(reference, tokens, ids)
-    ref_loss.backward()
-    ref_grads = _grads(reference)
-
-    backend = "nccl" if ctx.cuda else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh(ctx.device.type, (1,), mesh_dim_names=("fsdp",))
-        apply_fsdp(sharded, mesh, param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                   pp_enabled=False)
-        disable_fsdp_gradient_division(sharded)
-        loss = _loss(sharded, tokens, ids)
-        loss.backward()
-        grads = _grads(sharded)
-    finally:
-        dist.destroy_process_group()
-    loss_diff = abs(float(loss) - float(ref_loss)) / float(ref_loss)
-    cosine = float(F.cosine_similarity(grads, ref_grads, dim=0))
-    figures = (f"{backend}: loss {float(loss):.4f} vs autocast {float(ref_loss):.4f} "
-               f"(rel {loss_diff:.1e}), grad cosine {cosine:.5f}")
-    # bf16 params round the weights themselves, autocast only the matmul inputs.
-    if loss_diff > 1e-2 or cosine < 0.99:
-        raise AssertionError(f"FSDP2 bf16 differs from autocast: {figures}")
-    return figures
-
-
-def stage_float8(ctx: Context) -> str:
-    """TorchTitan's float8 converter on a 1B-class MoT: the converted model trains three
-    compiled steps with finite losses close to bf16 autocast, and the converted Linears
-    actually run (MoT reads plain per-modality weights through `mot::routed_mm`, so a
-    converted module whose forward is never called would be float8 in name only).
-    CPU smoke: torchao's emulated float8 numerics, eager, tiny shape."""
-    if ctx.cuda and torch.cuda.get_device_capability(ctx.device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(ctx.device)
-        raise Skipped(f"float8 needs SM89+, this GPU is SM{major}{minor}")
-    if not ctx.cuda and not ctx.smoke:
-        raise Skipped("needs CUDA (float8 GEMMs)")
-    if importlib.util.find_spec("torchao") is None:
-        raise Skipped("torchao is not installed")
-    from torchtitan.config import ConfigManager
-    from torchtitan.config.job_config import Compile as CompileConfig
-    from torchtitan.distributed import ParallelDims
-    from torchtitan.models.llama3.infra.parallelize import apply_compile
-    from torchtitan.protocols.model_converter import build_model_converters
-
-    job_config = ConfigManager().parse_args(
-        ["--model.converters", "quantize.linear.float8"]
-        + (["--quantize.linear.float8.emulate"] if ctx.smoke else []))
-    parallel_dims = ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1,
-                                 world_size=1)
-    if ctx.smoke:
-        args, batch, seq = tiny_3modality(), 2, 64
-    else:
-        args = dataclasses.replace(mot_args["debugmodel_3modality"], dim=2048, n_layers=16,
-                                   n_heads=32, n_kv_heads=8)
-        batch, seq = 1, 4096
-    args = dataclasses.replace(args, vocab_size=2048 if ctx.smoke else 32768, max_seq_len=seq)
-    gen = torch.Generator().manual_seed(0)
-    ids = five_mixes(batch, seq, args.n_modalities, gen)[0]
-    tokens = torch.randint(0, args.vocab_size, (batch, seq), generator=gen).to(ctx.device)
-    losses: dict[str, list[float]] = {}
-    calls = 0
-    for name in ("bf16", "float8"):
-        torch.manual_seed(0)
-        model = build_model(args, ctx.device, torch.float32)
-        if name == "float8":
-            build_model_converters(job_config, parallel_dims).convert(model)
-            # The per-modality projections (the output head is a plain Linear, converted too).
-            converted = [m for fqn, m in model.named_modules()
-                         if fqn.startswith("layers.") and type(m).__name__ == "Float8Linear"]
-            if not converted:
-                raise AssertionError("the float8 converter converted no per-modality Linear")
-
-            def count(*_: object) -> None:
-                nonlocal calls
-                calls += 1
-
-            for m in converted:
-                m.register_forward_hook(count)
-        if not ctx.smoke:  # emulated float8 runs eager only
-            apply_compile(model, CompileConfig(enable=True, components=["model"]))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        losses[name] = []
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            with autocast_if(True, ctx.device):
-                loss = _loss(model, tokens, ids)
-            loss.backward()
-            opt.step()
-            losses[name].append(loss.item())
-        del model, opt
-        if ctx.cuda:
-            torch.cuda.empty_cache()
-    rel = abs(losses["float8"][0] - losses["bf16"][0]) / losses["bf16"][0]
-    figures = (f"losses bf16 {losses['bf16'][-1]:.3f} float8 {losses['float8'][-1]:.3f} "
-               f"(step-1 rel diff {rel:.1e}), per-modality float8 Linear forwards {calls}")
-    if not all(math.isfinite(x) for x in losses["float8"]) or rel > 5e-2:
-        raise AssertionError(f"float8 run is off: {figures}")
-    if calls == 0:
-        raise AssertionError(f"float8 Linears were converted but none ran: {figures}")
-    return figures
-
-
-# --- stage 5: the per-modality matmul --------------------------------------------------------
-
-
-MIXES = {"1.0": [1.0], "0.5-0.5": [0.5, 0.5], "0.7-0.28-0.02": [0.7, 0.28, 0.02]}
-
-
-def block_projections(args: MoTModelArgs) -> list[tuple[int, int]]:
-    """(in, out) of one block's seven projections: wq wk wv wo w1 w2 w3."""
-    from torchtitan_mot.model.feedforward import ffn_hidden_dim
-
-    dim, kv = args.dim, (args.n_kv_heads or args.n_heads) * (args.dim // args.n_heads)
-    hidden = ffn_hidden_dim(dim, args.multiple_of, args.ffn_dim_multiplier)
-    return [(dim, dim), (dim, kv), (dim, kv), (dim, dim), (dim, hidden), (hidden, dim), (dim, hidden)]
-
-
-def stage_microbench(ctx: Context) -> str:
-    """Per mix, one 8B block's projections (fwd+bwd) summed: routed_mm and grouped_mm as
-    multiples of F.linear; routed_mm and grouped_mm must compute the same product."""
-    shapes = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (128, 64), (64, 128)] \
-        if ctx.smoke else block_projections(EIGHT_B)
-    tokens = 256 if ctx.smoke else 8192
-    dtype = torch.float32 if ctx.smoke else torch.bfloat16
-    iters, warmup = (2, 1) if ctx.smoke else (10, 3)
-    _check_grouped_matches_routed(ctx, shapes[4], tokens, dtype)
-    parts = []
-    for label, fractions in MIXES.items():
-        total = {"linear": 0.0, "routed_mm": 0.0, "grouped_mm": 0.0}
-        for in_f, out_f in shapes:
-            for name, ms in matmul_microbench(in_f, out_f, tokens, fractions, ctx.device, dtype,
-                                              iters, warmup).items():
-                total[name] += ms
-        parts.append(f"{label}: linear {total['linear']:.2f} ms, routed x"
-                     f"{total['routed_mm'] / total['linear']:.2f}, grouped x"
-                     f"{total['grouped_mm'] / total['linear']:.2f}")
-    return "; ".join(parts)
-
-
-def _check_grouped_matches_routed(ctx: Context, shape: tuple[int, int], tokens: int,
-                                  dtype: torch.dtype) -> None:
-    gen = torch.Generator().manual_seed(0)
-    counts = [tokens * 7 // 10, tokens * 28 // 100]
-    counts.append(tokens - sum(counts))
-    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
-    x = torch.randn(tokens, shape[0], generator=gen).to(ctx.device, dtype)
-    ws = [torch.randn(shape[1], shape[0], generator=gen).to(ctx.device, dtype) for _ in counts]
-    a = routed_mm(x, ws, offsets).float()
-    b = torch._grouped_mm(x, torch.stack(ws).transpose(-2, -1), offs=offsets.to(ctx.device)).float()
-    err = float((a - b).abs().max() / a.abs().max())
-    if err > 1e-2:
-        raise AssertionError(f"torch._grouped_mm and mot::routed_mm differ (rel {err:.1e})")
-
-
-# --- stage 6: end-to-end benchmark -----------------------------------------------------------
-
-
-def stage_benchmark(ctx: Context, timeout: float) -> str:
-    """scripts/benchmark.py for MoT with 2 and 3 modalities (each run also trains the dense
-    twin and TorchTitan's Llama3 of the same shape, alternating)."""
-    if ctx.smoke:
-        shape = ["--dim", "64", "--n-layers", "2", "--n-heads", "4", "--seq-len", "64",
-                 "--batch", "2", "--vocab", "64", "--steps", "2", "--warmup", "1",
-                 "--device", "cpu"]
-    else:
-        shape = ["--dim", "2048", "--n-layers", "16", "--n-heads", "32", "--n-kv-heads", "8",
-                 "--seq-len", "4096", "--batch", "1", "--vocab", "32768", "--compile",
-                 "--dtype", "bf16", "--steps", "10", "--warmup", "3", "--device", str(ctx.device)]
-    deadline = time.monotonic() + timeout
-    parts = []
-    for n_mod in (3,) if ctx.smoke else (2, 3):
-        log = run_logged([sys.executable, "scripts/benchmark.py", *shape, "--n-modalities", str(n_mod)],
-                         ctx.out / f"benchmark_{n_mod}.log", deadline - time.monotonic())
-        rows = {}
-        for line in log.splitlines():
-            cols = line.split()
-            if cols and cols[0] in (f"mot({n_mod})", "dense", "llama3"):
-                rows[cols[0]] = cols
-        ratio = re.search(r"^mot/llama3 step time ratio: (\S+)$", log, re.M)
-        if len(rows) != 3 or ratio is None:
-            raise AssertionError(f"benchmark output incomplete, see {ctx.out}/benchmark_{n_mod}.log")
-        # columns: model params median min p10-p90 tok/s TFLOP/s state in-step total faults MFU
-        parts.append(f"mot({n_mod})/llama3 {ratio.group(1)}: " + ", ".join(
-            f"{name} {rows[name][2]} ms {rows[name][5]} tok/s {rows[name][9]} MiB MFU {rows[name][11]}%"
-            for name in (f"mot({n_mod})", "dense", "llama3")))
-    return "; ".join(parts)
-
-
-# --- multi-GPU -------------------------------------------------------------------------------
-
-
-def multi_gpu_stages(ctx: Context) -> list[tuple[str, Callable[[float], str], float]]:
-    """(name, run(timeout), timeout) per parallelism; each compares 10 logged losses with a
-    one-GPU run of the same config."""
-    n_gpu = torch.cuda.device_count()
-    steps = 10
-    base = ["--training.steps", str(steps), "--metrics.log_freq", "1", "--debug.seed", "0",
-            "--debug.deterministic", "--training.mixed_precision_param", "float32",
-            "--lr_scheduler.warmup_steps", "2", "--training.local_batch_size", "4",
-            "--training.seq_len", "512"]
-    references: dict[str, dict[int, float]] = {}
-
-    def train(config: str, name: str, nproc: int, extra: list[str], timeout: float,
-              log_rank: int = 0) -> dict[int, float]:
-        dump = ctx.out / f"multi_{name}"
-        shutil.rmtree(dump, ignore_errors=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", f"--local-ranks-filter={log_rank}",
-               "-m", "torchtitan_mot.train", "--job.config_file", f"train_configs/{config}",
-               "--job.dump_folder", str(dump), *base, *extra]
-        losses = step_losses(run_logged(cmd, dump / "stdout.log", timeout,
-                                        env={"LOG_RANK": str(log_rank)}))
-        if sorted(losses) != list(range(1, steps + 1)):
-            raise AssertionError(f"{name}: logged steps {sorted(losses)}")
-        return losses
-
-    def compare(config: str, name: str, nproc: int, extra: list[str], log_rank: int = 0
-                ) -> Callable[[float], str]:
-        def run(timeout: float) -> str:
-            if n_gpu < nproc:
-                raise Skipped(f"needs {nproc} GPUs, found {n_gpu}")
-            deadline = time.monotonic() + timeout
-            if config not in references:
-                references[config] = train(config, f"ref_{config}", 1, [], timeout)
-            got = train(config, name, nproc, extra, deadline - time.monotonic(), log_rank)
-            ref = references[config]
-            diff = max(abs(got[s] - ref[s]) for s in ref)
-            figures = f"{nproc} GPUs, max |loss - 1 GPU| over {steps} steps {diff:.1e}"
-            if diff > 1e-3:  # fp32; only reduction order differs
-                raise AssertionError(figures)
-            return figures
-        return run
-
-    shard = max(2, n_gpu // 2)  # HSDP 2 x shard: 2x4 on 8 GPUs, 2x2 on 4
-    data = repeated_dataset(REPO / "assets/demo/text_image", ctx.out / "data_hsdp", 2 * shard)
-    return [
-        ("M1 TP=2 + SP", compare("debug_mot.toml", "tp2", 2,
-                                 ["--parallelism.tensor_parallel_degree", "2"]), 100),
-        ("M2 CP=2 ring sdpa", compare("debug_mot.toml", "cp2_sdpa", 2,
-                                      ["--parallelism.context_parallel_degree", "2"]), 60),
-        ("M3 CP=2 ring flex", compare("debug_mot_flex.toml", "cp2_flex", 2,
-                                      ["--parallelism.context_parallel_degree", "2"]), 120),
-        ("M4 PP=2", compare("debug_mot.toml", "pp2", 2,
-                            ["--parallelism.pipeline_parallel_degree", "2",
-                             "--parallelism.pipeline_parallel_microbatch_size", "1"],
-                            log_rank=1), 60),
-        (f"M5 HSDP 2x{shard} NCCL",
-         compare("debug_mot.toml", "hsdp", 2 * shard,
-                 ["--parallelism.data_parallel_replicate_degree", "2",
-                  "--parallelism.data_parallel_shard_degree", str(shard),
-                  "--training.dataset_path", str(data)]), 60),
-        ("M6 feature matrix: CUDA-only sets", cuda_feature_sets, 300),
-    ]
-
-
-def cuda_feature_sets(timeout: float) -> str:
-    """TorchTitan's feature sets that CPU CI cannot run (flex/varlen attention, context
-    parallel), through `torchtitan_mot.testing.feature_matrix` with the GPUs present."""
-    n_gpu = torch.cuda.device_count()
-    sets = [fs for fs in FEATURE_SETS if fs.needs_cuda and fs.ngpu <= n_gpu]
-    if not sets:
-        raise Skipped(f"every CUDA-only feature set needs more than {n_gpu} GPUs")
-    matrix = FeatureMatrix(REPO, Path(tempfile.mkdtemp(prefix="feature_matrix_cuda_")))
-    deadline = time.monotonic() + timeout
-    outcomes = []
-    for fs in sets:
-        matrix.timeout = max(1, int(deadline - time.monotonic()))
-        outcomes.append(matrix.run(fs))
-    failed = [f"{o.name}: {o.detail}" for o in outcomes if o.status != "passed"]
-    if failed:
-        raise AssertionError("; ".join(failed))
-    return summary_line(outcomes)
-
-
-# --- the runner ------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise StageTimeout in this (main) thread after `seconds`. A kernel already queued
-    finishes first; subprocess stages get the remaining time as their own timeout."""
-
-    def expire(*_: object) -> None:
-        raise StageTimeout(f"timed out after {seconds:.0f} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def run_stage(name: str, fn: Callable[[float], str], timeout: float) -> Result:
-    print(f"[{name}] running (timeout {timeout:.0f} s)", flush=True)
-    start = time.perf_counter()
-    try:
-        with time_limit(timeout):
-            figures, status = fn(timeout), "pass"
-    except Skipped as e:
-        figures, status = "", f"skipped: {e}"
-    except (StageTimeout, subprocess.TimeoutExpired) as e:
-        figures, status = str(e).splitlines()[0], "FAIL (timeout)"
-    except Exception as e:  # any failure is this stage's result, never the end of the run
-        traceback.print_exc()
-        figures, status = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "FAIL"
-    finally:
-        torch._dynamo.reset()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    seconds = time.perf_counter() - start
-    print(f"[{name}] {status} in {seconds:.1f} s {figures}", flush=True)
-    return Result(name, status, figures, seconds)
-
-
-def single_gpu_stages(ctx: Context) -> list[tuple[str, Callable[[float], str], float]]:
-    """(name, run(timeout), timeout). On a GPU the timeouts add up to 8 minutes; the CPU
-    smoke only guards against hangs (a shared 2-core box is slow and uneven)."""
-    stages = [
-        ("1a model bf16", lambda t: stage_model(ctx, "bf16"), 45),
-        ("1b model autocast", lambda t: stage_model(ctx, "autocast"), 45),
-        ("2a flex document-causal", lambda t: stage_attention(ctx, "flex"), 35),
-        ("2b varlen document-causal", lambda t: stage_attention(ctx, "varlen"), 25),
-        ("3a trainer compile+val", lambda t: stage_trainer(ctx, "none", t), 55),
-        ("3b trainer + op SAC", lambda t: stage_trainer(ctx, "selective", t), 55),
-        ("4a FSDP2 bf16/fp32-reduce", lambda t: stage_fsdp(ctx), 20),
-        ("4b float8 1B-class", lambda t: stage_float8(ctx), 40),
-        ("5 routed_mm microbench", lambda t: stage_microbench(ctx), 20),
-        ("6 benchmark 1B-class", lambda t: stage_benchmark(ctx, t), 140),
-    ]
-    return [(name, fn, 300 if ctx.smoke else timeout) for name, fn, timeout in stages]
-
-
-
-def print_table(results: list[Result]) -> int:
-    width = max(len(r.stage) for r in results)
-    status_width = max(len(r.status) for r in results)
-    print()
-    print(f"{'stage':<{width}}  {'result':<{status_width}}  {'s':>5}  figures")
-    print("-" * (width + status_width + 20))
-    for r in results:
-        print(f"{r.stage:<{width}}  {r.status:<{status_width}}  {r.seconds:>5.0f}  {r.figures}")
-    ran = [r for r in results if not r.status.startswith("skipped")]
-    passed = sum(r.status == "pass" for r in ran)
-    print(f"gpu acceptance: {passed}/{len(ran)} passed")
-    return 0 if passed == len(ran) else 1
-
-
-def main() -> None:
+TESTS = Path(__file__).resolve().parents[1] / "tests" / "gpu" / "test_acceptance.py"
+
+
+class StageTable:
+    """A pytest plugin collecting (stage, result, seconds, figures) per stage."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, float, str]] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        props = dict(report.user_properties)
+        if "stage" not in props or (report.when != "call" and report.passed):
+            return
+        if report.skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            status, figures = "skipped: " + reason.removeprefix("Skipped: "), ""
+        elif report.failed:
+            crash = report.longrepr.reprcrash.message if hasattr(report.longrepr, "reprcrash") else ""
+            timed_out = "StageTimeout" in crash or "TimeoutExpired" in crash
+            status, figures = ("FAIL (timeout)" if timed_out else "FAIL"), crash.splitlines()[0] if crash else ""
+        else:
+            status, figures = "pass", str(props.get("figures", ""))
+        self.rows.append((props["stage"], status, report.duration, figures))
+
+    def print(self) -> int:
+        """The table and the summary line; the exit status (0 iff nothing that ran failed)."""
+        if not self.rows:
+            print("no stage ran")
+            return 1
+        width = max(len(r[0]) for r in self.rows)
+        status_width = max(len(r[1]) for r in self.rows)
+        print()
+        print(f"{'stage':<{width}}  {'result':<{status_width}}  {'s':>5}  figures")
+        print("-" * (width + status_width + 20))
+        for stage, status, seconds, figures in self.rows:
+            print(f"{stage:<{width}}  {status:<{status_width}}  {seconds:>5.0f}  {figures}")
+        ran = [r for r in self.rows if not r[1].startswith("skipped")]
+        passed = sum(r[1] == "pass" for r in ran)
+        print(f"gpu acceptance: {passed}/{len(ran)} passed")
+        return 0 if passed == len(ran) else 1
+
+
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (CI)")
@@ -739,31 +72,20 @@ def main() -> None:
     a = p.parse_args()
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         p.error("run this script as one process: --multi-gpu launches torchrun itself")
-    if not a.cpu_smoke and not torch.cuda.is_available():
-        print("no CUDA device: every stage needs one (use --cpu-smoke for the CPU checks)")
-    device = torch.device("cpu" if a.cpu_smoke or not torch.cuda.is_available() else "cuda:0")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    with tempfile.TemporaryDirectory(prefix="gpu_acceptance_") as tmp:
-        ctx = Context(device, a.cpu_smoke, (a.out or Path(tmp)).resolve())
-        ctx.out.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        name = (f"{torch.cuda.get_device_name(device)} x{torch.cuda.device_count()}"
-                if ctx.cuda else "cpu")
-        print(f"device {name}, torch {torch.__version__}, "
-              f"mode {'cpu-smoke' if a.cpu_smoke else 'multi-gpu' if a.multi_gpu else 'single-gpu'}, "
-              f"logs under {ctx.out}", flush=True)
-        if a.multi_gpu:
-            stages = multi_gpu_stages(ctx) if ctx.cuda else []
-            if not stages:
-                print("--multi-gpu needs CUDA devices")
-        else:
-            stages = single_gpu_stages(ctx)
-        results = [run_stage(name, fn, timeout) for name, fn, timeout in stages]
-        print(f"total {time.perf_counter() - start:.0f} s")
-        code = print_table(results) if results else 1
-    sys.exit(code)
+    out = (a.out or Path(tempfile.mkdtemp(prefix="gpu_acceptance_"))).resolve()
+    os.environ["MOT_GPU_ACCEPTANCE_OUT"] = str(out)
+    if a.cpu_smoke:
+        os.environ["MOT_GPU_ACCEPTANCE"] = "cpu-smoke"
+    device = (f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+              if torch.cuda.is_available() and not a.cpu_smoke else "cpu")
+    print(f"device {device}, torch {torch.__version__}, "
+          f"mode {'cpu-smoke' if a.cpu_smoke else 'multi-gpu' if a.multi_gpu else 'single-gpu'}, "
+          f"logs under {out}", flush=True)
+    table = StageTable()
+    pytest.main([str(TESTS), "-m", "multi_gpu" if a.multi_gpu else "gpu and not multi_gpu",
+                 "-q", "-p", "no:cacheprovider"], plugins=[table])
+    return table.print()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

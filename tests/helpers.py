@@ -1,8 +1,8 @@
-"""Helpers shared by tests (importable as `helpers`: pytest's `pythonpath`): TensorBoard
-scalars of a run, the tensors of a DCP checkpoint, gloo process groups in spawned processes,
-raw inputs for `torchtitan_mot.data.prepare`, the rows a data loader reads, a tiny model and
-its per-modality optimizer config, the HF Llama state dict of a Llama3 built by hand. Running
-the trainer is the harness's (not here)."""
+"""Helpers shared by tests (importable as `helpers`: pytest's `pythonpath`): the tensors of
+a DCP checkpoint, gloo process groups in spawned processes, raw inputs for
+`torchtitan_mot.data.prepare`, the rows a data loader reads, a tiny model and its
+per-modality optimizer config, the HF Llama state dict of a Llama3 built by hand. Running the
+trainer is the harness's (`tests/harness/`)."""
 
 import dataclasses
 import json
@@ -22,22 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = str(REPO / "assets" / "tokenizer")
 TINY = dict(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=16, n_modalities=2)
 """A two-modality MoT small enough to build in milliseconds."""
-
-
-def tb_scalars(dump: Path, tag: str = "loss_metrics/global_avg_loss") -> dict[int, float]:
-    """step -> value of `tag` from every TensorBoard event file under `dump` (later files win).
-
-    TensorBoard holds the logged float32 value exactly; the console prints 5 decimals.
-    """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted(dump.rglob("events.out.tfevents.*"), key=os.path.getmtime):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
 
 
 def checkpoint_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
-"""`scripts/benchmark.py` runs end to end and prints what the README's tables quote."""
+"""`python -m torchtitan_mot.benchmark` runs end to end; its JSON holds what the README's
+tables quote and its table prints them."""
 
-import os
+import json
 import re
 import subprocess
 import sys
@@ -12,28 +13,36 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_benchmark_smoke() -> None:
+def test_benchmark_smoke(tmp_path: Path) -> None:
     """Tiny shape, compiled, two measured steps of different modality mixes: the table (MoT,
     dense twin, TorchTitan's Llama3), the paired ratios, the compile counters (one graph per
     model, shared by its blocks; no recompile; no graph break) and the two ratio lines."""
-    # The script imports this checkout's package (cwd is not on a script's sys.path).
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "--dim", "128", "--n-layers", "2",
+        [sys.executable, "-m", "torchtitan_mot.benchmark", "--dim", "128", "--n-layers", "2",
          "--n-heads", "2", "--seq-len", "64", "--batch", "2", "--vocab", "64",
-         "--steps", "2", "--warmup", "1", "--threads", "1", "--device", "cpu", "--compile"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True,
+         "--steps", "2", "--warmup", "1", "--threads", "1", "--device", "cpu", "--compile",
+         "--json", str(tmp_path / "bench.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=True,
     ).stdout
+    result = json.loads((tmp_path / "bench.json").read_text())
+    models = result["models"]
+    assert list(models) == ["mot(2)", "dense", "llama3"], out
+    # params and state MiB: MoT holds every non-embedding weight twice (+ its AdamW moments).
+    assert models["mot(2)"]["params"] > models["dense"]["params"]
+    assert models["mot(2)"]["state_mib"] > models["dense"]["state_mib"]
+    # The dense twin and Llama3 of the same shape hold the same parameters.
+    assert models["dense"]["params"] == models["llama3"]["params"]
+    assert models["llama3"]["mfu_percent"] is None  # no MFU without a GPU peak
+    assert result["settings"]["host_malloc"] == "resident"
+    for base in ("dense", "llama3"):
+        paired = result["paired_ratio"][base]
+        assert paired["ci95"][0] <= paired["median"] <= paired["ci95"][1]
+    assert result["mix_seen"]["distinct"] == 2  # a count-specialised graph would recompile
+    assert result["compile"] == {"graphs": 3, "recompiles": 0, "graph_breaks": 0}
+    # The printed table says the same.
     rows = {line.split()[0]: line.split() for line in out.splitlines()
             if line.startswith(("mot(2)", "dense", "llama3"))}
-    assert set(rows) == {"mot(2)", "dense", "llama3"}, out
-    # params and state MiB: MoT holds every non-embedding weight twice (+ its AdamW moments).
-    assert float(rows["mot(2)"][1].rstrip("M")) > float(rows["dense"][1].rstrip("M"))
-    assert float(rows["mot(2)"][8]) > float(rows["dense"][8])
-    # The dense twin and Llama3 of the same shape hold the same parameters.
-    assert rows["dense"][1] == rows["llama3"][1], out
-    assert rows["llama3"][-1] == "-"  # no MFU without a GPU peak
-    assert "host_malloc=resident" in out
+    assert set(rows) == {"mot(2)", "dense", "llama3"} and rows["llama3"][-1] == "-", out
     # Two measured steps give two paired ratios r1, r2: their median is the midpoint, the
     # bootstrap CI and the p10-p90 are [min, max], and the ratio of the two models' medians
     # (means of two steps) lies between r1 and r2. All printed to 3 decimals.
@@ -51,5 +60,5 @@ def test_benchmark_smoke() -> None:
     assert re.search(r"^compile: unique graphs 3, 0 compiled during the 2 measured steps "
                      r"\(recompiles\), graph breaks 0$", out, re.MULTILINE), out
     last_two = out.strip().splitlines()[-2:]
-    assert re.fullmatch(r"mot/llama3 step time ratio: \d+\.\d{3}", last_two[0]), out
-    assert re.fullmatch(r"mot/dense step time ratio: \d+\.\d{3}", last_two[1]), out
+    assert last_two[0] == f"mot/llama3 step time ratio: {result['step_time_ratio']['llama3']:.3f}"
+    assert last_two[1] == f"mot/dense step time ratio: {result['step_time_ratio']['dense']:.3f}"

@@ -16,10 +16,10 @@ from torchtitan_mot.trainer.nonfinite_guard import (
 )
 from torchtitan_mot.trainer.loss import ModalityLossStats, MoTLoss
 from torchtitan_mot.warm_start import mot_target
-from torchtitan_mot.testing.data import repeated_dataset
+from harness.data import repeated_dataset
 from helpers import checkpoint_tensors, modality_optimizer_config, optimizer_keys, run_ranks, TINY
 
-from test_resume import CONFIG, REPO, run_trainer, small_args
+from harness.trainer import CONFIG, REPO, run_trainer, small_args
 
 from torchtitan_mot.trainer.optimizer import build_mot_optimizers
 
@@ -120,7 +120,7 @@ def test_guard_decision_agrees_across_ranks(tmp_path: Path) -> None:
 def _nan_run(tmp_path: Path, policy: str, check: bool):
     """lr 1e30: step 1 is finite, its update blows the weights up, step 2's loss is not."""
     dump = tmp_path / policy
-    result = run_trainer(tmp_path, small_args(
+    result = run_trainer(small_args(
         dump, 4, "--optimizer.lr", "1e30", "--lr_scheduler.warmup_steps", "0",
         "--checkpoint.enable", "--checkpoint.interval", "1", "--checkpoint.no-last-save-model-only",
         "--mot.nan_policy", policy), check=check)
@@ -167,7 +167,7 @@ def _tree_hash(folder: Path) -> str:
 def test_config_disagreements_fail_at_startup(tmp_path: Path, override: list[str], expected: str) -> None:
     import re
 
-    result = run_trainer(tmp_path, small_args(tmp_path / "run", 2, *override), check=False)
+    result = run_trainer(small_args(tmp_path / "run", 2, *override), check=False)
     log = result.stdout + result.stderr
     assert result.returncode != 0 and re.search(expected, log), log[-3000:]
     assert "step:  1" not in log
@@ -184,7 +184,7 @@ def test_checkpoint_of_other_flavor_is_refused(tmp_path: Path, flavor: str) -> N
     other = MoTTransformer(mot_target(config, flavor)[0])
     dcp.save(other.state_dict(), checkpoint_id=str(tmp_path / "other"), no_dist=True)
     before = _tree_hash(tmp_path / "other")
-    result = run_trainer(tmp_path, small_args(
+    result = run_trainer(small_args(
         tmp_path / "run", 2, "--checkpoint.enable", "--checkpoint.initial_load_path", str(tmp_path / "other")),
         check=False)
     log = result.stdout + result.stderr
@@ -206,12 +206,12 @@ def test_corrupt_data_file_leaves_last_checkpoint_intact(tmp_path: Path) -> None
     step, and the step-5 checkpoint is byte-for-byte intact (and still loads)."""
     data = repeated_dataset(REPO / "assets" / "demo" / "text_image", tmp_path / "data", jsonl=True)
     args = ["--training.dataset_path", str(data), "--checkpoint.enable", "--checkpoint.interval", "5"]
-    run_trainer(tmp_path, small_args(tmp_path / "run", 5, *args))
+    run_trainer(small_args(tmp_path / "run", 5, *args))
     step5 = tmp_path / "run" / "checkpoint" / "step-5"
     before = _tree_hash(step5)
     rows = (data / "train.jsonl").read_text().splitlines()
     (data / "train.jsonl").write_text("\n".join(rows[:80] + [rows[80][: len(rows[80]) // 2]]) + "\n")
-    result = run_trainer(tmp_path, small_args(tmp_path / "run", 10, *args), check=False)
+    result = run_trainer(small_args(tmp_path / "run", 10, *args), check=False)
     log = result.stdout + result.stderr
     assert result.returncode != 0 and "JSON parse error" in log and "step:  6" not in log
     assert _tree_hash(step5) == before
@@ -223,7 +223,7 @@ def test_unreadable_data_file_is_named(tmp_path: Path) -> None:
     data = repeated_dataset(REPO / "assets" / "demo" / "text_image", tmp_path / "data", jsonl=True)
     rows = (data / "train.jsonl").read_text().splitlines()
     (data / "train.jsonl").write_text("\n".join(rows[:40] + [rows[40][:30]]) + "\n")
-    result = run_trainer(tmp_path, small_args(tmp_path / "run", 3, "--training.dataset_path", str(data)),
+    result = run_trainer(small_args(tmp_path / "run", 3, "--training.dataset_path", str(data)),
                          check=False)
     errors = [l for l in (result.stdout + result.stderr).splitlines() if "Error:" in l and "[rank0]" in l]
     assert result.returncode != 0 and errors

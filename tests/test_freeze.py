@@ -17,7 +17,7 @@ from torchtitan_mot.trainer.optimizer import (
 )
 
 from helpers import modality_optimizer_config, TINY
-from test_resume import CONFIG, run_trainer, small_args
+from harness.trainer import CONFIG, run_trainer, small_args
 
 
 def _modality_of(model: torch.nn.Module) -> dict[str, int | None]:
@@ -124,7 +124,7 @@ def _check_frozen_after_training(tmp_path: Path, nproc: int, frozen: str, extra:
     initial weights, the other modality's and the shared weights moved."""
     init, model = _init_checkpoint(tmp_path / "init")
     dump = tmp_path / "run"
-    run_trainer(tmp_path, small_args(
+    run_trainer(small_args(
         dump, 4, "--checkpoint.enable", "--checkpoint.interval", "1000",
         "--checkpoint.initial_load_path", str(tmp_path / "init"),
         "--mot.frozen_modalities", frozen, "--mot.lr_multipliers", "1.0", "0.5", *extra), nproc)

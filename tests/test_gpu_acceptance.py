@@ -1,16 +1,16 @@
-"""`scripts/gpu_acceptance.py --cpu-smoke`: every CPU-capable stage runs and passes at tiny
-shapes, the CUDA-only stages say why they were skipped, and the summary line counts right."""
+"""`scripts/gpu_acceptance.py --cpu-smoke` (the runner of the `gpu`-marked tests in tests/gpu/):
+every CPU-capable stage runs and passes at tiny shapes, the CUDA-only stages say why they were
+skipped, and the summary line counts right."""
 
 import importlib.util
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from harness.trainer import REPO, trainer_env
 
-REPO = Path(__file__).resolve().parents[1]
 CUDA_ONLY = {"2a", "2b"}
 # float8 runs emulated on CPU where the optional torchao is installed.
 TORCHAO = importlib.util.find_spec("torchao") is not None
@@ -18,10 +18,9 @@ TORCHAO = importlib.util.find_spec("torchao") is not None
 
 @pytest.mark.slow
 def test_cpu_smoke(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
         [sys.executable, "scripts/gpu_acceptance.py", "--cpu-smoke", "--out", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=900,
     )
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]

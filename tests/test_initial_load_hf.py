@@ -14,7 +14,7 @@ import torchtitan_mot
 from torchtitan_mot.data.tokenizer import MultimodalTokenizer
 
 from helpers import checkpoint_tensors, make_norms_informative
-from test_resume import REPO, run_trainer, small_args
+from harness.trainer import REPO, run_trainer, small_args
 
 
 @pytest.mark.slow
@@ -39,7 +39,7 @@ def test_trainer_starts_from_hf_llama(tmp_path: Path) -> None:
     save_file({k: v.contiguous() for k, v in hf.items()}, str(tmp_path / "hf" / "model.safetensors"))
 
     dump = tmp_path / "run"
-    run_trainer(tmp_path, small_args(
+    run_trainer(small_args(
         dump, 1, "--optimizer.lr", "0", "--checkpoint.enable", "--checkpoint.interval", "1000",
         "--checkpoint.initial_load_path", str(tmp_path / "hf"), "--checkpoint.initial_load_in_hf"))
     saved = checkpoint_tensors(dump / "checkpoint" / "step-1")

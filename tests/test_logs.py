@@ -17,7 +17,7 @@ from torchtitan_mot.model import MoTModelArgs
 from torchtitan_mot.trainer.logs import concise_logs
 from helpers import run_ranks
 
-from test_resume import run_trainer, small_args
+from harness.trainer import run_trainer, small_args
 
 
 def test_repeated_warnings_print_once_then_with_their_count(caplog: pytest.LogCaptureFixture) -> None:
@@ -51,7 +51,7 @@ def test_torchtitans_model_args_dump_is_one_line(caplog: pytest.LogCaptureFixtur
 @pytest.mark.slow
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="MFU is measured on an accelerator")
 def test_a_piped_cpu_run_logs_no_colour_no_mfu_no_probe(tmp_path: Path) -> None:
-    result = run_trainer(tmp_path, small_args(tmp_path / "run", 2))
+    result = run_trainer(small_args(tmp_path / "run", 2))
     log = result.stdout + result.stderr
     steps = [line for line in log.splitlines() if "  loss: " in line]
     assert len(steps) == 2, log[-3000:]

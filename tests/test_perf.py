@@ -1,4 +1,4 @@
-"""`torchtitan_mot.perf`: the helpers behind scripts/benchmark.py and scripts/gpu_acceptance.py."""
+"""`torchtitan_mot.benchmark.perf`: the helpers behind the benchmark and the GPU acceptance tests."""
 
 import dataclasses
 
@@ -12,7 +12,7 @@ from torchtitan.models.attention import (
 from torchtitan.models.llama3.model.args import TransformerModelArgs
 
 from torchtitan_mot.model import MoTModelArgs
-from torchtitan_mot.perf import (
+from torchtitan_mot.benchmark.perf import (
     CompileCounts,
     build_model,
     document_causal_mask,

@@ -1,6 +1,6 @@
 """From raw files to training: `python -m torchtitan_mot.data.prepare` on generated PNGs
 (various sizes, grey and RGB) + captions + text documents, then `debug_mot` trains on the
-result with validation and resumes exactly (test_resume's check), with [mot].modalities and
+result with validation and resumes exactly (harness.resume's check), with [mot].modalities and
 codebook_sizes unset so they come from the dataset's meta.json. The same for a tiny audio set."""
 
 import json
@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-import test_resume
+from harness.resume import check_exact_resume
+from harness.trainer import CONFIG
 from helpers import make_audio_folder, make_image_folder, make_text_docs
+
+from torchtitan_mot.run_metrics import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +29,7 @@ def run_prepare(*args: str) -> str:
 
 def config_without_modalities(tmp_path: Path) -> Path:
     """debug_mot.toml minus [mot].modalities / codebook_sizes."""
-    text = test_resume.CONFIG.read_text()
+    text = CONFIG.read_text()
     text = re.sub(r"(?m)^(modalities|codebook_sizes) = .*\n", "", text)
     assert "codebook_sizes" not in text
     path = tmp_path / "debug_mot_from_meta.toml"
@@ -41,7 +44,7 @@ def data_args(dataset: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_images_prepare_train_validate_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_images_prepare_train_validate_resume(tmp_path: Path) -> None:
     images, captions = make_image_folder(tmp_path / "raw", 60)
     docs = make_text_docs(tmp_path / "raw" / "docs.jsonl", 20)
     dataset = tmp_path / "dataset"
@@ -52,14 +55,13 @@ def test_images_prepare_train_validate_resume(tmp_path: Path, monkeypatch: pytes
     meta = json.loads((dataset / "meta.json").read_text())
     assert meta["codebook_sizes"] == {"image": 64} and len(meta["files"]["train"]) == 4
 
-    monkeypatch.setattr(test_resume, "CONFIG", config_without_modalities(tmp_path))
-    test_resume._check_exact_resume(tmp_path, 1, data_args(dataset))
-    val = test_resume.tb_scalars(tmp_path / "straight", "validation_metrics/loss")
+    check_exact_resume(tmp_path, 1, data_args(dataset), config=config_without_modalities(tmp_path))
+    val = read_scalars(tmp_path / "straight", "validation_metrics/loss")
     assert sorted(val) == [1, 5, 10] and val[10] < val[1], val  # validation also runs at step 1
 
 
 @pytest.mark.slow
-def test_audio_prepare_train_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_audio_prepare_train_validate(tmp_path: Path) -> None:
     audio, transcripts = make_audio_folder(tmp_path / "raw", 30)
     dataset = tmp_path / "dataset"
     run_prepare("--audio", str(audio), "--transcripts", str(transcripts), "--out", str(dataset),
@@ -67,8 +69,7 @@ def test_audio_prepare_train_validate(tmp_path: Path, monkeypatch: pytest.Monkey
                 "--validation-fraction", "0.2", "--num-workers", "2")
     assert json.loads((dataset / "meta.json").read_text())["modalities"] == ["text", "speech"]
 
-    monkeypatch.setattr(test_resume, "CONFIG", config_without_modalities(tmp_path))
-    test_resume._check_exact_resume(tmp_path, 1, data_args(dataset))
+    check_exact_resume(tmp_path, 1, data_args(dataset), config=config_without_modalities(tmp_path))
 
 
 @pytest.mark.slow

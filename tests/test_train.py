@@ -1,24 +1,21 @@
 """End-to-end runs of `python -m torchtitan_mot.train` (and torchrun) on CPU.
 
 Each test trains the MoT `debugmodel` of `train_configs/debug_mot.toml` for a few steps on
-segments of the bundled text+image demo data and reads the step lines off the log.
+segments of the bundled text+image demo data and reads the logged steps back from
+TensorBoard (`harness.trainer`).
 """
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from harness.data import repeated_dataset
+from harness.trainer import REPO, run_trainer
 
 from torchtitan_mot.data.dataset import MultimodalDataset
 from torchtitan_mot.data.tokenizer import MultimodalTokenizer
-from torchtitan_mot.testing.data import repeated_dataset
-from torchtitan_mot.testing.feature_matrix import parse_steps
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "assets" / "demo" / "text_image"
 SEQ_LEN, STEPS, GLOBAL_BATCH = 64, 6, 4
 
@@ -82,32 +79,12 @@ def base_args(data_dir: Path, dump: Path, steps: int, local_batch: int = GLOBAL_
     ]
 
 
-def run_train_log(args: list[str], nproc: int = 1, log_rank: int = 0, timeout: int = 600) -> str:
-    """Run the entry point (torchrun when `nproc` > 1); return `log_rank`'s log, colors removed."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "torchtitan_mot.train", *args]
-    else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--local-ranks-filter={log_rank}",
-            "-m", "torchtitan_mot.train", *args,
-        ]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.pop("RANK", None)
-    env["LOG_RANK"] = str(log_rank)
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    out = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)
-    assert proc.returncode == 0, out[-6000:]
-    return out
-
-
 def run_train(
     args: list[str], nproc: int = 1, log_rank: int = 0, timeout: int = 600
 ) -> dict[int, tuple[float, float]]:
-    """Run the entry point; return {step: (loss, grad_norm)} as logged by `log_rank`."""
-    return parse_steps(run_train_log(args, nproc, log_rank, timeout))
+    """Run the entry point; return {step: (loss, grad_norm)} as logged (TensorBoard) by the
+    metrics rank (`log_rank`'s console output is the one shown on failure)."""
+    return run_trainer(args, nproc, log_rank, timeout=timeout).steps()
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +164,7 @@ def test_parallel_layouts_match_single_process(
 def test_mot_debug_config_logs_per_modality_loss(tmp_path):
     """The shipped debug config trains 20 steps through the entry point: the loss falls and
     `loss/<modality>` is logged every step."""
-    out = run_train_log(
+    run = run_trainer(
         [
             "--job.config_file", str(REPO / "train_configs" / "debug_mot.toml"),
             "--training.steps", "20",
@@ -196,13 +173,13 @@ def test_mot_debug_config_logs_per_modality_loss(tmp_path):
             "--job.dump_folder", str(tmp_path),
         ]
     )
-    per_step = re.findall(r"step:\s*(\d+)\s+loss/text:\s*([\d.]+)\s+loss/image:\s*([\d.]+)", out)
-    assert [int(s) for s, _, _ in per_step] == list(range(1, 21)), out[-3000:]
-    losses = {step: loss for step, (loss, _) in parse_steps(out).items()}
+    text, image = run.scalars("loss/text"), run.scalars("loss/image")
+    assert sorted(text) == sorted(image) == list(range(1, 21)), run.log[-3000:]
+    losses = {step: loss for step, (loss, _) in run.steps().items()}
     assert losses[20] < losses[1] - 2.0, losses
-    assert float(per_step[-1][1]) < float(per_step[0][1])  # text
-    assert float(per_step[-1][2]) < float(per_step[0][2])  # image
-    assert "without native bf16 matmuls" not in out  # float32 config: no emulated-bf16 warning
+    assert text[20] < text[1]
+    assert image[20] < image[1]
+    assert "without native bf16 matmuls" not in run.log  # float32 config: no emulated-bf16 warning
 
 
 @pytest.mark.slow
@@ -215,14 +192,12 @@ def test_readme_demo_losses(tmp_path):
                        r"text (\S+) -> (\S+), image (\S+) -> (\S+);", readme, re.S)
     assert quoted, "the README's demo sentence moved"
     steps = int(quoted.group(1))
-    out = run_train_log(["--job.config_file", str(REPO / "train_configs" / "debug_mot.toml"),
-                         "--job.dump_folder", str(tmp_path)])
-    losses = {step: loss for step, (loss, _) in parse_steps(out).items()}
-    per_modality = {int(s): (float(t), float(i)) for s, t, i in re.findall(
-        r"step:\s*(\d+)\s+loss/text:\s*(\S+)\s+loss/image:\s*(\S+)", out)}
+    run = run_trainer(["--job.config_file", str(REPO / "train_configs" / "debug_mot.toml"),
+                       "--job.dump_folder", str(tmp_path)])
+    losses = {step: loss for step, (loss, _) in run.steps().items()}
+    text, image = run.scalars("loss/text"), run.scalars("loss/image")
     assert max(losses) == steps, sorted(losses)
-    got = [losses[1], losses[steps], per_modality[1][0], per_modality[steps][0],
-           per_modality[1][1], per_modality[steps][1]]
+    got = [losses[1], losses[steps], text[1], text[steps], image[1], image[steps]]
     assert [f"{v:.2f}" for v in got] == list(quoted.groups()[1:]), (got, quoted.groups())
 
 

@@ -5,12 +5,8 @@ The oracle assigns each target token its modality from the vocabulary's id range
 """
 
 import contextlib
-import glob
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +25,7 @@ from torchtitan_mot.trainer.loss import build_mot_loss
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 from torchtitan_mot.trainer.validate import build_mot_validator
 
+from harness.trainer import run_trainer
 from helpers import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,30 +157,21 @@ def test_data_parallel_ranks_reduce_sums_and_counts(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_trainer_logs_validation_losses_to_tensorboard(tmp_path: Path) -> None:
     """`--validation.enable` wires the validator into the real trainer and TensorBoard."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    cmd = [
-        sys.executable, "-m", "torchtitan_mot.train",
+    run = run_trainer([
         "--job.config_file", str(ROOT / "train_configs" / "debug_mot.toml"),
         "--job.dump_folder", str(tmp_path),
         "--training.steps", "2", "--training.seq_len", "64", "--training.local_batch_size", "2",
         "--validation.enable", "--validation.freq", "2", "--validation.steps", "1",
         "--validation.seq_len", "64", "--validation.local_batch_size", "2",
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = re.sub(r"\x1b\[[0-9;]*m", "", proc.stderr + proc.stdout)
+    ], timeout=300)
     # the validator's per-modality line: 5 decimals for the loss and each modality
     console = {int(m[0]): dict(zip(("loss", "text", "image"), map(float, m[1:]))) for m in re.findall(
-        r"validate step:\s*(\d+)\s+loss:\s*(\S+)\s+loss/text:\s*(\S+)\s+loss/image:\s*(\S+)", log)}
-    assert sorted(console) == [1, 2], log[-3000:]
-    acc = EventAccumulator(glob.glob(str(tmp_path / "tb" / "*"))[0])
-    acc.Reload()
+        r"validate step:\s*(\d+)\s+loss:\s*(\S+)\s+loss/text:\s*(\S+)\s+loss/image:\s*(\S+)", run.log)}
+    assert sorted(console) == [1, 2], run.log[-3000:]
     for tag, key in (("validation/loss", "loss"), ("validation/loss/text", "text"),
                      ("validation/loss/image", "image")):
-        events = acc.Scalars(tag)
-        assert [e.step for e in events] == [1, 2], tag
-        for e in events:
-            assert math.isfinite(e.value) and 0 < e.value < 20, (tag, e)
-            assert abs(e.value - console[e.step][key]) <= 5e-6 + 1e-6 * e.value, (tag, e, console)
+        values = run.scalars(tag)
+        assert sorted(values) == [1, 2], tag
+        for step, value in values.items():
+            assert math.isfinite(value) and 0 < value < 20, (tag, step, value)
+            assert abs(value - console[step][key]) <= 5e-6 + 1e-6 * value, (tag, step, value, console)

@@ -21,10 +21,11 @@ from torchtitan_mot.model.state_dict_adapter import (
     untie_dense_state_dict,
     WarmStartError,
 )
+from torchtitan_mot.run_metrics import read_scalars
 from torchtitan_mot.warm_start import mot_target, warm_start
 
-from helpers import hf_llama_state_dict, make_norms_informative, tb_scalars
-from test_resume import run_trainer, small_args
+from helpers import hf_llama_state_dict, make_norms_informative
+from harness.trainer import run_trainer, small_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "train_configs" / "debug_mot.toml"
@@ -61,10 +62,10 @@ def _dense_like(flavor: str | MoTModelArgs, vocab_size: int) -> Transformer:
     return llama.eval()
 
 
-def _run_script(*args: str, check: bool = True, script: bool = False) -> subprocess.CompletedProcess:
-    """`python -m torchtitan_mot.warm_start ARGS` (`script`: its wrapper scripts/warm_start.py)."""
-    entry = ["scripts/warm_start.py"] if script else ["-m", "torchtitan_mot.warm_start"]
-    result = subprocess.run([sys.executable, *entry, *args], cwd=REPO, capture_output=True, text=True)
+def _run_script(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m torchtitan_mot.warm_start ARGS`."""
+    result = subprocess.run([sys.executable, "-m", "torchtitan_mot.warm_start", *args], cwd=REPO,
+                            capture_output=True, text=True)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -124,7 +125,7 @@ def test_idempotent_and_refuses_overwrite(tmp_path: Path) -> None:
     dcp.save(llama.state_dict(), checkpoint_id=str(tmp_path / "dense"), no_dist=True)
     common = ["--dense", str(tmp_path / "dense"), "--flavor", "debugmodel", "--config", str(CONFIG)]
     _run_script(*common, "--out", str(tmp_path / "a"))
-    _run_script(*common, "--out", str(tmp_path / "b"), script=True)
+    _run_script(*common, "--out", str(tmp_path / "b"))
     _assert_same_checkpoint(tmp_path / "a", tmp_path / "b")
 
     refused = _run_script(*common, "--out", str(tmp_path / "a"), check=False)
@@ -242,7 +243,7 @@ def test_trainer_starts_from_the_warm_start_weights(tmp_path: Path) -> None:
     dcp.save(llama.state_dict(), checkpoint_id=str(tmp_path / "dense"), no_dist=True)
     _run_script("--dense", str(tmp_path / "dense"), "--flavor", "debugmodel",
                 "--config", str(CONFIG), "--out", str(tmp_path / "mot"))
-    run_trainer(tmp_path, small_args(
+    run_trainer(small_args(
         tmp_path / "run", 1, "--optimizer.lr", "0", "--checkpoint.enable", "--checkpoint.interval", "1",
         "--checkpoint.initial_load_path", str(tmp_path / "mot")))
     args = _mot_args("debugmodel")
@@ -268,7 +269,7 @@ def test_untie_subset_warm_start_trains_and_other_setting_is_refused(tmp_path: P
                 "--config", str(CONFIG), "--out", str(tmp_path / "mot"), "--untie", "ffn")
 
     def train(name: str, steps: int, *flags: str) -> tuple[int, str]:
-        result = run_trainer(tmp_path, small_args(
+        result = run_trainer(small_args(
             tmp_path / name, steps, "--checkpoint.enable", "--checkpoint.interval", "1000",
             "--checkpoint.initial_load_path", str(tmp_path / "mot"), *flags), check=False)
         return result.returncode, result.stdout + result.stderr
@@ -277,13 +278,13 @@ def test_untie_subset_warm_start_trains_and_other_setting_is_refused(tmp_path: P
     assert code == 0, log[-3000:]
     assert "untied: ffn; params " in log
     assert f"Loading the checkpoint from {tmp_path / 'mot'}" in log
-    losses = tb_scalars(tmp_path / "ffn")
+    losses = read_scalars(tmp_path / "ffn")
     assert sorted(losses) == [1, 2, 3, 4, 5] and losses[5] < losses[1] - 0.5, losses
     # the step-0 model scalars: the untie setting and the parameter count of that model
     args = dataclasses.replace(_mot_args("debugmodel"), untie=["ffn"])
     with torch.device("meta"):
         numel = sum(p.numel() for p in MoTTransformer(args).parameters())
-    model = {tag: tb_scalars(tmp_path / "ffn", f"model/{tag}") for tag in
+    model = {tag: read_scalars(tmp_path / "ffn", f"model/{tag}") for tag in
              ("params", "untied_attention", "untied_ffn", "untied_norms")}
     assert model == {"params": {0: numel}, "untied_attention": {0: 0.0}, "untied_ffn": {0: 1.0},
                      "untied_norms": {0: 0.0}}, model

@@ -1,7 +1,7 @@
 """Refuse at start-up, before anything is allocated, a model whose state cannot fit here.
 
 An 8B flavor on a laptop would otherwise start allocating ~15B parameters and die (or swap)
-minutes later. The estimate is check_plan's memory model (`infra.plan.plan_stage`: the
+minutes later. The estimate is check_plan's memory model (`plan.plan_stage`: the
 config's real sharding simulated on the meta device, 16 B of parameters, gradients and AdamW
 state per parameter of the largest rank), compared with this machine: the device memory of
 one GPU, or on a CPU the host RAM shared by the ranks of this host.
@@ -14,11 +14,11 @@ from torchtitan.config import JobConfig
 
 from torchtitan_mot import build_model_args
 from torchtitan_mot.config import ConfigError
-from torchtitan_mot.infra.plan import GIB, plan_stage
+from torchtitan_mot.plan import GIB, plan_stage
 
 STATE_BYTES_PER_PARAM = 16
 """check_plan's model state per local parameter: fp32 weight + fp32 gradient + AdamW's two moments."""
-CHECK_PLAN = "check_plan (scripts/check_plan.py --config ...)"
+CHECK_PLAN = "check_plan (python -m torchtitan_mot.check_plan --config ...)"
 
 
 def available_bytes() -> tuple[int, str]:

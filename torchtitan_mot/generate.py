@@ -1,12 +1,24 @@
-"""Modality-constrained autoregressive sampling and checkpoint loading for MoT models.
+"""Modality-constrained autoregressive sampling from a trained MoT checkpoint.
+
+    python -m torchtitan_mot.generate --checkpoint outputs/compare_dense/mot \
+        --config train_configs/compare_dense.toml \
+        --prompt "a handwritten digit seven" --prompt "handwritten 3" \
+        --temperature 1.0 --top-k 20 --out outputs/compare_dense/generated_grid.png
 
 Inside a non-text segment only that modality's codebook ids are valid: a free-running sample
 could emit a text id or another modality's id, which the codec cannot decode and which would
 route the next position through the wrong modality's weights. `generate_segment` therefore
 forces the begin marker, samples exactly `n_tokens` ids from the codebook alone (their
 `modality_ids` are that modality's, as in training) and closes with the end marker.
+
+The command line turns each prompt into `[bos] + text`, samples one image's worth of tokens
+that way, and decodes them with the dataset's image tokenizer (recorded in its meta.json;
+`--dataset`, default the config's `[training].dataset_path`) into a PNG grid with one row per
+prompt, titled with the prompt. The config (plus `--flavor`) must describe the checkpoint's
+model.
 """
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +27,13 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchtitan.config import JobConfig
 
-from . import build_model_args
-from .data.tokenizer import VocabLayout
-from .model import MoTTransformer
-from .trainer.checkpoint_check import check_checkpoint_matches
+from torchtitan_mot import build_model_args
+from torchtitan_mot.config import load_job_config
+from torchtitan_mot.data.tokenizer import build_mot_tokenizer, VocabLayout
+from torchtitan_mot.model import MoTTransformer
+from torchtitan_mot.trainer.checkpoint_check import check_checkpoint_matches
+
+IMAGE = "image"
 
 
 def sample_token(
@@ -125,3 +140,52 @@ def save_png_grid(images: np.ndarray, path: str | Path, titles: list[str] | None
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Decoding images needs the [prepare] extra (Pillow); sampling alone does not.
+    from torchtitan_mot.data.prepare import load_tokenizer
+
+    p = argparse.ArgumentParser(prog="python -m torchtitan_mot.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="DCP step folder, checkpoint folder or dump folder")
+    p.add_argument("--prompt", action="append", required=True, help="repeatable")
+    p.add_argument("--config", default="train_configs/debug_mot.toml")
+    p.add_argument("--flavor", help="model flavor, if not the config's")
+    p.add_argument("--samples", type=int, default=10, help="images per prompt")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--dataset", help="dataset whose image tokenizer decodes the samples (default: the "
+                   "config's [training].dataset_path)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("outputs") / "generated_grid.png")
+    args = p.parse_args(argv)
+
+    cfg = load_job_config(["--job.config_file", args.config]
+                          + (["--model.flavor", args.flavor] if args.flavor else []))
+    tokenizer = build_mot_tokenizer(cfg)
+    codec = load_tokenizer(args.dataset or cfg.training.dataset_path, IMAGE)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    model = load_model(cfg, checkpoint, device)
+    generator = torch.Generator(device).manual_seed(args.seed)
+
+    images, titles = [], []
+    for prompt in args.prompt:
+        ids = [tokenizer.bos_id] + tokenizer.encode_segment("text", text=prompt)
+        batch = torch.tensor([ids] * args.samples, device=device)
+        out = generate_segment(model, batch, tokenizer.layout, IMAGE, codec.tokens_per_item,
+                               args.temperature, args.top_k, generator)
+        for row in out.tolist():
+            segments = tokenizer.decode_segments(row)
+            (image,) = [s["tokens"] for s in segments if s["modality"] == IMAGE]
+            images.append(codec.decode(np.array(image)))
+            titles.append(prompt if len(titles) % args.samples == 0 else "")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_png_grid(np.stack(images), args.out, titles=titles)
+    print(f"{len(images)} images from {checkpoint} ({cfg.model.flavor}, T={args.temperature}, "
+          f"top-k={args.top_k}) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -165,7 +165,7 @@ def test_demo_image_tokenizer_loads_from_the_dataset(tmp_path: Path) -> None:
     from PIL import Image
 
     from torchtitan_mot.data.prepare import load_tokenizer
-    from torchtitan_mot.testing.data import repeated_dataset
+    from harness.data import repeated_dataset
 
     demo = repeated_dataset(ROOT / "assets" / "demo" / "text_image", tmp_path / "copy")
     codec = load_tokenizer(demo, "image")
@@ -181,7 +181,7 @@ def test_demo_image_tokenizer_loads_from_the_dataset(tmp_path: Path) -> None:
 def test_repeated_dataset_copies_rows_in_either_format(tmp_path: Path) -> None:
     """The copy helper the parity tests rely on: train rows `copies` times in order, the
     validation split unchanged, and the jsonl form reads back as the same token stream."""
-    from torchtitan_mot.testing.data import repeated_dataset
+    from harness.data import repeated_dataset
 
     demo = ROOT / "assets" / "demo" / "text_image"
     tok2 = MultimodalTokenizer(TOKENIZER, ["text", "image"], [256])

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tb_scalars
+from harness.trainer import run_trainer, trainer_env
+
+from torchtitan_mot.run_metrics import LOSS, read_scalars
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "multinode_trainer.slurm"
@@ -111,12 +113,8 @@ def assert_node_logs(job: Job, losses: dict[int, float], steps: range) -> None:
 def reference(tmp_path_factory) -> dict[int, float]:
     """Losses of a plain `torchrun --nproc_per_node=2` run of the same arguments."""
     dump = tmp_path_factory.mktemp("torchrun") / "dump"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "-m", "torchtitan_mot.train", "--job.config_file", str(CONFIG), *trainer_args(dump)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(cmd, cwd=dump.parent, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    losses = tb_scalars(dump)
+    losses = run_trainer(["--job.config_file", str(CONFIG), *trainer_args(dump)], nproc=2,
+                         log_rank=None, cwd=dump.parent, env=trainer_env(OMP_NUM_THREADS="1")).scalars(LOSS)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return losses
 
@@ -128,7 +126,7 @@ def test_two_node_job_matches_torchrun(reference: dict[int, float], tmp_path: Pa
     assert job.wait() == 0, job.output[-4000:] + str(job.node_logs())[-4000:]
     assert "launch_check: " in job.output and "2 ranks = dp_replicate 1 x dp_shard 2" in job.output
     assert "head node node1 (127.0.0.1:" in job.output
-    losses = tb_scalars(tmp_path / "dump")
+    losses = read_scalars(tmp_path / "dump")
     diff = assert_losses_equal(losses, reference, range(1, STEPS + 1))
     assert_node_logs(job, losses, range(1, STEPS + 1))
     print(f"2-node SLURM job vs torchrun: max abs loss diff steps 1-{STEPS} = {diff} "
@@ -150,7 +148,7 @@ def test_node_failure_then_resubmit_resumes(reference: dict[int, float], tmp_pat
     assert first.wait() != 0
     assert "srun: error: node2: task 1: Killed by signal 9" in first.output, first.output[-4000:]
     assert not (ckpt / f"step-{STEPS}").exists(), "the first job was not stopped before the end"
-    before = tb_scalars(dump)
+    before = read_scalars(dump)
     diff_before = assert_losses_equal(before, reference, range(1, CKPT_EVERY + 1))
 
     second = Job(tmp_path, trainer_args(dump), job_env())
@@ -158,7 +156,7 @@ def test_node_failure_then_resubmit_resumes(reference: dict[int, float], tmp_pat
     for name, text in second.node_logs().items():
         assert f"Loading the checkpoint from {ckpt / f'step-{CKPT_EVERY}'}" in text, name
         assert f"Training starts at step {CKPT_EVERY + 1}" in text, name
-    resumed = tb_scalars(dump)
+    resumed = read_scalars(dump)
     diff_after = assert_losses_equal(resumed, reference, range(CKPT_EVERY + 1, STEPS + 1))
     assert_node_logs(second, resumed, range(CKPT_EVERY + 1, STEPS + 1))
     print(f"killed + resubmitted vs torchrun: max abs loss diff steps 1-{CKPT_EVERY} = "

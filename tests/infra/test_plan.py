@@ -1,4 +1,4 @@
-"""check_plan (torchtitan_mot.infra.plan): the real sharded model on meta under a fake
+"""check_plan (torchtitan_mot.check_plan over the memory model torchtitan_mot.plan): the real sharded model on meta under a fake
 process group, and the memory model's formulas."""
 
 import copy
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from torchtitan_mot import mot_args
-from torchtitan_mot.infra.plan import check_plan, format_plan, GIB, MEGATRON_BLOCK, USABLE
+from torchtitan_mot.check_plan import check_plan, format_plan
+from torchtitan_mot.plan import GIB, MEGATRON_BLOCK, USABLE
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,14 +83,15 @@ def test_tp_and_pp_shard_every_stage() -> None:
     # stage 0 is simulated on rank 0, stage 1 on rank 4; wq's 256 rows: /2 (TP) then /2 (FSDP)
     assert [(s.stage, s.rank) for s in plan.stages] == [(0, 0), (1, 4)]
     for s in plan.stages:
-        assert "Shard(dim=0)" in s.sharding and "local (64, 256)" in s.sharding, s.sharding
+        assert "sharded 2 ways on dim 0 over tp" in s.sharding, s.sharding
+        assert "local (64, 256)" in s.sharding, s.sharding
 
 
 def test_selective_every_nth_layer_is_between_full_and_none() -> None:
     """Layer SAC 2 on a 5-layer stage: layers 2 and 4 keep their input, 1, 3, 5 everything."""
     from torchtitan.config import JobConfig
 
-    from torchtitan_mot.infra.plan import activation_bytes
+    from torchtitan_mot.plan import activation_bytes
 
     args = mot_args["debugmodel"]
     job = JobConfig()
@@ -152,7 +154,7 @@ def test_no_ac_estimate_against_measured_saved_tensors() -> None:
     claim more than is saved, nor miss more than a quarter of it."""
     from torchtitan.config import JobConfig
 
-    from torchtitan_mot.infra.plan import activation_bytes
+    from torchtitan_mot.plan import activation_bytes
 
     batch, seq_len = 2, 128
     args = dataclasses.replace(mot_args["debugmodel"], vocab_size=300)
@@ -167,3 +169,14 @@ def test_no_ac_estimate_against_measured_saved_tensors() -> None:
     h = args.dim
     estimate = activation_bytes(args, job, 1, h, h, 4 * h, has_output=False, vocab_size=1)
     assert 0.75 * per_block <= estimate <= per_block, (estimate, per_block)
+
+
+def test_report_puts_the_verdict_first_and_placements_in_words() -> None:
+    """The verdict is the first line; the assumptions only with --verbose; no DTensor reprs."""
+    plan = check_plan(["--flavor", "debugmodel", "--ngpu", "8", "--tp", "2", "--seq-len", "256"])
+    report, verbose = format_plan(plan), format_plan(plan, verbose=True)
+    assert report.splitlines()[0].startswith("check_plan: fits: the largest rank needs "), report
+    assert "assumptions:" not in report and "assumptions:" in verbose
+    assert "Shard(" not in report and "sharded 4 ways on dim 0 over fsdp" in report, report
+    header = report.splitlines()[2]
+    assert "| unsharded blocks |" in header and "| FSDP gathered GiB |" in header, header

@@ -103,7 +103,7 @@ def test_compiled_blocks_trace_once_for_any_modality_mix() -> None:
     """fullgraph per-block compile; no recompilation when the modality mix changes."""
     from torch._dynamo.utils import counters
 
-    from torchtitan_mot.perf import CompileCounts
+    from torchtitan_mot.benchmark.perf import CompileCounts
 
     torch._dynamo.reset()
     counters.clear()

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchtitan_mot.model.inputs import HostTensor
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 from torchtitan_mot.model.routing import build_routing
-from torchtitan_mot.perf import CompileCounts
+from torchtitan_mot.benchmark.perf import CompileCounts
 
 SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, rope_theta=500000,
              max_seq_len=32)

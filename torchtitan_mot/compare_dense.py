@@ -1,36 +1,39 @@
 """Train MoT and its dense twin with the same data, seed and steps; compare validation loss.
 
-    python scripts/compare_dense.py                    # text + image, debugmodel vs debugmodel_dense
-    python scripts/compare_dense.py --three-modality   # text + image + speech, debugmodel_3modality
-    python scripts/compare_dense.py --untie ffn --untie attention   # + MoT with only those untied
-    python scripts/compare_dense.py --config train_configs/mot_37M.toml --steps 2000 --seeds 3
+    python -m torchtitan_mot.compare_dense                    # text + image, debugmodel vs debugmodel_dense
+    python -m torchtitan_mot.compare_dense --three-modality   # text + image + speech, debugmodel_3modality
+    python -m torchtitan_mot.compare_dense --untie ffn --untie attention   # + MoT with only those untied
+    python -m torchtitan_mot.compare_dense --config train_configs/mot_37M.toml --steps 2000 --seeds 3
 
 Each model is trained by the real trainer (`python -m torchtitan_mot.train`, the command users
 run) on `--config` (default `train_configs/compare_dense.toml`): MoT is the config's flavor,
 the dense twin is the registered flavor of the same shape with one modality. Per-modality
-validation losses are read back from TensorBoard events. Writes `assets/mot_vs_dense.png`
-(one panel per modality, one line per seed) and `assets/mot_vs_dense.csv`, and prints last,
+validation losses are read back from TensorBoard events (`torchtitan_mot.run_metrics`).
+Everything goes to the output folder `--out` (default `outputs/compare_dense`): the runs,
+`mot_vs_dense.png` (one panel per modality, one line per seed), `mot_vs_dense.csv` and
+`compare_dense.json` (every figure printed, for programs); `--png`, `--csv` and `--json`
+name other files (e.g. the tracked `assets/mot_vs_dense.png` when refreshing the docs). Prints last,
 per modality, the paper's measure: the fraction of the dense run's steps MoT needs to reach
 the dense run's final validation loss (`>1.00` if it never does); with `--seeds K` its mean
 and spread over K seeds (each seed changes initialisation; the data order is the dataset's).
 Extra trainer flags go after `--`. Each `--untie SETTING` (a `mot.untie` value, e.g. `ffn` or
 `attention,norms`) also trains the MoT flavor with only those components untied; the first
 seed's runs then share one figure (`--untie-png`) and steps-to-match is printed for each
-setting against the same dense run.
+setting against the same dense run (figure: `untie_ablation.png`, or `--untie-png`).
 """
 
 import argparse
 import csv
+import json
 import math
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from torchtitan_mot.run_metrics import read_scalars
 # --three-modality: the demo's text + image + speech setting, whatever the config says.
 THREE = ["--model.flavor", "debugmodel_3modality",
          "--training.dataset_path", "assets/demo/text_image_speech",
@@ -56,7 +59,7 @@ def train(name: str, flavor: str, dump: Path, seed: int, args: argparse.Namespac
     print(f"[{name}] {' '.join(cmd[1:])}\n[{name}] log: {dump / 'train.log'}", flush=True)
     start = time.perf_counter()
     with open(dump / "train.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         tail = (dump / "train.log").read_text().splitlines()[-30:]
@@ -67,17 +70,12 @@ def train(name: str, flavor: str, dump: Path, seed: int, args: argparse.Namespac
 
 def read_curves(dump: Path, modalities: list[str]) -> dict[str, Curve]:
     """`validation/loss/<modality>` (and the total) from the run's TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    runs = sorted((dump / "tb").iterdir())
-    if not runs:
-        raise FileNotFoundError(f"no TensorBoard run under {dump / 'tb'}")
-    acc = EventAccumulator(str(runs[-1]), size_guidance={"scalars": 0})
-    acc.Reload()
     curves = {}
     for key in ["total", *modalities]:
         tag = "validation/loss" if key == "total" else f"validation/loss/{key}"
-        curves[key] = [(e.step, e.value) for e in acc.Scalars(tag)]
+        curves[key] = sorted(read_scalars(dump, tag).items())
+        if not curves[key]:
+            raise FileNotFoundError(f"no {tag} in the TensorBoard events under {dump}")
     return curves
 
 
@@ -213,45 +211,43 @@ def summarize(ratios: list[float]) -> str:
 
 
 def config_setting(config: Path, extra: list[str]) -> tuple[str, str, list[str]]:
-    """(MoT flavor, training data, modalities) the trainer will use: the config's, unless
-    overridden by the trainer flags (the last flag wins, as in the trainer)."""
-    with open(config, "rb") as f:
-        toml = tomllib.load(f)
-    flavor = toml["model"]["flavor"]
-    data = toml["training"]["dataset_path"]
-    modalities = list(toml["mot"]["modalities"])
-    for flag, value in zip(extra, extra[1:]):
-        if flag == "--model.flavor":
-            flavor = value
-        elif flag == "--training.dataset_path":
-            data = value
-        elif flag == "--mot.modalities":
-            modalities = value.split(",")
-    return flavor, data, modalities
+    """(MoT flavor, training data, modalities) the trainer will use: the job config as the
+    trainer loads it (the config plus the trainer flags)."""
+    from torchtitan_mot.config import load_job_config
+
+    job = load_job_config(["--job.config_file", str(config), *extra])
+    return job.model.flavor, job.training.dataset_path, list(job.mot.modalities)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m torchtitan_mot.compare_dense", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--three-modality", action="store_true", help="text+image+speech (debugmodel_3modality)")
-    p.add_argument("--config", type=Path, default=REPO / "train_configs" / "compare_dense.toml")
+    p.add_argument("--config", type=Path, default=Path("train_configs") / "compare_dense.toml")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--seeds", type=int, default=1,
                    help="number of seeds (seed, seed+1, ...): mean and spread of steps-to-match")
-    p.add_argument("--out", type=Path, default=REPO / "outputs" / "compare_dense",
-                   help="dump folders <out>/mot and <out>/dense, or <out>/seed<S>/{mot,dense} "
-                        "with several seeds (checkpoints, logs, TensorBoard)")
-    p.add_argument("--png", type=Path, default=REPO / "assets" / "mot_vs_dense.png")
-    p.add_argument("--csv", type=Path, default=REPO / "assets" / "mot_vs_dense.csv")
+    p.add_argument("--out", type=Path, default=Path("outputs") / "compare_dense",
+                   help="output folder: dump folders <out>/mot and <out>/dense, or "
+                        "<out>/seed<S>/{mot,dense} with several seeds (checkpoints, logs, "
+                        "TensorBoard), and the figure, CSV and JSON")
+    p.add_argument("--png", type=Path, help="the curves figure (default <out>/mot_vs_dense.png)")
+    p.add_argument("--csv", type=Path, help="the curves table (default <out>/mot_vs_dense.csv)")
+    p.add_argument("--json", type=Path, help="every printed figure (default <out>/compare_dense.json)")
     p.add_argument("--skip-training", action="store_true", help="re-plot existing runs in --out")
     p.add_argument("--untie", action="append", default=[],
                    help="also train MoT with only these components untied (repeatable), e.g. ffn")
-    p.add_argument("--untie-png", type=Path, default=REPO / "assets" / "untie_ablation.png")
+    p.add_argument("--untie-png", type=Path, help="the --untie figure (default <out>/untie_ablation.png)")
     p.add_argument("extra", nargs="*", help="trainer overrides, after `--`")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds must be at least 1, got {args.seeds}")
     args.out = args.out.resolve()
+    png = args.png or args.out / "mot_vs_dense.png"
+    csv_path = args.csv or args.out / "mot_vs_dense.csv"
+    json_path = args.json or args.out / "compare_dense.json"
+    untie_png = args.untie_png or args.out / "untie_ablation.png"
     extra = (THREE if args.three_modality else []) + args.extra
     flavor, data, modalities = config_setting(args.config, extra)
     from torchtitan_mot import dense_twin_flavor
@@ -262,6 +258,8 @@ def main() -> None:
     seeds = list(range(args.seed, args.seed + args.seeds))
     keys = ["total", *modalities]
     runs: list[dict[str, dict[str, Curve]]] = []
+    report: dict = {"config": str(args.config), "steps": args.steps, "data": data,
+                    "flavors": flavors, "seeds": {}}
     for seed in seeds:
         out = args.out if len(seeds) == 1 else args.out / f"seed{seed}"
         seconds = {}
@@ -272,31 +270,43 @@ def main() -> None:
                                       extra + untie_flags)
         curves = {name: read_curves(out / name, modalities) for name in flavors}
         runs.append(curves)
+        report["seeds"][seed] = {}
         for name in flavors:
-            final = "  ".join(f"{k} {curves[name][k][-1][1]:.4f}" for k in keys)
+            final = {k: curves[name][k][-1][1] for k in keys}
+            report["seeds"][seed][name] = {"final_validation_loss": final, "seconds": seconds.get(name),
+                                           "checkpoint": str(out / name / "checkpoint")}
             took = f" in {seconds[name]:.0f} s" if name in seconds else ""
-            print(f"seed {seed} {name}: final validation loss {final}{took}; "
-                  f"checkpoint {out / name / 'checkpoint'}")
+            print(f"seed {seed} {name}: final validation loss "
+                  + "  ".join(f"{k} {v:.4f}" for k, v in final.items())
+                  + f"{took}; checkpoint {out / name / 'checkpoint'}")
     ratios = {k: [steps_to_match(c["mot"][k], c["dense"][k]) for c in runs] for k in keys}
 
-    args.png.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(args.csv, runs[0] if len(seeds) == 1 else {
+    for path in (png, csv_path, json_path, untie_png):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(csv_path, runs[0] if len(seeds) == 1 else {
         f"seed{seed}_{name}": curves for seed, run in zip(seeds, runs) for name, curves in run.items()
     })
-    plot(args.png, runs, modalities, ratios,
+    plot(png, runs, modalities, ratios,
          f"MoT ({flavors['mot']}) vs dense ({flavors['dense']}), {args.steps} steps, "
          f"seeds {seeds[0]}-{seeds[-1]}, {data}")
-    print(f"wrote {args.png} and {args.csv}")
+    print(f"wrote {png} and {csv_path}")
+    # JSON has no infinity: a seed where MoT never matched is null.
+    report["steps_to_match"] = {k: {"per_seed": [r if math.isfinite(r) else None for r in ratios[k]],
+                                    "summary": summarize(ratios[k])} for k in keys}
     for key in keys:
         per_seed = "" if len(seeds) == 1 else "; per seed " + " ".join(map(format_ratio, ratios[key]))
         print(f"steps-to-match {key}: {summarize(ratios[key])}{per_seed}")
     if untie:
-        by_run = plot_settings(args.untie_png, runs[0], modalities,
+        by_run = plot_settings(untie_png, runs[0], modalities,
                                f"mot.untie settings vs full MoT and dense, {flavors['mot']}, "
                                f"{args.steps} steps, seed {seeds[0]}")
-        print(f"wrote {args.untie_png}")
+        print(f"wrote {untie_png}")
+        report["untie_steps_to_match"] = {name: {k: v if math.isfinite(v) else None for k, v in r.items()}
+                                          for name, r in by_run.items()}
         for name, r in by_run.items():
             print(f"steps-to-match {name}: " + "  ".join(f"{k} {format_ratio(v)}" for k, v in r.items()))
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {json_path}")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,13 @@
-"""Per-GPU memory plan of an MoT training config, checked without GPUs.
+"""The memory model: per-GPU memory of an MoT training job, estimated without GPUs.
 
-    python scripts/check_plan.py --config train_configs/mot_8B_3modality.toml
-    python scripts/check_plan.py --flavor 70B_3modality --ngpu 256 --tp 8 --pp 4
-
-The job config is parsed by TorchTitan's own `ConfigManager` (as the trainer does), the model
-is built on the meta device under a fake process group (one simulated rank per pipeline
-stage: the first rank of each stage) and the REAL `parallelize_mot` (and TorchTitan's
-pipeline split for pp > 1) is applied, so the shard sizes and FSDP reshard policy are the
-ones a run gets. Memory is then estimated per stage from those shards (see `ASSUMPTIONS`);
-the largest stage is the one that has to fit. The GPU count and memory a shipped config is
-planned for come from its `# check_plan: --ngpu N --gpu-gib G  (note)` comment line.
+The model is built on the meta device under a fake process group (one simulated rank per
+pipeline stage: the first rank of each stage) and the REAL `parallelize_mot` (and
+TorchTitan's pipeline split for pp > 1) is applied, so the shard sizes and FSDP reshard
+policy are the ones a run gets. Memory is then estimated per stage from those shards (see
+`ASSUMPTIONS`); the largest stage is the one that has to fit. The command line is
+`python -m torchtitan_mot.check_plan`.
 """
 
-import argparse
-import re
-import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +15,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 from torchtitan.config import JobConfig, TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 
-from torchtitan_mot import build_model_args, mot_args
-from torchtitan_mot.config import load_job_config, resolve_job_config
+from torchtitan_mot import build_model_args
+from torchtitan_mot.config import resolve_job_config
 from torchtitan_mot.data.tokenizer import VocabLayout
 from torchtitan_mot.compat.cpu import enable_cpu_fallback
 from torchtitan_mot.compat.torchtitan_0_2_2 import fsdp_reshards_after_forward
@@ -45,7 +39,6 @@ CUDA context, compile workspaces)."""
 MEGATRON_BLOCK = 34
 """Bytes per token per hidden unit a transformer block keeps for backward without AC (bf16,
 flash attention, sequence parallel; Korthikanti et al. 2022), divided by tp."""
-COMMENT = re.compile(r"^#\s*check_plan:(.*)$", re.M)
 
 ASSUMPTIONS = """\
 assumptions:
@@ -115,6 +108,26 @@ def _local_numel(p: torch.Tensor) -> int:
 
 def _numel(module: nn.Module) -> int:
     return sum(_local_numel(p) for p in module.parameters())
+
+
+def placements_in_words(param: torch.Tensor) -> str:
+    """A parameter's DTensor placements as a user reads them: `sharded 8 ways on dim 0
+    over dp_shard_cp` rather than `_StridedShard(dim=0, sf=8)` (the strided variant is how
+    FSDP shards a TP shard; for memory it is an ordinary shard, and torch 2.13 does not
+    derive it from `Shard`)."""
+    if not hasattr(param, "placements"):
+        return "not sharded"
+    mesh = param.device_mesh
+    names = mesh.mesh_dim_names or tuple(f"mesh dim {i}" for i in range(mesh.ndim))
+    words = []
+    for name, size, placement in zip(names, mesh.shape, param.placements):
+        if isinstance(placement, (Shard, _StridedShard)):
+            words.append(f"sharded {size} ways on dim {placement.dim} over {name}")
+        elif isinstance(placement, Replicate):
+            words.append(f"replicated over {name}")
+        else:
+            words.append(f"partial sums over {name}")
+    return ", ".join(words)
 
 
 def vocab_layout(job: JobConfig) -> tuple[VocabLayout, str]:
@@ -197,7 +210,7 @@ def plan_stage(job: JobConfig, ngpu: int, args: MoTModelArgs, stage: int) -> Sta
         attn, ffn = blocks[0].attention, blocks[0].feed_forward
         wq = attn.wq[0].weight
         local_wq = wq.to_local() if hasattr(wq, "to_local") else wq
-        sharding = f"wq.0 {tuple(getattr(wq, 'placements', ()))} local {tuple(local_wq.shape)}"
+        sharding = f"{placements_in_words(wq)}, local {tuple(local_wq.shape)}"
         params = sum(_numel(m) for m in parts)
         # FSDP units kept all-gathered (with unsharded grads) through the step; block_numel
         # is FSDP-sharded over dp_shard x cp (TorchTitan's "fsdp" mesh), x fsdp is TP-local.
@@ -221,90 +234,9 @@ def plan_stage(job: JobConfig, ngpu: int, args: MoTModelArgs, stage: int) -> Sta
                      16 * params / GIB, fsdp_bytes / GIB, act / GIB)
 
 
-def _planned_for(path: str) -> argparse.Namespace:
-    """`--ngpu` and `--gpu-gib` from the config's `# check_plan:` comment line."""
-    found = COMMENT.findall(Path(path).read_text())
-    if len(found) != 1:
-        raise ValueError(
-            f"{path}: expected one '# check_plan: --ngpu N --gpu-gib G  (note)' comment line "
-            f"naming the GPUs this config is planned for, found {len(found)}"
-        )
-    p = argparse.ArgumentParser(prog=f"{path}: # check_plan:", add_help=False)
-    p.add_argument("--ngpu", type=int, required=True)
-    p.add_argument("--gpu-gib", type=float, required=True)
-    return p.parse_args(shlex.split(found[0].split("(", 1)[0]))
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="a training TOML; the flags below then override it")
-    p.add_argument("--flavor", choices=sorted(mot_args), help="model.flavor (required without --config)")
-    p.add_argument("--ngpu", type=int, help="GPUs (required without --config)")
-    p.add_argument("--gpu-gib", type=float, help="memory of one GPU (default 80 without --config)")
-    p.add_argument("--tp", type=int)
-    p.add_argument("--pp", type=int)
-    p.add_argument("--cp", type=int)
-    p.add_argument("--dp-replicate", type=int)
-    p.add_argument("--dp-shard", type=int, help="-1: whatever is left")
-    p.add_argument("--seq-len", type=int, help="default 8192 without --config")
-    p.add_argument("--local-batch-size", type=int, help="sequences per data-parallel rank per step "
-                   "(default without --config: 1, or 2*pp with PP)")
-    p.add_argument("--microbatch-size", type=int)
-    p.add_argument("--ac", choices=["full", "selective", "none"], help="default full without --config")
-    p.add_argument("--selective-ac-option", help="'op' or N (every Nth layer)")
-    p.add_argument("--codebook-sizes", type=int, nargs="+",
-                   help="mot.codebook_sizes, one per non-text modality (default without --config: 8192 each)")
-    return p
-
-
-_TITAN_FLAGS = {
-    "flavor": "--model.flavor", "tp": "--parallelism.tensor_parallel_degree",
-    "pp": "--parallelism.pipeline_parallel_degree", "cp": "--parallelism.context_parallel_degree",
-    "dp_replicate": "--parallelism.data_parallel_replicate_degree",
-    "dp_shard": "--parallelism.data_parallel_shard_degree", "seq_len": "--training.seq_len",
-    "local_batch_size": "--training.local_batch_size",
-    "microbatch_size": "--parallelism.pipeline_parallel_microbatch_size",
-    "ac": "--activation_checkpoint.mode",
-    "selective_ac_option": "--activation_checkpoint.selective_ac_option",
-}
-
-
-def load_plan_inputs(argv: list[str]) -> tuple[str, JobConfig, int, float]:
-    """Parse check_plan's arguments into (source, job config, ngpu, gpu_gib) via ConfigManager."""
-    a = _parser().parse_args(argv)
-    titan = ["--job.custom_config_module", "torchtitan_mot.config"]
-    if a.config:
-        source = a.config
-        planned = _planned_for(a.config)
-        a.ngpu = a.ngpu or planned.ngpu
-        a.gpu_gib = a.gpu_gib or planned.gpu_gib
-        titan += ["--job.config_file", a.config]
-    else:
-        if a.flavor is None or a.ngpu is None:
-            raise SystemExit("check_plan: --flavor and --ngpu are required without --config")
-        source = "command line"
-        pp = a.pp or 1
-        a.gpu_gib = a.gpu_gib or 80.0
-        a.seq_len = a.seq_len or 8192
-        a.local_batch_size = a.local_batch_size or (2 * pp if pp > 1 else 1)
-        a.ac = a.ac or "full"
-        n_mod = max(2, mot_args[a.flavor].n_modalities)  # the dense twin still reads image tokens
-        modalities = ["text", "image", "speech"][:n_mod]
-        a.codebook_sizes = a.codebook_sizes or [8192] * (n_mod - 1)
-        titan += ["--model.hf_assets_path", "", "--training.mixed_precision_param", "bfloat16",
-                  "--mot.modalities", ",".join(modalities)]
-    if a.codebook_sizes:
-        titan += ["--mot.codebook_sizes", *map(str, a.codebook_sizes)]
-    for name, flag in _TITAN_FLAGS.items():
-        if getattr(a, name) is not None:
-            titan += [flag, str(getattr(a, name))]
-    job = load_job_config(titan, read_data=False, text_vocab_fallback=LLAMA3_TEXT_VOCAB)
-    return source, job, a.ngpu, a.gpu_gib
-
-
-def check_plan(argv: list[str]) -> Plan:
-    """Build the plan of a config (or of command-line flags) on meta, one rank per stage."""
-    source, job, ngpu, gpu_gib = load_plan_inputs(argv)
+def build_plan(source: str, job: JobConfig, ngpu: int, gpu_gib: float) -> Plan:
+    """The plan of `job` on `ngpu` GPUs of `gpu_gib` GiB, one simulated rank per stage
+    (`source` names the config in errors and the report)."""
     vocab, vocab_source = vocab_layout(job)
     try:  # the trainer's own checks of the flavor against [mot] (modalities, untie)
         args = build_model_args(job, vocab)
@@ -314,42 +246,3 @@ def check_plan(argv: list[str]) -> Plan:
     dims = parallel_dims(job, ngpu)
     stages = [plan_stage(job, ngpu, args, s) for s in range(dims.pp)]
     return Plan(source, job, ngpu, dims.dp_shard, gpu_gib, vocab, vocab_source, stages)
-
-
-def format_plan(plan: Plan) -> str:
-    """The plan as printed: layout header, assumptions, one row per stage, the verdict."""
-    job, p = plan.job, plan.job.parallelism
-    ac = job.activation_checkpoint
-    ac_text = f"{ac.mode} ({ac.selective_ac_option})" if ac.mode == "selective" else ac.mode
-    lines = [
-        f"{plan.source}: {job.model.flavor} on {plan.ngpu} GPUs of {plan.gpu_gib:g} GiB = dp_replicate "
-        f"{p.data_parallel_replicate_degree} x dp_shard {plan.dp_shard} x cp "
-        f"{p.context_parallel_degree} x tp {p.tensor_parallel_degree} x pp {p.pipeline_parallel_degree}; "
-        f"seq_len {job.training.seq_len}, local batch {job.training.local_batch_size}, micro-batch "
-        f"{p.pipeline_parallel_microbatch_size}, AC {ac_text}, FSDP reshard policy "
-        f"{p.fsdp_reshard_after_forward}; vocab {plan.vocab.vocab_size:,} = {plan.vocab_source} + "
-        f"codebooks {list(plan.vocab.codebook_sizes)} + 2 markers each",
-        ASSUMPTIONS,
-        f"{'stage':>5} {'rank':>5} {'layers':>6} {'params/rank':>12} {'state GiB':>9} {'unsharded':>9} "
-        f"{'FSDP GiB':>8} {'act GiB':>8} {'total GiB':>9}  sharding",
-    ]
-    for r in plan.stages:
-        lines.append(
-            f"{r.stage:>5} {r.rank:>5} {r.layers:>6} {r.params / 1e9:>11.3f}B {r.state_gib:>9.1f} "
-            f"{r.unsharded_blocks:>9} {r.fsdp_gib:>8.1f} {r.act_gib:>8.1f} {r.total_gib:>9.1f}  {r.sharding}"
-        )
-    verdict = "fits" if plan.fits else "does NOT fit"
-    lines.append(
-        f"sum over stages of one rank's shard: {sum(r.params for r in plan.stages) / 1e9:.3f}B params; "
-        f"largest rank {plan.worst.total_gib:.1f} GiB -> {verdict} in {plan.gpu_gib:g} GiB "
-        f"({USABLE:.0%} usable = {USABLE * plan.gpu_gib:.1f} GiB)"
-    )
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Print the plan; exit 1 when the largest rank does not fit."""
-    plan = check_plan(sys.argv[1:] if argv is None else argv)
-    print(format_plan(plan))
-    if not plan.fits:
-        raise SystemExit(1)

@@ -19,8 +19,8 @@ from torch._dynamo.utils import counters
 from torchtitan.models.llama3.model.args import TransformerModelArgs
 from torchtitan.models.llama3.model.model import Transformer
 
-from .model import MoTModelArgs, MoTTransformer
-from .model.routing import routed_mm
+from torchtitan_mot.model import MoTModelArgs, MoTTransformer
+from torchtitan_mot.model.routing import routed_mm
 
 
 def build_model(

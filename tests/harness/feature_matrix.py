@@ -11,26 +11,26 @@ matrix, and runs each end to end through `python -m torchtitan_mot.train` on the
 - a set that changes the math (precision, batch) must train: finite losses that fall;
 - a set MoT cannot support must be refused at start-up with a message naming the flag;
 - a set that needs CUDA kernels (flex-attention backward, varlen flash attention, context
-  parallel attention) is reported as such and run by `scripts/gpu_acceptance.py --multi-gpu`.
+  parallel attention) is reported as such and run by the multi-GPU acceptance tests
+  (tests/gpu/, `python scripts/gpu_acceptance.py --multi-gpu`).
 
-`python scripts/feature_matrix.py` runs all of it; tests/e2e/test_feature_matrix.py a subset.
+tests/e2e/test_feature_matrix.py runs CI's subset; `python scripts/feature_matrix.py` all of it.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import repeated_dataset
+from harness.data import repeated_dataset
+from harness.trainer import Run, run_trainer
 
 STEPS = 10
 BASE_OVERRIDES = (
@@ -50,7 +50,6 @@ BASE_OVERRIDES = (
 """Applied before every set's own overrides (which win). Full precision by default, so a set
 that does not change the math is compared exactly; the precision sets choose theirs."""
 
-STEP_RE = re.compile(r"step:\s*(\d+)\s+loss:\s*(-?[\d.]+|nan|inf)\s+grad_norm:\s*([\d.]+|nan|inf)")
 # measured (2026-12-03: 2d_compile, pp_zbv, precision_tp2_default): loss 1e-5 (the printed digit),
 # grad norm 5.4e-5 relative
 PARITY_LOSS_ABS = 5e-5
@@ -253,8 +252,8 @@ CI_SUBSET = (
     "precision_autocast_bf16", "precision_ddp2_autocast", "precision_fsdp2_bf16",
     "precision_pure_bf16", "precision_pp2_fsdp2_bf16", "precision_tp2_default",
 )
-"""What CI runs (one of each kind of fix, and the precision matrix); the rest runs from
-`scripts/feature_matrix.py` (about 40 minutes on 2 cores)."""
+"""What CI runs (one of each kind of fix, and the precision matrix); all of them:
+`python scripts/feature_matrix.py` (about 40 minutes on 2 cores)."""
 
 
 @dataclass
@@ -278,19 +277,10 @@ class FeatureMatrix:
 
     # -- running the trainer ----------------------------------------------------------------
 
-    def run_trainer(self, args: Sequence[str], nproc: int) -> tuple[int, str]:
-        """`python -m torchtitan_mot.train` (torchrun when nproc > 1); (exit code, all logs)."""
-        module = ["-m", "torchtitan_mot.train"]
-        if nproc == 1:
-            cmd = [sys.executable, *module, *args]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                   "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", *module, *args]
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env["PYTHONPATH"] = os.pathsep.join([str(self.repo), env.get("PYTHONPATH", "")])
-        proc = subprocess.run(cmd, cwd=self.repo, env=env, capture_output=True, text=True,
-                              timeout=self.timeout)
-        return proc.returncode, re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)
+    def run_trainer(self, args: Sequence[str], nproc: int) -> Run:
+        """`python -m torchtitan_mot.train` (torchrun when nproc > 1, every rank's output)."""
+        return run_trainer(args, nproc, log_rank=None, check=False, timeout=self.timeout,
+                           cwd=self.repo)
 
     def base_args(self, dump: Path) -> list[str]:
         return ["--job.config_file", str(self.repo / "train_configs" / "debug_mot.toml"),
@@ -316,10 +306,10 @@ class FeatureMatrix:
             root = self.workdir / "seed"
             if not (root / "checkpoint" / "step-0" / ".metadata").exists():
                 shutil.rmtree(root, ignore_errors=True)
-                code, log = self.run_trainer(
+                run = self.run_trainer(
                     [*self.base_args(root), "--checkpoint.enable", "--checkpoint.create_seed_checkpoint"], 1)
-                if code:
-                    raise RuntimeError(f"seed checkpoint failed:\n{log[-4000:]}")
+                if run.returncode:
+                    raise RuntimeError(f"seed checkpoint failed:\n{run.log[-4000:]}")
             self._seed = ["--checkpoint.enable", "--checkpoint.initial_load_path",
                           str(root / "checkpoint" / "step-0"), "--checkpoint.interval", "1000"]
         return self._seed
@@ -330,10 +320,10 @@ class FeatureMatrix:
         if key not in self._references:
             dump = self.workdir / ("reference" + "".join(a.replace("-", "_") for a in key))
             shutil.rmtree(dump, ignore_errors=True)
-            code, log = self.run_trainer([*self.base_args(dump), *self.seed_args(), *extra], 1)
-            if code:
-                raise RuntimeError(f"reference run failed:\n{log[-4000:]}")
-            self._references[key] = parse_steps(log)
+            run = self.run_trainer([*self.base_args(dump), *self.seed_args(), *extra], 1)
+            if run.returncode:
+                raise RuntimeError(f"reference run failed:\n{run.log[-4000:]}")
+            self._references[key] = run.steps()
         return self._references[key]
 
     # -- one set ----------------------------------------------------------------------------
@@ -357,14 +347,14 @@ class FeatureMatrix:
         logs: list[dict[int, tuple[float, float]]] = []
         for i, overrides in enumerate(fs.runs):
             args = [*self.base_args(dump), *self.seed_args(), *(a.format(**fields) for a in overrides)]
-            code, log = self.run_trainer(args, fs.ngpu)
+            run = self.run_trainer(args, fs.ngpu)
             if fs.check == "refused":
-                if code and re.search(fs.refusal, log) and not parse_steps(log):
+                if run.returncode and re.search(fs.refusal, run.log) and not run.steps():
                     return "passed", f"refused at start-up ({fs.refusal})", {}
-                return "failed", f"expected a start-up refusal matching {fs.refusal!r} before step 1; " + _tail(log), {}
-            if code:
-                return "failed", f"run {i + 1} exited {code}: " + _tail(log), {}
-            logs.append(parse_steps(log))
+                return "failed", f"expected a start-up refusal matching {fs.refusal!r} before step 1; " + _tail(run.log), {}
+            if run.returncode:
+                return "failed", f"run {i + 1} exited {run.returncode}: " + _tail(run.log), {}
+            logs.append(run.steps())
         first, last = logs[0], logs[-1]
         if fs.check == "resumes":
             if not last or min(last) != max(first) + 1:
@@ -406,17 +396,6 @@ def _cuda_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def parse_steps(log: str) -> dict[int, tuple[float, float]]:
-    """{step: (loss, grad_norm)} from a trainer log. Pipeline stages without the loss log a
-    negative placeholder (TorchTitan's -1, summed over data-parallel ranks)."""
-    steps: dict[int, tuple[float, float]] = {}
-    for m in STEP_RE.finditer(log):
-        loss = float(m.group(2))
-        if not loss < 0:
-            steps.setdefault(int(m.group(1)), (loss, float(m.group(3))))
-    return steps
-
-
 def _finite(steps: dict[int, tuple[float, float]]) -> tuple[str, str, dict] | None:
     bad = {s: v for s, v in steps.items() if not all(math.isfinite(x) for x in v)}
     return ("failed", f"non-finite at steps {sorted(bad)}", steps) if bad else None
@@ -431,31 +410,3 @@ def summary_line(outcomes: Sequence[Outcome]) -> str:
     count = {s: sum(o.status == s for o in outcomes) for s in ("passed", "failed", "needs CUDA", "disabled")}
     return (f"feature matrix: {count['passed']} passed, {count['failed']} failed, "
             f"{count['needs CUDA']} need CUDA, {count['disabled']} disabled upstream")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-    import tempfile
-
-    p = argparse.ArgumentParser(description="Run TorchTitan's feature matrix with MoT on CPU.")
-    p.add_argument("--only", nargs="*", default=None, help="set names (default: all)")
-    p.add_argument("--ci-subset", action="store_true", help="only the sets CI runs")
-    p.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
-    p.add_argument("--repo", type=Path, default=Path.cwd(), help="repository root (train_configs/, assets/)")
-    a = p.parse_args(argv)
-    names = a.only if a.only is not None else (CI_SUBSET if a.ci_subset else None)
-    sets = [fs for fs in FEATURE_SETS if names is None or fs.name in names]
-    unknown = sorted(set(names or ()) - {fs.name for fs in FEATURE_SETS})
-    if unknown:
-        p.error(f"unknown feature sets {unknown}")
-    workdir = a.workdir or Path(tempfile.mkdtemp(prefix="feature_matrix_"))
-    matrix = FeatureMatrix(a.repo, workdir)
-    start = time.monotonic()
-    outcomes = []
-    for fs in sets:
-        outcome = matrix.run(fs)
-        outcomes.append(outcome)
-        print(f"{outcome.name:34} {outcome.status:10} {outcome.seconds:6.0f}s  {outcome.detail}", flush=True)
-    print(f"wall time {time.monotonic() - start:.0f} s; work folder {workdir}")
-    print(summary_line(outcomes))
-    return 1 if any(o.status == "failed" for o in outcomes) else 0

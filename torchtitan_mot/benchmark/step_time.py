@@ -25,8 +25,8 @@ Page faults per step are printed too: with glibc's default settings a CPU step r
 its activations from the OS and the two models can differ by 10% for that reason alone, so
 by default the benchmark keeps freed memory resident (`--host-malloc`).
 
-Example:
-    python scripts/benchmark.py --flavor debugmodel --seq-len 2048 --batch 4 --steps 20
+The command line is `python -m torchtitan_mot.benchmark`; `run` returns every figure as a
+JSON-able dict (what `--json FILE` writes).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from torchtitan.tools.utils import get_peak_flops
 
 from torchtitan_mot import mot_args
 from torchtitan_mot.model import MoTModelArgs
-from torchtitan_mot.perf import build_model, CompileCounts, split_counts
+from torchtitan_mot.benchmark.perf import build_model, CompileCounts, split_counts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _TOTAL = "Total"  # MemTracker's key for the sum over tensor categories
@@ -73,41 +73,6 @@ def keep_freed_memory_resident() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
-
-
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--flavor", default="debugmodel", choices=sorted(mot_args))
-    p.add_argument("--dim", type=int, help="overrides the flavor's dim")
-    p.add_argument("--n-layers", type=int, help="overrides the flavor's n_layers")
-    p.add_argument("--n-heads", type=int, help="overrides the flavor's n_heads")
-    p.add_argument("--n-kv-heads", type=int, help="overrides the flavor's n_kv_heads")
-    p.add_argument("--n-modalities", type=int, help="overrides the flavor's (must be > 1)")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--mix", default=None, help="per-modality token fractions, e.g. 0.5,0.5")
-    p.add_argument("--mix-jitter", type=float, default=0.2,
-                   help="each fraction moves by U(-j, j) per step before renormalising")
-    p.add_argument("--placement", choices=("segments", "random"), default="segments")
-    p.add_argument("--segment-len", type=int, default=128, help="mean run length (segments)")
-    p.add_argument("--steps", type=int, default=20, help="measured steps per model")
-    p.add_argument("--warmup", type=int, default=3, help="unmeasured steps per model")
-    p.add_argument("--compile", action="store_true", help="per-block torch.compile(fullgraph)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="parameter and activation dtype, no autocast (default: bf16 on "
-                        "CUDA, fp32 elsewhere)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--host-malloc", choices=("resident", "default"), default="resident",
-                   help="CPU: keep freed memory in glibc's heap between steps (see "
-                        "keep_freed_memory_resident) or leave "
-                        "glibc's defaults, under which page faults dominate the step time")
-    a = p.parse_args()
-    if a.dtype is None:
-        a.dtype = "bf16" if a.device.startswith("cuda") else "fp32"
-    return a
 
 
 def llama3_args(args: MoTModelArgs) -> TransformerModelArgs:
@@ -268,8 +233,13 @@ def median_ci(xs: list[float], level: float = 0.95, resamples: int = 2000) -> tu
     return float(medians.quantile(tail)), float(medians.quantile(1 - tail))
 
 
-def main() -> None:
-    a = parse_args()
+
+
+def run(a: argparse.Namespace) -> dict:
+    """Train the MoT model, its dense twin and Llama3 alternately; every figure, JSON-able.
+
+    `a` holds the command line's settings (`python -m torchtitan_mot.benchmark --help`).
+    """
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -282,12 +252,14 @@ def main() -> None:
     llama3 = Runner("llama3", llama3_args(args), a)
     runners = (mot, dense, llama3)
     tokens_per_step = a.batch * a.seq_len
-    print(f"device={a.device} dtype={a.dtype} threads={torch.get_num_threads()} "
-          f"compile={a.compile} dim={args.dim} n_layers={args.n_layers} n_heads={args.n_heads} "
-          f"n_kv_heads={args.n_kv_heads or args.n_heads} vocab={a.vocab} seq_len={a.seq_len} "
-          f"batch={a.batch} mix={[round(f, 3) for f in mix.tolist()]}±{a.mix_jitter} "
-          f"placement={a.placement} warmup={a.warmup} steps={a.steps} "
-          f"host_malloc={'resident' if resident else 'default'}")
+    settings = {
+        "device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(),
+        "compile": a.compile, "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
+        "n_kv_heads": args.n_kv_heads or args.n_heads, "vocab": a.vocab, "seq_len": a.seq_len,
+        "batch": a.batch, "mix": [round(f, 3) for f in mix.tolist()], "mix_jitter": a.mix_jitter,
+        "placement": a.placement, "warmup": a.warmup, "steps": a.steps,
+        "host_malloc": "resident" if resident else "default",
+    }
 
     gen = torch.Generator().manual_seed(a.seed)
     seen_mixes: list[list[float]] = []
@@ -307,50 +279,43 @@ def main() -> None:
             runner.track_cpu_memory(batch)
 
     first = [round(f[0], 3) for f in seen_mixes]
-    print(f"modality-0 fraction over measured steps: min {min(first)} max {max(first)} "
-          f"({len({tuple(f) for f in seen_mixes})} distinct mixes)")
-    print("active FLOPs per token (fwd+bwd, TorchTitan's count): "
-          + "  ".join(f"{r.name} {r.flops_per_token:.4g}" for r in runners))
     # TorchTitan's MFU: its peak bf16 FLOP/s table for the device (none for a CPU).
     peak_flops = (get_peak_flops(torch.cuda.get_device_name(a.device))
                   if a.device.startswith("cuda") else None)
-    memory_source = ("cuda max_memory_allocated" if a.device == "cuda"
-                     else "torch.distributed._tools.mem_tracker.MemTracker (live tensors)"
-                     + (", an eager step" if a.compile else ""))
-    header = (f"{'model':<8} {'params':>9} {'median ms':>10} {'min ms':>8} {'p10-p90 ms':>17} "
-              f"{'tok/s':>9} "
-              f"{'TFLOP/s':>8} {'state MiB':>10} {'in-step MiB':>12} {'total MiB':>10} "
-              f"{'faults/step':>11} {'MFU %':>6}")
-    print(f"in-step memory from: {memory_source}")
-    print(header)
-    print("-" * len(header))
-    medians = {}
+    models = {}
     for r in runners:
         med = statistics.median(r.times)
-        medians[r.name] = med
         state, peak = r.state_bytes() / 2**20, r.in_step_peak / 2**20
-        spread = f"{percentile(r.times, 0.1) * 1e3:.1f}-{percentile(r.times, 0.9) * 1e3:.1f}"
         tflops = r.flops_per_token * tokens_per_step / med / 1e12
-        mfu = f"{100 * tflops * 1e12 / peak_flops:.1f}" if peak_flops else "-"
-        print(f"{r.name:<8} {r.n_params / 1e6:>8.2f}M {med * 1e3:>10.1f} "
-              f"{min(r.times) * 1e3:>8.1f} {spread:>17} {tokens_per_step / med:>9.0f} "
-              f"{tflops:>8.3f} {state:>10.1f} {peak:>12.1f} {state + peak:>10.1f} "
-              f"{statistics.median(r.page_faults):>11.0f} {mfu:>6}")
+        models[r.name] = {
+            "params": r.n_params, "flops_per_token": r.flops_per_token,
+            "median_ms": med * 1e3, "min_ms": min(r.times) * 1e3,
+            "p10_ms": percentile(r.times, 0.1) * 1e3, "p90_ms": percentile(r.times, 0.9) * 1e3,
+            "tokens_per_s": tokens_per_step / med, "tflops": tflops,
+            "state_mib": state, "in_step_mib": peak, "total_mib": state + peak,
+            "faults_per_step": statistics.median(r.page_faults),
+            "mfu_percent": 100 * tflops * 1e12 / peak_flops if peak_flops else None,
+        }
     # Per-step ratio of the paired (same batch) steps: a steadier statistic than the ratio of
     # medians on a noisy box.
+    paired = {}
     for base in (dense, llama3):
-        paired = [m / d for m, d in zip(mot.times, base.times)]
-        lo, hi = median_ci(paired)
-        print(f"paired per-step ratio mot/{base.name}: median {statistics.median(paired):.3f} "
-              f"(95% CI {lo:.3f}-{hi:.3f}) "
-              f"p10-p90 {percentile(paired, 0.1):.3f}-{percentile(paired, 0.9):.3f}")
-    if a.compile:
-        print(f"compile: unique graphs {end_counts.graphs}, "
-              f"{end_counts.since(warm_counts).graphs} compiled during the {a.steps} measured "
-              f"steps (recompiles), graph breaks {end_counts.graph_breaks}")
-    print(f"mot/llama3 step time ratio: {medians[mot.name] / medians[llama3.name]:.3f}")
-    print(f"mot/dense step time ratio: {medians[mot.name] / medians[dense.name]:.3f}")
-
-
-if __name__ == "__main__":
-    main()
+        ratios = [m / d for m, d in zip(mot.times, base.times)]
+        lo, hi = median_ci(ratios)
+        paired[base.name] = {"median": statistics.median(ratios), "ci95": [lo, hi],
+                             "p10": percentile(ratios, 0.1), "p90": percentile(ratios, 0.9)}
+    return {
+        "settings": settings,
+        "mix_seen": {"modality0_min": min(first), "modality0_max": max(first),
+                     "distinct": len({tuple(f) for f in seen_mixes})},
+        "memory_source": ("cuda max_memory_allocated" if a.device == "cuda"
+                          else "torch.distributed._tools.mem_tracker.MemTracker (live tensors)"
+                          + (", an eager step" if a.compile else "")),
+        "models": models,
+        "paired_ratio": paired,
+        "compile": {"graphs": end_counts.graphs,
+                    "recompiles": end_counts.since(warm_counts).graphs,
+                    "graph_breaks": end_counts.graph_breaks} if a.compile else None,
+        "step_time_ratio": {base.name: models[mot.name]["median_ms"] / models[base.name]["median_ms"]
+                            for base in (llama3, dense)},
+    }
