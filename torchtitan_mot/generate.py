@@ -13,7 +13,8 @@ forces the begin marker, samples exactly `n_tokens` ids from the codebook alone 
 
 The command line turns each prompt into `[bos] + text`, samples one image's worth of tokens
 that way, and decodes them with the dataset's image tokenizer (recorded in its meta.json;
-`--dataset`, default the config's `[training].dataset_path`) into a PNG grid with one row per
+`--dataset`, the data the checkpoint was trained on, default the config's
+`[training].dataset_path`; its meta.json also gives the vocabulary) into a PNG grid with one row per
 prompt, titled with the prompt. The config (plus `--flavor`) must describe the checkpoint's
 model.
 """
@@ -155,16 +156,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=int, default=10, help="images per prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--dataset", help="dataset whose image tokenizer decodes the samples (default: the "
-                   "config's [training].dataset_path)")
+    p.add_argument("--dataset", help="the dataset the checkpoint was trained on: its meta.json gives the "
+                   "vocabulary and the image tokenizer that decodes the samples (default: the config's "
+                   "[training].dataset_path)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("outputs") / "generated_grid.png")
     args = p.parse_args(argv)
 
     cfg = load_job_config(["--job.config_file", args.config]
-                          + (["--model.flavor", args.flavor] if args.flavor else []))
+                          + (["--model.flavor", args.flavor] if args.flavor else [])
+                          + (["--training.dataset_path", args.dataset] if args.dataset else []))
     tokenizer = build_mot_tokenizer(cfg)
-    codec = load_tokenizer(args.dataset or cfg.training.dataset_path, IMAGE)
+    codec = load_tokenizer(cfg.training.dataset_path, IMAGE)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_model(cfg, checkpoint, device)
