@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from harness.resume import check_exact_resume
 from harness.trainer import CONFIG
@@ -86,10 +87,20 @@ def test_readme_own_data_recipe_runs_as_written(tmp_path: Path) -> None:
     assert "encoded at training time by the config's --model.hf_assets_path" in prepared.stdout
     trained = subprocess.run([sys.executable, "-m", "torchtitan_mot.train", "--job.config_file",
                               "train_configs/debug_mot.toml", "--training.dataset_path", "data/mine",
-                              "--training.steps", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                              "--checkpoint.enable", "--training.steps", "2"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     log = trained.stdout + trained.stderr
     assert trained.returncode == 0, log[-3000:]
     assert re.search(r"step:\s+2\s+\S*loss:", log), log[-3000:]
     assert f"text tokenizer: {REPO / 'assets' / 'tokenizer'} (1,024 text ids; unified vocabulary 2,050 ids)" in log
     assert re.search(r"WARNING - \S+/data/mine is encoded with the bundled demo text tokenizer .*"
                      r"pass --model.hf_assets_path", log), log[-3000:]
+    # README's next line: the checkpoint (trained on 1,024 image codes, not the config's demo
+    # data) generates a grid decoded by the dataset's own image tokenizer.
+    generated = subprocess.run([sys.executable, "-m", "torchtitan_mot.generate", "--checkpoint", "outputs/debug_mot",
+                                "--config", "train_configs/debug_mot.toml", "--dataset", "data/mine",
+                                "--prompt", "picture 1, two tones", "--samples", "2", "--out", "grid.png"],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert "2 images from outputs/debug_mot/checkpoint/step-2" in generated.stdout, generated.stdout
+    assert Image.open(tmp_path / "grid.png").size[0] > 0
