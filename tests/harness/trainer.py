@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "train_configs" / "debug_mot.toml"
 
 
-CONSOLE_STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*(-?[\d.]+|nan|inf)\s")
+CONSOLE_STEP = re.compile(r"INFO - step:\s*(\d+)\s+loss:\s*(-?[\d.]+|nan|inf)\s")  # not "validate step:"
 
 
 def console_losses(log: str) -> dict[int, float]:
