@@ -45,6 +45,9 @@ def _worker(rank: int, world: int, init_file: str) -> None:
             assert isinstance(value, DTensor), key
             assert value.placements == (Shard(0),), (key, value.placements)
             torch.testing.assert_close(value.full_tensor(), expected[key], rtol=0, atol=0)
+        # No rank tears gloo down while its peer still has a collective in flight (CI once saw
+        # a rank abort in teardown: "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
