@@ -74,7 +74,7 @@ def build_model_args(job_config: JobConfig, vocab: VocabLayout | None = None) ->
     if flavor not in mot_args:
         raise ValueError(f"model.flavor {flavor!r} is not an MoT flavor; known: {sorted(mot_args)}")
     args = copy.deepcopy(mot_args[flavor])
-    args.update_from_config(job_config, vocab=vocab)
+    args.update_from_config(job_config, vocab_size=vocab.vocab_size if vocab else None)
     return args
 
 

@@ -2,15 +2,11 @@
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from torch import nn
 from torchtitan.config import JobConfig
 from torchtitan.models.llama3.model.args import TransformerModelArgs
 from torchtitan.models.utils import get_dense_model_nparams_and_flops
-
-if TYPE_CHECKING:  # at run time the model package does not import the data pipeline (datasets)
-    from torchtitan_mot.data.tokenizer import VocabLayout
 
 UNTIE_COMPONENTS = ("attention", "ffn", "norms")
 """What `untie` may list: the attention projections (wq/wk/wv/wo), the SwiGLU FFN (w1/w2/w3)
@@ -94,10 +90,11 @@ class MoTModelArgs(TransformerModelArgs):
         return total, shared + self.n_layers * sum(per_set.values())
 
     def update_from_config(
-        self, job_config: JobConfig, vocab: "VocabLayout | None" = None, **kwargs
+        self, job_config: JobConfig, vocab_size: int | None = None, **kwargs
     ) -> None:
-        """Apply the config; the vocabulary is the one `load_job_config` resolved unless
-        `vocab` gives it (a plan for a machine without the tokenizer)."""
+        """Apply the config; the vocabulary size is that of the unified vocabulary
+        `load_job_config` resolved unless `vocab_size` gives it (a plan for a machine without
+        the tokenizer)."""
         super().update_from_config(job_config, **kwargs)
         mot = getattr(job_config, "mot", None)
         if mot is None:
@@ -116,13 +113,14 @@ class MoTModelArgs(TransformerModelArgs):
         untie = [] if list(mot.untie) == [""] else list(mot.untie)
         check_untie(untie, self.n_modalities)
         self.untie = untie
-        vocab = vocab or getattr(mot, VOCAB_ATTRIBUTE, None)
-        if vocab is None:
-            raise ValueError(
-                "the job config has no resolved vocabulary: load it with "
-                "torchtitan_mot.config.load_job_config"
-            )
-        vocab_size = vocab.vocab_size
+        if vocab_size is None:
+            vocab = getattr(mot, VOCAB_ATTRIBUTE, None)
+            if vocab is None:
+                raise ValueError(
+                    "the job config has no resolved vocabulary: load it with "
+                    "torchtitan_mot.config.load_job_config"
+                )
+            vocab_size = vocab.vocab_size
         if self.vocab_size not in (0, vocab_size):
             raise ValueError(
                 f"model vocab_size={self.vocab_size} disagrees with the tokenizer's unified "
