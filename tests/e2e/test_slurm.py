@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from e2e.slurm_stubs.fake_slurm import kill_node
 from harness.trainer import run_trainer, trainer_env
 
 from torchtitan_mot.run_metrics import LOSS, read_scalars
@@ -23,8 +24,6 @@ from torchtitan_mot.run_metrics import LOSS, read_scalars
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "multinode_trainer.slurm"
 STUBS = Path(__file__).resolve().parent / "slurm_stubs"
-sys.path.insert(0, str(STUBS))
-from fake_slurm import kill_node  # noqa: E402
 
 CONFIG = REPO / "train_configs" / "debug_mot.toml"
 STEPS, CKPT_EVERY = 6, 3
