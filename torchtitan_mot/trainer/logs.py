@@ -24,7 +24,7 @@ class RepeatedWarnings(logging.Filter):
         self.counts: Counter[str] = Counter()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        if record.levelno != logging.WARNING:  # errors always print
             return True
         message = record.getMessage()
         self.counts[message] += 1
