@@ -89,6 +89,55 @@ class MoT:
     per-modality losses before the optimizer step (so no poisoned weights are checkpointed);
     "skip" leaves weights and optimizer state untouched for that step and trains on."""
 
+    # --- The Transfusion setting: continuous latents with a diffusion loss (docs/transfusion.md)
+
+    diffusion_modalities: list[str] = field(default_factory=list)
+    """Non-text modalities given as continuous latents (meta.json `latents`) and trained with
+    the DDPM epsilon-prediction loss instead of next-token CE (the paper's Transfusion
+    setting; e.g. `["image"]`). Empty: every modality is discrete tokens (Chameleon setting)."""
+
+    diffusion_loss_weight: float = 5.0
+    """lambda in `loss = CE per text token + lambda * MSE per image` (the paper's 5)."""
+
+    diffusion_timesteps: int = 1000
+    """T, the number of DDPM training timesteps; t is drawn per image from [0, T)."""
+
+    diffusion_schedule: str = "cosine"
+    """Noise schedule of the forward process; "cosine" (Nichol & Dhariwal) is the paper's."""
+
+    diffusion_patch_size: int = 2
+    """p: each p x p patch of a latent is one transformer position (the paper's 2)."""
+
+    caption_first_prob: float = 0.8
+    """Probability that a one-caption, one-image sample is ordered caption then image (the
+    paper's 80%); otherwise image then caption. Drawn per sample, seeded, resumable."""
+
+    diffusion_image_first_max_t: int = 0
+    """Cap t at this value for an image that precedes its caption (the Transfusion paper's
+    option, 500 there); 0 leaves t uncapped."""
+
+    # --- MoT + MoE: TorchTitan's MoE FFN in chosen modalities (docs/moe.md) -----------------
+
+    moe_modalities: list[str] = field(default_factory=list)
+    """Modalities whose FFN is a mixture of experts (TorchTitan's `MoE`); the others keep
+    their dense per-modality FFN. The paper's hybrid is `["text"]`. Empty: no MoE."""
+
+    moe_num_experts: int = 4
+    """Routed experts per MoE modality and layer (the paper's MoE-4x: 4)."""
+
+    moe_top_k: int = 1
+    """Experts each token is routed to (1: FLOP-matched to the dense FFN)."""
+
+    moe_num_shared_experts: int = 0
+    """Always-active shared experts next to the routed ones."""
+
+    moe_score_func: str = "softmax"
+    """Router score function: "softmax" or "sigmoid" (TorchTitan's `MoEArgs.score_func`)."""
+
+    moe_load_balance_coeff: float = 1e-3
+    """Step size of TorchTitan's auxiliary-loss-free load balancing (expert bias updated by
+    an optimizer hook from the per-expert token counts); 0 turns it off."""
+
 
 @dataclass
 class JobConfig:
