@@ -20,6 +20,9 @@ Extra trainer flags go after `--`. Each `--untie SETTING` (a `mot.untie` value, 
 `attention,norms`) also trains the MoT flavor with only those components untied; the first
 seed's runs then share one figure (`--untie-png`) and steps-to-match is printed for each
 setting against the same dense run (figure: `untie_ablation.png`, or `--untie-png`).
+`--moe` also trains the paper's MoE comparison (§3.2.1, §5): the MoE-4x baseline of the same
+shape (shared attention, a 4-expert FFN for every token) and the hybrid (MoT whose text FFN
+is MoE-4x), printed and plotted the same way (`moe.png`, or `--moe-png`).
 """
 
 import argparse
@@ -142,11 +145,23 @@ def plot(path: Path, runs: list[dict[str, dict[str, Curve]]], modalities: list[s
     plt.close(fig)
 
 
-def untie_runs(settings: list[str]) -> dict[str, str]:
-    """Run name -> `mot.untie` value for every `--untie` setting, checked before any training."""
+Run = tuple[str, list[str]]
+"""An extra run's (flavor, trainer flags)."""
+
+
+def moe_runs(flavor: str) -> dict[str, Run]:
+    """The MoE-4x baseline of `flavor`'s shape and the hybrid (MoT with a text MoE FFN)."""
+    from torchtitan_mot import moe4x_flavor
+
+    return {"moe4x": (moe4x_flavor(flavor), []),
+            "hybrid": (flavor, ["--mot.moe_modalities", "text"])}
+
+
+def untie_runs(settings: list[str], flavor: str) -> dict[str, Run]:
+    """Run name -> the MoT flavor with each `--untie` setting, checked before any training."""
     from torchtitan_mot.model.args import check_untie, UNTIE_COMPONENTS
 
-    runs: dict[str, str] = {}
+    runs: dict[str, Run] = {}
     for setting in settings:
         components = setting.split(",")
         try:
@@ -157,14 +172,15 @@ def untie_runs(settings: list[str]) -> dict[str, str]:
         if set(components) == set(UNTIE_COMPONENTS):
             raise SystemExit(f"--untie {setting} is full MoT, which is always trained")
         if name in runs:
-            raise SystemExit(f"--untie {setting} repeats --untie {runs[name]}")
-        runs[name] = setting
+            raise SystemExit(f"--untie {setting} repeats --untie {runs[name][1][1]}")
+        runs[name] = (flavor, ["--mot.untie", setting])
     return runs
 
 
-def plot_settings(path: Path, curves: dict[str, dict[str, Curve]], modalities: list[str],
-                  title: str) -> dict[str, dict[str, float]]:
-    """Every run in one panel per modality; returns steps-to-match of each run but dense."""
+def plot_runs(path: Path, curves: dict[str, dict[str, Curve]], modalities: list[str],
+              title: str) -> dict[str, dict[str, float]]:
+    """Every run of `curves` in one panel per modality; returns steps-to-match of each run
+    but dense."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--untie", action="append", default=[],
                    help="also train MoT with only these components untied (repeatable), e.g. ffn")
     p.add_argument("--untie-png", type=Path, help="the --untie figure (default <out>/untie_ablation.png)")
+    p.add_argument("--moe", action="store_true",
+                   help="also train the MoE-4x baseline and the hybrid (MoT with a text MoE)")
+    p.add_argument("--moe-png", type=Path, help="the --moe figure (default <out>/moe.png)")
     p.add_argument("extra", nargs="*", help="trainer overrides, after `--`")
     args = p.parse_args(argv)
     if args.seeds < 1:
@@ -247,14 +266,18 @@ def main(argv: list[str] | None = None) -> None:
     png = args.png or args.out / "mot_vs_dense.png"
     csv_path = args.csv or args.out / "mot_vs_dense.csv"
     json_path = args.json or args.out / "compare_dense.json"
-    untie_png = args.untie_png or args.out / "untie_ablation.png"
     extra = (THREE if args.three_modality else []) + args.extra
     flavor, data, modalities = config_setting(args.config, extra)
     from torchtitan_mot import dense_twin_flavor
 
-    flavors = {"mot": flavor, "dense": dense_twin_flavor(flavor)}
-    untie = untie_runs(args.untie)
-    flavors.update(dict.fromkeys(untie, flavor))
+    groups = {"untie": (untie_runs(args.untie, flavor), args.untie_png or args.out / "untie_ablation.png",
+                        f"mot.untie settings vs full MoT and dense, {flavor}"),
+              "moe": (moe_runs(flavor) if args.moe else {}, args.moe_png or args.out / "moe.png",
+                      f"MoE-4x and hybrid (text MoE) vs MoT and dense, {flavor}")}
+    runs_of: dict[str, Run] = {"mot": (flavor, []), "dense": (dense_twin_flavor(flavor), [])}
+    for group_runs, _, _ in groups.values():
+        runs_of.update(group_runs)
+    flavors = {name: run[0] for name, run in runs_of.items()}
     seeds = list(range(args.seed, args.seed + args.seeds))
     keys = ["total", *modalities]
     runs: list[dict[str, dict[str, Curve]]] = []
@@ -263,11 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     for seed in seeds:
         out = args.out if len(seeds) == 1 else args.out / f"seed{seed}"
         seconds = {}
-        for name, model_flavor in flavors.items():
+        for name, (model_flavor, flags) in runs_of.items():
             if not args.skip_training:
-                untie_flags = ["--mot.untie", untie[name]] if name in untie else []
-                seconds[name] = train(name, model_flavor, out / name, seed, args,
-                                      extra + untie_flags)
+                seconds[name] = train(name, model_flavor, out / name, seed, args, extra + flags)
         curves = {name: read_curves(out / name, modalities) for name in flavors}
         runs.append(curves)
         report["seeds"][seed] = {}
@@ -281,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
                   + f"{took}; checkpoint {out / name / 'checkpoint'}")
     ratios = {k: [steps_to_match(c["mot"][k], c["dense"][k]) for c in runs] for k in keys}
 
-    for path in (png, csv_path, json_path, untie_png):
+    for path in (png, csv_path, json_path, *(g[1] for g in groups.values())):
         path.parent.mkdir(parents=True, exist_ok=True)
     write_csv(csv_path, runs[0] if len(seeds) == 1 else {
         f"seed{seed}_{name}": curves for seed, run in zip(seeds, runs) for name, curves in run.items()
@@ -296,15 +317,18 @@ def main(argv: list[str] | None = None) -> None:
     for key in keys:
         per_seed = "" if len(seeds) == 1 else "; per seed " + " ".join(map(format_ratio, ratios[key]))
         print(f"steps-to-match {key}: {summarize(ratios[key])}{per_seed}")
-    if untie:
-        by_run = plot_settings(untie_png, runs[0], modalities,
-                               f"mot.untie settings vs full MoT and dense, {flavors['mot']}, "
-                               f"{args.steps} steps, seed {seeds[0]}")
-        print(f"wrote {untie_png}")
-        report["untie_steps_to_match"] = {name: {k: v if math.isfinite(v) else None for k, v in r.items()}
-                                          for name, r in by_run.items()}
+    for group, (group_runs, group_png, title) in groups.items():
+        if not group_runs:
+            continue
+        shown = {name: runs[0][name] for name in ["dense", "mot", *group_runs]}
+        by_run = plot_runs(group_png, shown, modalities,
+                           f"{title}, {args.steps} steps, seed {seeds[0]}")
+        print(f"wrote {group_png}")
+        report[f"{group}_steps_to_match"] = {name: {k: v if math.isfinite(v) else None for k, v in r.items()}
+                                             for name, r in by_run.items()}
         for name, r in by_run.items():
-            print(f"steps-to-match {name}: " + "  ".join(f"{k} {format_ratio(v)}" for k, v in r.items()))
+            if name in group_runs:
+                print(f"steps-to-match {name}: " + "  ".join(f"{k} {format_ratio(v)}" for k, v in r.items()))
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {json_path}")
 
