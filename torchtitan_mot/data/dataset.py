@@ -397,7 +397,10 @@ class MultimodalDataset(IterableDataset, Stateful):
             for sample in self._rows():
                 self._sample_idx += 1
                 try:
-                    ids, images = self._encode(sample[ROW_COLUMN], sample)
+                    if self.diffusion is None:
+                        ids, images = self.encode_sample(sample[ROW_COLUMN], sample), []
+                    else:
+                        ids, images = self._encode(sample[ROW_COLUMN], sample)
                 except BadSampleError as e:
                     if not self.skip_bad_samples:
                         raise

@@ -85,6 +85,8 @@ def read_latent(segment: dict[str, Any], shape: tuple[int, int, int], dtype: str
     value = segment.get("latent")
     if value is None:
         raise ValueError("missing field 'latent' for a latent segment")
+    if dtype not in LATENT_DTYPES:
+        raise ValueError(f"latent dtype {dtype!r} is not one of {LATENT_DTYPES}")
     if isinstance(value, (bytes, bytearray)):
         stored = segment.get("latent_shape")
         stored = tuple(int(v) for v in stored) if stored is not None else shape
@@ -92,8 +94,6 @@ def read_latent(segment: dict[str, Any], shape: tuple[int, int, int], dtype: str
             raise ValueError(f"latent shape {list(stored)} differs from meta.json's {list(shape)}")
         if len(value) != 2 * math.prod(shape):
             raise ValueError(f"{len(value)} bytes cannot hold a {dtype} latent of shape {list(shape)}")
-        if dtype not in LATENT_DTYPES:
-            raise ValueError(f"latent dtype {dtype!r} is not one of {LATENT_DTYPES}")
         array = torch.frombuffer(bytearray(value), dtype=getattr(torch, dtype)).float().reshape(shape).numpy()
     else:
         try:
@@ -102,6 +102,8 @@ def read_latent(segment: dict[str, Any], shape: tuple[int, int, int], dtype: str
             raise ValueError(f"latent is not a nested list of numbers ({e})") from None
         if array.shape != shape:
             raise ValueError(f"latent shape {list(array.shape)} differs from meta.json's {list(shape)}")
+        # rounded to the stored dtype as a parquet row is, so x0 does not depend on the format
+        array = torch.from_numpy(array).to(getattr(torch, dtype)).float().numpy()
     if not np.isfinite(array).all():
         raise ValueError(f"latent has {int((~np.isfinite(array)).sum())} NaN/inf values")
     return array
