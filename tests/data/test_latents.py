@@ -250,7 +250,7 @@ def noise_by_patch(windows: list) -> dict[bytes, tuple[bytes, int]]:
     out = {}
     for x, _ in windows:
         for j in torch.nonzero(x["image_ids"] >= 0).flatten().tolist():
-            out[x["patches"][j].numpy().tobytes()] = (x["noise"][j].numpy().tobytes(), int(x["timesteps"][j]))
+            out[(x["patches"][j] + 0.0).numpy().tobytes()] = (x["noise"][j].numpy().tobytes(), int(x["timesteps"][j]))
     return out
 
 
@@ -262,6 +262,65 @@ def test_noise_is_the_same_on_any_dp_layout(tmp_path: Path, tok: MultimodalToken
     shared = one.keys() & two.keys()
     assert len(shared) > 0.8 * len(one)  # all but the positions lost at each layout's window edges
     assert all(one[k] == two[k] for k in shared)
+
+
+def write_latent_shards(root: Path, rows: list[dict], shards: int = 3) -> Path:
+    """The rows as prepare writes them: parquet shards of raw fp16 latent bytes."""
+    import pyarrow as pa
+
+    from torchtitan_mot.data.prepare.build import LATENT_SCHEMA
+    from torchtitan_mot.data.prepare.latent import latent_bytes
+
+    (root / "train").mkdir(parents=True)
+    files = []
+    for k in range(shards):
+        part = []
+        for row in rows[k::shards]:
+            part.append({"segments": [
+                {"modality": s["modality"], "text": s.get("text"), "tokens": None,
+                 "latent": latent_bytes(np.asarray(s["latent"]), "float16") if "latent" in s else None,
+                 "latent_shape": list(SHAPE) if "latent" in s else None} for s in row["segments"]]})
+        files.append(f"train/part-{k}.parquet")
+        pq.write_table(pa.Table.from_pylist(part, schema=LATENT_SCHEMA), root / files[-1], row_group_size=2)
+    write_latent_dataset(root, [])
+    meta = json.loads((root / "meta.json").read_text())
+    (root / "meta.json").write_text(json.dumps({**meta, "files": {"train": files}}))
+    return root
+
+
+def test_noise_is_the_same_on_any_dp_layout_streaming(tmp_path: Path, tok: MultimodalTokenizer) -> None:
+    root = write_latent_shards(tmp_path / "ds", latent_rows(18))
+    diffusion = DiffusionWindows(("image",), T, 2, seed=3)
+
+    def windows(rank: int, world: int) -> list:
+        return list(MultimodalDataset(str(root), "train", tok, 20, dp_rank=rank, dp_world_size=world,
+                                      streaming=True, diffusion=diffusion))
+
+    one = noise_by_patch(windows(0, 1))
+    two = {**noise_by_patch(windows(0, 2)), **noise_by_patch(windows(1, 2))}
+    shared = one.keys() & two.keys()
+    assert len(shared) > 0.8 * len(one) and all(one[k] == two[k] for k in shared)
+    # parquet bytes and JSON lists of the same latents give the same windows
+    jsonl = write_latent_dataset(tmp_path / "json", [r for k in range(3) for r in latent_rows(18)[k::3]])
+    assert noise_by_patch(windows_of(jsonl, tok, 20)) == one  # same global rows, same noise
+
+
+def test_dataloader_passes_the_latent_tensors() -> None:
+    from torchtitan_mot.data import build_mot_dataloader, build_mot_tokenizer, build_mot_validation_dataloader
+
+    cfg = load_job_config(demo_config("--mot.diffusion_modalities", "image", "--training.seq_len", "64",
+                                      "--validation.seq_len", "64"))
+    tok = build_mot_tokenizer(cfg)
+    x, labels = next(iter(build_mot_dataloader(1, 0, tok, cfg)))
+    bs = cfg.training.local_batch_size
+    assert {k: (tuple(v.shape), v.dtype) for k, v in x.items()} == {
+        "input": ((bs, 64), torch.int64), "modality_ids": ((bs, 64), torch.int64),
+        "patches": ((bs, 64, 4), torch.float32), "noise": ((bs, 64, 4), torch.float32),
+        "timesteps": ((bs, 64), torch.int64), "image_ids": ((bs, 64), torch.int64)}
+    assert labels.shape == (bs, 64) and (labels == IGNORE_INDEX).any()
+    v, _ = next(iter(build_mot_validation_dataloader(1, 0, tok, cfg)))
+    strata = {math.floor((k + 0.5) / 8 * cfg.mot.diffusion_timesteps) for k in range(8)}
+    assert set(v["timesteps"][v["image_ids"] >= 0].tolist()) <= strata
 
 
 def test_resume_gives_the_same_windows(tmp_path: Path, tok: MultimodalTokenizer) -> None:
