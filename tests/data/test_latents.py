@@ -18,6 +18,7 @@ from torchtitan_mot.data.dataset import BadSampleError, MultimodalDataset
 from torchtitan_mot.data.latents import DiffusionWindows
 from torchtitan_mot.data.meta import meta_modalities
 from torchtitan_mot.data.prepare import PrepareConfig, latent_array, load_latent_encoder, prepare
+from torchtitan_mot.data.prepare.__main__ import parse_args
 from torchtitan_mot.data.tokenizer import MultimodalTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,13 +52,15 @@ def caption_files(captions: Path) -> dict[str, str]:
     return {json.loads(line)["text"]: json.loads(line)["file"] for line in captions.read_text().splitlines()}
 
 
-def test_prepare_pixels(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype, atol", [("float16", 1e-3), ("bfloat16", 8e-3)])
+def test_prepare_pixels(tmp_path: Path, dtype: str, atol: float) -> None:
     images, captions = make_image_folder(tmp_path / "raw", 12)
-    out = prepare(PrepareConfig(out=tmp_path / "ds", images=images, captions=captions, image_encoder="pixels",
-                                image_size=8, image_mode="RGB", validation_fraction=0.25, progress=False))
+    argv = ["--out", str(tmp_path / "ds"), "--images", str(images), "--captions", str(captions), "--image-encoder",
+            "pixels", "--image-size", "8", "--latent-dtype", dtype, "--validation-fraction", "0.25", "--no-progress"]
+    out = prepare(parse_args(argv))
     meta = json.loads((out / "meta.json").read_text())
     assert meta["codebook_sizes"] == {} and meta["tokenizers"] == {}
-    assert meta["latents"]["image"] == {"shape": [3, 8, 8], "dtype": "float16",
+    assert meta["latents"]["image"] == {"shape": [3, 8, 8], "dtype": dtype,
                                         "encoder": {"kind": "pixels", "image_size": 8, "mode": "RGB"}}
     assert meta_modalities(out / "meta.json") == (["text", "image"], [0])
     files = caption_files(captions)
@@ -66,8 +69,8 @@ def test_prepare_pixels(tmp_path: Path) -> None:
     for row in rows:
         text = next(s["text"] for s in row["segments"] if s["modality"] == "text")
         seg = next(s for s in row["segments"] if s["modality"] == "image")
-        stored = latent_array(seg["latent"], tuple(seg["latent_shape"]), "float16")
-        np.testing.assert_allclose(stored, fit_naive(images / files[text], 8, "RGB"), atol=1e-3)
+        stored = latent_array(seg["latent"], tuple(seg["latent_shape"]), dtype)
+        np.testing.assert_allclose(stored, fit_naive(images / files[text], 8, "RGB"), atol=atol)
     # the encoder decodes its latents back to pixels in [0, 1]
     pixels = load_latent_encoder(out, "image").decode(stored)
     assert pixels.shape == (8, 8, 3) and 0 <= pixels.min() and pixels.max() <= 1
