@@ -392,7 +392,9 @@ def test_bad_stored_parquet_latent_shape(tmp_path: Path, tok: MultimodalTokenize
     meta = json.loads((out / "meta.json").read_text())
     meta["latents"]["image"]["shape"] = [1, 4, 2]  # the rows hold [1, 4, 4]
     (out / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(BadSampleError, match=r"row 0: segments\[\d\]\.latent: latent shape \[1, 4, 4\] differs"):
+    shard = out / meta["files"]["train"][0]
+    match = rf"row 0 \({shard} row 0\): segments\[\d\]\.latent: latent shape \[1, 4, 4\] differs"
+    with pytest.raises(BadSampleError, match=match):
         windows_of(out, tok, 20)
 
 

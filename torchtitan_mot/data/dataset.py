@@ -233,6 +233,8 @@ class MultimodalDataset(IterableDataset, Stateful):
         )
         self.diffusion = diffusion
         self._latents = self._latent_specs(dataset_path, layout, diffusion)
+        self._dataset_path, self._split = dataset_path, split
+        self._shards: list[tuple[str, int]] | None = None  # (file, its first row), read on the first bad row
         self._tokenizer = tokenizer
         self._modality_table = layout.token_modality_table()
         self.seq_len = seq_len
@@ -285,7 +287,21 @@ class MultimodalDataset(IterableDataset, Stateful):
         return specs
 
     def _bad(self, row: Any, problem: str) -> BadSampleError:
-        return BadSampleError(f"{self.source}: row {row}: {problem}")
+        return BadSampleError(f"{self.source}: row {row}{self._shard_of(row)}: {problem}")
+
+    def _shard_of(self, row: Any) -> str:
+        """' (<shard file> row <i>)' for a row of parquet shards (rows are numbered across them)."""
+        if self._shards is None:
+            root = Path(self._dataset_path)
+            files = read_meta(root / "meta.json").get("files", {}).get(self._split) if root.is_dir() else None
+            self._shards, first = [], 0
+            for name in files or []:
+                self._shards.append((str(root / name), first))
+                first += pq.ParquetFile(root / name).metadata.num_rows
+        for path, first in reversed(self._shards):
+            if int(row) >= first:
+                return f" ({path} row {int(row) - first})"
+        return ""
 
     def encode_sample(self, row: Any, sample: dict[str, Any]) -> list[int]:
         """`[bos] + segments + [eos]` in unified ids; BadSampleError names row and field."""
