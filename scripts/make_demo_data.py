@@ -1,10 +1,12 @@
-"""Build the offline demo assets: a BPE text tokenizer and two datasets made by `prepare`.
+"""Build the offline demo assets: a BPE text tokenizer and three datasets made by `prepare`.
 
 This script only makes raw inputs, then hands them to `torchtitan_mot.data.prepare` (which fits
 the image/audio codebooks, splits and writes meta.json + parquet shards + codebook files):
 
 - images: scikit-learn's `load_digits()` (1797 handwritten 8x8 digits) as grey PNGs, with
   captions from templates;
+- text_image_latent: the same digits and captions with each image as its own pixels, a
+  (1, 8, 8) latent in [-1, 1] (`--image-encoder pixels`), for the Transfusion setting;
 - speech (text_image_speech only): digit phrases spoken by `espeak-ng`
   (`apt-get install -y espeak-ng`), silence-trimmed, with their words as transcripts.
 
@@ -187,6 +189,8 @@ def main() -> None:
         inputs = dict(images=images, captions=captions_file, text_tokenizer=Path("tokenizer"))
         prepare(PrepareConfig(out=Path("demo/text_image"), **inputs, **COMMON))
         save_roundtrip(Path("demo/text_image"), digits.images, Path("demo/image_codec_roundtrip.png"))
+        latent = {k: v for k, v in COMMON.items() if k not in ("patch_size", "image_codebook_size")}
+        prepare(PrepareConfig(out=Path("demo/text_image_latent"), **inputs, **latent, image_encoder="pixels"))
         if not args.skip_speech:
             audio, transcripts = write_speech(raw)
             prepare(PrepareConfig(out=Path("demo/text_image_speech"), audio=audio, transcripts=transcripts,

@@ -27,13 +27,16 @@ from torchtitan.config import ConfigManager, JobConfig as TorchTitanJobConfig
 from torchtitan.tools.logging import logger
 
 from torchtitan_mot.compat.torchtitan_0_2_2 import config_file_values, without_assets_path_warning
-from torchtitan_mot.data.meta import check_meta, looks_local, meta_modalities, missing_dataset
+from torchtitan_mot.data.meta import check_meta, looks_local, meta_latents, meta_modalities, missing_dataset
 from torchtitan_mot.data.tokenizer import VocabLayout
 from torchtitan_mot.model.args import UNTIE_COMPONENTS, VOCAB_ATTRIBUTE
 
 _CONFIG_MODULE_FLAGS = ("--job.custom_config_module", "--job.custom-config-module")
 _CONFIG_FILE_FLAGS = ("--job.config_file", "--job.config-file")
 PACKAGE = Path(__file__).resolve().parent
+LATENTS_ATTRIBUTE = "resolved_latents"
+"""Attribute of a resolved config's `[mot]` section: {diffusion modality: (C, H, W) latent
+shape} from the dataset's meta.json (the patch layers' size is C * p * p); not a field."""
 
 
 class ConfigError(ValueError):
@@ -278,6 +281,67 @@ def _resolve_modalities(job_config: TorchTitanJobConfig, read_data: bool) -> Non
         raise ConfigError(str(e)) from None
 
 
+def _resolve_diffusion(job_config: TorchTitanJobConfig, layout: VocabLayout, read_data: bool) -> None:
+    """The diffusion modalities are exactly the latent ones (codebook size 0) and their
+    latents cut into whole `diffusion_patch_size` patches; attaches their latent shapes."""
+    mot = job_config.mot
+    flag = "--mot.diffusion_modalities"
+    for name in mot.diffusion_modalities:
+        if name not in layout.modalities[1:]:
+            raise ConfigError(f"{flag} names {name!r}, not a non-text modality of {list(layout.modalities)}")
+        if layout.codebook_size(name) != 0:
+            raise ConfigError(
+                f"{flag} names {name!r}, but it has a codebook of {layout.codebook_size(name)} ids: a "
+                "diffusion modality needs a dataset of latents (prepare --image-encoder pixels|vae) "
+                "and codebook size 0"
+            )
+    for name in layout.latent_modalities:
+        if name not in mot.diffusion_modalities:
+            raise ConfigError(
+                f"modality {name!r} is stored as continuous latents (codebook size 0) but {flag} "
+                f"{mot.diffusion_modalities} does not list it: add it (the Transfusion setting)"
+            )
+    if not mot.diffusion_modalities:
+        return
+    if not 0.0 <= mot.caption_first_prob <= 1.0:
+        raise ConfigError(f"--mot.caption_first_prob {mot.caption_first_prob}: must lie in [0, 1]")
+    if not 0 <= mot.diffusion_image_first_max_t < mot.diffusion_timesteps:
+        raise ConfigError(
+            f"--mot.diffusion_image_first_max_t {mot.diffusion_image_first_max_t}: must lie in "
+            f"[0, mot.diffusion_timesteps = {mot.diffusion_timesteps}) (0: no cap)"
+        )
+    p = mot.diffusion_patch_size
+    if p < 1:
+        raise ConfigError(f"--mot.diffusion_patch_size {p}: must be at least 1")
+    paths = [job_config.training.dataset_path]
+    if job_config.validation.enable:
+        paths.append(job_config.validation.dataset_path)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in dict.fromkeys(q for q in paths if q):
+        meta = Path(path) / "meta.json"
+        if not meta.is_file():
+            if read_data and looks_local(path):
+                raise ConfigError(f"{flag} needs a local dataset with meta.json (its latents' shapes); {meta} is missing")
+            continue
+        try:
+            latents = meta_latents(meta)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for name in mot.diffusion_modalities:
+            shape = tuple(latents[name]["shape"])
+            if shape[1] % p or shape[2] % p:
+                raise ConfigError(
+                    f"--mot.diffusion_patch_size {p} does not divide the {name!r} latents of {meta} "
+                    f"(shape [C, H, W] = {list(shape)}): choose a patch size dividing H and W"
+                )
+            if shapes.setdefault(name, shape) != shape:
+                raise ConfigError(
+                    f"{meta}: {name!r} latents have shape {list(shape)}, the training dataset's "
+                    f"{list(shapes[name])}: --validation.dataset_path must hold latents of the same shape"
+                )
+    setattr(mot, LATENTS_ATTRIBUTE, shapes)
+
+
 def _text_vocab_size(job_config: TorchTitanJobConfig, fallback: int | None) -> int:
     """Text ids of `model.hf_assets_path` (made absolute), or `fallback` where it is not here."""
     value = job_config.model.hf_assets_path
@@ -343,6 +407,7 @@ def resolve_job_config(
         layout = VocabLayout(text_vocab, tuple(mot.modalities), tuple(mot.codebook_sizes))
     except ValueError as e:
         raise ConfigError(f"[mot].modalities {mot.modalities} / codebook_sizes {mot.codebook_sizes}: {e}") from None
+    _resolve_diffusion(job_config, layout, read_data)
     if read_data:
         _report_text_tokenizer(job_config, layout)
     setattr(job_config.mot, VOCAB_ATTRIBUTE, layout)

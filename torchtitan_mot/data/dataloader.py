@@ -1,4 +1,9 @@
-"""Train/validation dataloader builders with torchtitan's `build_dataloader_fn` signature."""
+"""Train/validation dataloader builders with torchtitan's `build_dataloader_fn` signature.
+
+With `[mot].diffusion_modalities` each batch's input dict also holds `patches`, `noise`,
+`timesteps` and `image_ids` (see `MultimodalDataset`); TorchTitan passes every key but
+"input" to the model as keyword arguments. The validation split gets stratified timesteps.
+"""
 
 from dataclasses import asdict
 
@@ -6,6 +11,7 @@ from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.config import JobConfig
 
 from .dataset import MultimodalDataset
+from .latents import DiffusionWindows
 from .tokenizer import MultimodalTokenizer
 
 
@@ -47,6 +53,7 @@ def _build(
         streaming=job_config.mot.streaming,
         skip_bad_samples=job_config.mot.skip_bad_samples,
         infinite=infinite,
+        diffusion=DiffusionWindows.from_job_config(job_config, split),
     )
     return ParallelAwareDataloader(
         dataset,

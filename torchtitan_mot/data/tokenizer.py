@@ -1,5 +1,6 @@
 """Unified multimodal vocabulary: the text tokenizer's ids first, then one block per
-non-text modality (begin marker, end marker, codebook), Chameleon style.
+non-text modality (begin marker, end marker, codebook), Chameleon style. A modality stored
+as continuous latents (the Transfusion setting) has codebook size 0: only its two markers.
 
 `VocabLayout` is the only place that knows the offsets; the dataset, the model (via
 `token_modality_table`) and generation all ask it.
@@ -44,8 +45,10 @@ class VocabLayout:
                 f"expected one codebook size per non-text modality {list(self.modalities[1:])}, "
                 f"got codebook_sizes={list(self.codebook_sizes)}"
             )
-        if any(s <= 0 for s in self.codebook_sizes):
-            raise ValueError(f"codebook sizes must be positive, got {list(self.codebook_sizes)}")
+        if any(s < 0 for s in self.codebook_sizes):
+            raise ValueError(
+                f"codebook sizes must be positive (0: a latent modality), got {list(self.codebook_sizes)}"
+            )
 
     @cached_property
     def _block_starts(self) -> dict[str, int]:
@@ -55,6 +58,11 @@ class VocabLayout:
             starts[name] = offset
             offset += 2 + size
         return starts
+
+    @property
+    def latent_modalities(self) -> tuple[str, ...]:
+        """Modalities given as continuous latents (codebook size 0)."""
+        return tuple(m for m, s in zip(self.modalities[1:], self.codebook_sizes) if s == 0)
 
     @property
     def vocab_size(self) -> int:

@@ -6,6 +6,8 @@ See docs/data.md. Importable: `prepare(PrepareConfig(...))`, `load_tokenizer(dat
 """
 
 from .build import PrepareConfig, prepare, shard_count
+from .latent import LatentEncoder, latent_array, load_latent_encoder
 from .tokenizers import BadInput, ModalityTokenizer, load_tokenizer
 
-__all__ = ["BadInput", "ModalityTokenizer", "PrepareConfig", "load_tokenizer", "prepare", "shard_count"]
+__all__ = ["BadInput", "LatentEncoder", "ModalityTokenizer", "PrepareConfig", "latent_array", "load_latent_encoder",
+           "load_tokenizer", "prepare", "shard_count"]

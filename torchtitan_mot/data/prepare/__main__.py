@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from .build import ORDERS, PrepareConfig, prepare
+from .build import IMAGE_ENCODERS, ORDERS, PrepareConfig, prepare
 from .tokenizers import BadInput
 
 HELP = {
@@ -23,11 +23,15 @@ HELP = {
     "text_docs_ratio": "fraction of rows that are text-only documents (default: all documents)",
     "order": "segment order in a sample: caption/transcript first, media first, or random (50/50, seeded)",
     "image_tokenizer": "patch_vq (fitted here) or chameleon (pretrained, needs --chameleon-dir and the [chameleon] extra)",
-    "image_size": "patch_vq: images are resized and centre-cropped to this square side",
+    "image_size": "patch_vq and latent encoders: images are resized and centre-cropped to this square side",
     "patch_size": "patch_vq: patch side; (image_size/patch_size)^2 tokens per image",
-    "image_mode": "patch_vq: colour mode, L (grey) or RGB",
+    "image_mode": "patch_vq and --image-encoder pixels: colour mode, L (grey) or RGB",
     "image_codebook_size": "patch_vq: k-means codebook size",
     "chameleon_dir": "local directory of a transformers ChameleonVQVAE (config.json + weights)",
+    "image_encoder": "images as continuous latents for the Transfusion setting instead of ids: pixels "
+    "(the resized image in [-1, 1], --image-size/--image-mode) or vae (needs --vae-dir)",
+    "vae_dir": "local directory of a diffusers AutoencoderKL (config.json + weights), for --image-encoder vae",
+    "latent_dtype": "storage dtype of latents: float16 or bfloat16",
     "sample_rate": "audio is resampled to this rate",
     "n_fft": "audio STFT size",
     "hop_length": "audio hop (one token per hop)",
@@ -57,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
             continue
         kind = str(f.type)
         conv = Path if "Path" in kind else int if "int" in kind else float if "float" in kind else str
-        kwargs = {"choices": ORDERS} if f.name == "order" else {}
+        kwargs = {"choices": ORDERS} if f.name == "order" else {"choices": IMAGE_ENCODERS} if f.name == "image_encoder" else {}
         default = None if f.default is dataclasses.MISSING else f.default
         parser.add_argument(flag, type=conv, default=default, required=f.name == "out", help=HELP[f.name], **kwargs)
     return PrepareConfig(**vars(parser.parse_args(argv)))
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - start
     rows = sum(meta["splits"].values())
     print(f"wrote {out}: {meta['splits']} rows, modalities {meta['modalities']}, "
-          f"codebooks {meta['codebook_sizes']}, skipped {meta['skipped']['count']}; "
+          f"codebooks {meta['codebook_sizes']}, "
+          f"latents { {m: e['shape'] for m, e in meta.get('latents', {}).items()} }, skipped {meta['skipped']['count']}; "
           f"{seconds:.1f} s ({rows / seconds:.1f} rows/s)")
     print(text_tokenizer_note(meta.get("text_tokenizer")))
 

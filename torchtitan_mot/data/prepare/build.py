@@ -25,12 +25,18 @@ from tqdm import tqdm
 
 from .encode import MediaReader, Planned, encode_all
 from .sources import AUDIO_SUFFIXES, IMAGE_SUFFIXES, Item, scan_hf, scan_media, scan_text_docs
+from .latent import LATENT_DTYPES, LatentEncoder
 from .tokenizers import BadInput, ModalityTokenizer
 
 ORDERS = ("text-first", "media-first", "random")
 FORMAT = "torchtitan_mot.parquet/1"
 SEGMENT = pa.struct([("modality", pa.string()), ("text", pa.string()), ("tokens", pa.list_(pa.int32()))])
 SCHEMA = pa.schema([("segments", pa.list_(SEGMENT))])
+# A dataset with latent images (--image-encoder) adds each latent's raw bytes (meta.json's
+# dtype) and its (C, H, W) shape; discrete datasets keep SCHEMA.
+LATENT_SEGMENT = pa.struct([*SEGMENT, ("latent", pa.binary()), ("latent_shape", pa.list_(pa.int32()))])
+LATENT_SCHEMA = pa.schema([("segments", pa.list_(LATENT_SEGMENT))])
+IMAGE_ENCODERS = ("pixels", "vae")
 # Row groups are what the streaming loader hands out; a split gets at least this many (rows
 # permitting) so even a small validation split feeds this many data-parallel ranks.
 MIN_ROW_GROUPS = 256
@@ -58,6 +64,9 @@ class PrepareConfig:
     image_mode: str = "RGB"
     image_codebook_size: int = 1024
     chameleon_dir: Path | None = None
+    image_encoder: str | None = None
+    vae_dir: Path | None = None
+    latent_dtype: str = "float16"
     sample_rate: int = 16000
     n_fft: int = 1024
     hop_length: int = 320
@@ -93,6 +102,16 @@ class PrepareConfig:
             raise ValueError(f"--image-tokenizer must be patch_vq or chameleon, got {self.image_tokenizer!r}")
         if (self.image_tokenizer == "chameleon") != (self.chameleon_dir is not None):
             raise ValueError("--image-tokenizer chameleon and --chameleon-dir go together")
+        if self.image_encoder is not None:
+            if self.image_encoder not in IMAGE_ENCODERS:
+                raise ValueError(f"--image-encoder must be one of {IMAGE_ENCODERS}, got {self.image_encoder!r}")
+            if self.image_tokenizer != "patch_vq" or self.chameleon_dir is not None:
+                raise ValueError("--image-encoder (latent images) and --image-tokenizer/--chameleon-dir "
+                                 "(discrete image ids) are alternatives: give one")
+        if (self.image_encoder == "vae") != (self.vae_dir is not None):
+            raise ValueError("--image-encoder vae and --vae-dir go together")
+        if self.latent_dtype not in LATENT_DTYPES:
+            raise ValueError(f"--latent-dtype must be one of {LATENT_DTYPES}, got {self.latent_dtype!r}")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"--validation-fraction must lie in [0, 1), got {self.validation_fraction}")
         for name in ("shard_rows", "row_group_rows", "fit_items", "chunk_size", "image_codebook_size",
@@ -153,17 +172,31 @@ def _fit_sample(items: list[Item], cfg: PrepareConfig, load: MediaReader, what: 
                 raise
 
 
-def _fit(cfg: PrepareConfig, media: list[Item], tmp: Path) -> dict[str, dict[str, Any]]:
-    """Fit/load one tokenizer per non-text modality, save it into `tmp`, return meta entries."""
+def _latent_encoder(cfg: PrepareConfig) -> LatentEncoder:
+    from .latent import PixelLatentEncoder, VAELatentEncoder
+
+    if cfg.image_encoder == "vae":
+        return VAELatentEncoder.from_pretrained(cfg.vae_dir, cfg.image_size)
+    return PixelLatentEncoder(cfg.image_size, cfg.image_mode)
+
+
+def _fit(cfg: PrepareConfig, media: list[Item], tmp: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Fit/load one tokenizer per discrete non-text modality, save it into `tmp`; load the
+    latent encoder of latent images. Returns meta.json's `tokenizers` and `latents` entries."""
     from .audio import LogMelAudioTokenizer
     from .image import PatchVQImageTokenizer
 
     hf = (cfg.hf_dataset, cfg.hf_split, cfg.image_column) if cfg.hf_dataset else None
-    read = MediaReader(hf, cfg.patch_size if cfg.image_tokenizer == "patch_vq" else 1, cfg.sample_rate)
+    discrete_images = cfg.image_encoder is None and cfg.image_tokenizer == "patch_vq"
+    read = MediaReader(hf, cfg.patch_size if discrete_images else 1, cfg.sample_rate)
     made: dict[str, ModalityTokenizer] = {}
+    latents: dict[str, dict[str, Any]] = {}
     images = [i for i in media if i.modality == "image"]
     audio = [i for i in media if i.modality == "speech"]
-    if images and cfg.image_tokenizer == "chameleon":
+    if images and cfg.image_encoder is not None:
+        encoder = _latent_encoder(cfg)
+        latents["image"] = {"shape": list(encoder.shape), "dtype": cfg.latent_dtype, "encoder": encoder.entry()}
+    elif images and cfg.image_tokenizer == "chameleon":
         from .chameleon import ChameleonImageTokenizer
 
         made["image"] = ChameleonImageTokenizer.from_pretrained(cfg.chameleon_dir)
@@ -180,7 +213,7 @@ def _fit(cfg: PrepareConfig, media: list[Item], tmp: Path) -> dict[str, dict[str
     entries = {}
     for modality, tok in made.items():
         entries[modality] = {**tok.save(tmp), "codebook_size": tok.codebook_size, "tokens_per_item": tok.tokens_per_item}
-    return entries
+    return entries, latents
 
 
 class _ShardWriter:
@@ -191,6 +224,7 @@ class _ShardWriter:
         n = shard_count(rows, cfg.shard_rows) if rows else 0
         self.plan = [rows // n + (k < rows % n) for k in range(n)] if n else []
         self.group_rows = min(cfg.row_group_rows, max(1, rows // MIN_ROW_GROUPS))
+        self.schema = SCHEMA if cfg.image_encoder is None else LATENT_SCHEMA
         (root / split).mkdir()
         self.files: list[str] = []
         self._buffer: list[dict[str, Any]] = []
@@ -202,7 +236,9 @@ class _ShardWriter:
         if self._writer is None:
             name = f"{self.split}/part-{len(self.files):05d}-of-{len(self.plan):05d}.parquet"
             self.files.append(name)
-            self._writer = pq.ParquetWriter(self.root / name, SCHEMA)
+            # min/max statistics of latent bytes are useless and double a small shard's size
+            self._writer = pq.ParquetWriter(self.root / name, self.schema,
+                                            write_statistics=self.schema is SCHEMA)
         self._buffer.append(row)
         self._in_shard += 1
         self.rows += 1
@@ -213,7 +249,7 @@ class _ShardWriter:
 
     def _flush(self) -> None:
         if self._buffer and self._writer is not None:
-            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=SCHEMA))
+            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema))
             self._buffer = []
 
     def _close_shard(self) -> None:
@@ -276,9 +312,9 @@ def prepare(cfg: PrepareConfig) -> Path:
 
 def _build(cfg: PrepareConfig, media: list[Item], docs: list[Item], tmp: Path, skipped: list[str]) -> dict[str, Any]:
     start = time.perf_counter()
-    tokenizers = _fit(cfg, media, tmp)
+    tokenizers, latents = _fit(cfg, media, tmp)
     fitted = time.perf_counter()
-    modalities = ["text"] + [m for m in ("image", "speech") if m in tokenizers]
+    modalities = ["text"] + [m for m in ("image", "speech") if m in tokenizers or m in latents]
 
     items = media + docs
     rng = np.random.default_rng(cfg.seed)
@@ -292,9 +328,11 @@ def _build(cfg: PrepareConfig, media: list[Item], docs: list[Item], tmp: Path, s
     text_unit = "text" if text_meta else "text_chars"
     writers = {"validation": _ShardWriter(tmp, "validation", n_val, cfg),
                "train": _ShardWriter(tmp, "train", len(items) - n_val, cfg)}
-    tokens = {split: {m: 0 for m in [text_unit, *modalities[1:]]} for split in writers}
+    # A latent modality's count is of latents (its positions depend on the model's patch size).
+    counted = [text_unit, *(f"{m}_latents" if m in latents else m for m in modalities[1:])]
+    tokens = {split: {m: 0 for m in counted} for split in writers}
     hf = (cfg.hf_dataset, cfg.hf_split, cfg.image_column) if cfg.hf_dataset else None
-    rows = encode_all(planned, tmp, tokenizers, hf, cfg.num_workers, cfg.chunk_size)
+    rows = encode_all(planned, tmp, tokenizers, latents, hf, cfg.num_workers, cfg.chunk_size)
     for k, row in enumerate(tqdm(rows, total=len(planned), desc="encode", disable=not cfg.progress)):
         if isinstance(row, str):
             if not cfg.skip_bad:
@@ -305,6 +343,8 @@ def _build(cfg: PrepareConfig, media: list[Item], docs: list[Item], tmp: Path, s
         for seg in row["segments"]:
             if seg["modality"] == "text":
                 tokens[split][text_unit] += count_text(seg["text"])
+            elif seg["modality"] in latents:
+                tokens[split][f"{seg['modality']}_latents"] += 1
             else:
                 tokens[split][seg["modality"]] += len(seg["tokens"])
         writers[split].add(row)
@@ -315,10 +355,10 @@ def _build(cfg: PrepareConfig, media: list[Item], docs: list[Item], tmp: Path, s
               f"with --num-workers {cfg.num_workers})", file=sys.stderr)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                 if k not in ("out", "force", "progress", "num_workers")}
-    return {
+    meta = {
         "format": FORMAT,
         "modalities": modalities,
-        "codebook_sizes": {m: tokenizers[m]["codebook_size"] for m in modalities[1:]},
+        "codebook_sizes": {m: tokenizers[m]["codebook_size"] for m in modalities[1:] if m in tokenizers},
         "text_tokenizer": text_meta,
         "tokenizers": tokenizers,
         "splits": {split: w.rows for split, w in writers.items()},
@@ -327,3 +367,9 @@ def _build(cfg: PrepareConfig, media: list[Item], docs: list[Item], tmp: Path, s
         "skipped": {"count": len(skipped), "first": skipped[:20]},
         "settings": settings,
     }
+    if latents:
+        meta["latents"] = latents
+    else:  # a discrete dataset's meta.json is what it always was
+        for key in ("image_encoder", "vae_dir", "latent_dtype"):
+            del settings[key]
+    return meta

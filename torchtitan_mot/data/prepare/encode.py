@@ -14,13 +14,14 @@ import numpy as np
 
 from .audio import read_audio
 from .image import open_image
+from .latent import LatentEncoder, latent_bytes, latent_encoder_from_entry
 from .sources import Item, open_hf_dataset
 from .tokenizers import BadInput, ModalityTokenizer, tokenizer_from_entry
 
 # (item, text first?) -> row, or the BadInput message for a skippable bad item.
 Planned = tuple[Item, bool]
 Row = dict[str, Any]
-Entries = dict[str, dict[str, Any]]  # modality -> tokenizer entry of meta.json
+Entries = dict[str, dict[str, Any]]  # modality -> tokenizer (or latents) entry of meta.json
 
 
 class MediaReader:
@@ -45,11 +46,17 @@ class MediaReader:
 
 
 class Encoder:
-    """Decodes an item's media and tokenizes it with the dataset's tokenizers."""
+    """Decodes an item's media and tokenizes it with the dataset's tokenizers, or encodes it
+    into a latent with its latent encoder."""
 
-    def __init__(self, dataset_dir: Path, entries: Entries, hf: tuple[str, str, str] | None) -> None:
+    def __init__(
+        self, dataset_dir: Path, entries: Entries, latents: Entries, hf: tuple[str, str, str] | None
+    ) -> None:
         self.tokenizers: dict[str, ModalityTokenizer] = {
             m: tokenizer_from_entry(dataset_dir, e) for m, e in entries.items()
+        }
+        self.latents: dict[str, tuple[LatentEncoder, str]] = {
+            m: (latent_encoder_from_entry(e["encoder"]), e["dtype"]) for m, e in latents.items()
         }
         image, speech = self.tokenizers.get("image"), self.tokenizers.get("speech")
         self.media = MediaReader(hf, getattr(image, "patch_size", 1), getattr(speech, "sample_rate", 0))
@@ -66,10 +73,20 @@ class Encoder:
             except BadInput as e:
                 out[i] = str(e)
         for modality, decoded in by_modality.items():
-            ids = self.tokenizers[modality].encode([m for _, m in decoded])
-            for (i, _), tokens in zip(decoded, ids):
+            if modality in self.latents:
+                encoder, dtype = self.latents[modality]
+                media_segments = [
+                    {"modality": modality, "text": None, "tokens": None,
+                     "latent": latent_bytes(z, dtype), "latent_shape": list(z.shape)}
+                    for z in encoder.encode([m for _, m in decoded])
+                ]
+            else:
+                media_segments = [
+                    {"modality": modality, "text": None, "tokens": np.asarray(tokens, dtype=np.int32)}
+                    for tokens in self.tokenizers[modality].encode([m for _, m in decoded])
+                ]
+            for (i, _), media in zip(decoded, media_segments):
                 item, text_first = chunk[i]
-                media = {"modality": modality, "text": None, "tokens": np.asarray(tokens, dtype=np.int32)}
                 segments = [_text(item.text), media] if text_first else [media, _text(item.text)]
                 out[i] = {"segments": segments}
         return out
@@ -82,12 +99,12 @@ def _text(text: str) -> dict[str, Any]:
 _worker: Encoder | None = None
 
 
-def _init_worker(dataset_dir: Path, entries: Entries, hf: tuple[str, str, str] | None) -> None:
+def _init_worker(dataset_dir: Path, entries: Entries, latents: Entries, hf: tuple[str, str, str] | None) -> None:
     import torch
 
     torch.set_num_threads(1)
     global _worker
-    _worker = Encoder(dataset_dir, entries, hf)
+    _worker = Encoder(dataset_dir, entries, latents, hf)
 
 
 def _encode_in_worker(chunk: list[Planned]) -> list[Row | str]:
@@ -96,17 +113,17 @@ def _encode_in_worker(chunk: list[Planned]) -> list[Row | str]:
 
 
 def encode_all(
-    planned: list[Planned], dataset_dir: Path, entries: Entries, hf: tuple[str, str, str] | None,
-    num_workers: int, chunk_size: int,
+    planned: list[Planned], dataset_dir: Path, entries: Entries, latents: Entries,
+    hf: tuple[str, str, str] | None, num_workers: int, chunk_size: int,
 ) -> Iterator[Row | str]:
     """Rows (or bad-input messages) in the order of `planned`."""
     chunks = [planned[i : i + chunk_size] for i in range(0, len(planned), chunk_size)]
     if num_workers <= 1:
-        encoder = Encoder(dataset_dir, entries, hf)
+        encoder = Encoder(dataset_dir, entries, latents, hf)
         for chunk in chunks:
             yield from encoder.encode(chunk)
         return
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(dataset_dir, entries, hf)) as pool:
+    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(dataset_dir, entries, latents, hf)) as pool:
         for rows in pool.imap(_encode_in_worker, chunks):
             yield from rows
