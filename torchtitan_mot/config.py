@@ -27,9 +27,15 @@ from torchtitan.config import ConfigManager, JobConfig as TorchTitanJobConfig
 from torchtitan.tools.logging import logger
 
 from torchtitan_mot.compat.torchtitan_0_2_2 import config_file_values, without_assets_path_warning
-from torchtitan_mot.data.meta import check_meta, looks_local, meta_modalities, missing_dataset
+from torchtitan_mot.data.meta import (
+    check_meta,
+    looks_local,
+    meta_latents,
+    meta_modalities,
+    missing_dataset,
+)
 from torchtitan_mot.data.tokenizer import VocabLayout
-from torchtitan_mot.model.args import UNTIE_COMPONENTS, VOCAB_ATTRIBUTE
+from torchtitan_mot.model.args import LATENTS_ATTRIBUTE, UNTIE_COMPONENTS, VOCAB_ATTRIBUTE
 
 _CONFIG_MODULE_FLAGS = ("--job.custom_config_module", "--job.custom-config-module")
 _CONFIG_FILE_FLAGS = ("--job.config_file", "--job.config-file")
@@ -278,6 +284,72 @@ def _resolve_modalities(job_config: TorchTitanJobConfig, read_data: bool) -> Non
         raise ConfigError(str(e)) from None
 
 
+PLAN_LATENT_SHAPE = (8, 32, 32)
+"""Latent (C, H, W) assumed by a memory plan made without the dataset (`read_data=False`):
+the paper's 256 px image through an 8x VAE with 8 channels. Only the patch layers' size
+depends on it."""
+
+
+def _resolve_latents(job_config: TorchTitanJobConfig, read_data: bool) -> None:
+    """The Transfusion settings against the dataset: diffusion modalities are non-text,
+    latent (codebook size 0) and declared with a shape in meta.json; a latent dataset needs
+    them. Attaches `{modality: (C, H, W)}` as `mot.resolved_latents`. Refuses the parallelisms
+    the Transfusion setting does not support yet."""
+    mot = job_config.mot
+    names = list(mot.diffusion_modalities)
+    latent_in_config = [m for m, s in zip(mot.modalities[1:], mot.codebook_sizes) if s == 0]
+    for name in names:
+        if name not in mot.modalities[1:]:
+            raise ConfigError(
+                f"mot.diffusion_modalities = {names}: {name!r} is not a non-text modality of "
+                f"mot.modalities {mot.modalities}"
+            )
+    if sorted(latent_in_config) != sorted(names):
+        raise ConfigError(
+            f"mot.diffusion_modalities = {names} but the modalities with codebook size 0 "
+            f"(continuous latents) are {latent_in_config} ([mot].codebook_sizes "
+            f"{mot.codebook_sizes} for {mot.modalities[1:]}): list exactly the latent modalities"
+        )
+    paths = [job_config.training.dataset_path]
+    if job_config.validation.enable:
+        paths.append(job_config.validation.dataset_path)
+    metas = [Path(p) / "meta.json" for p in paths if p and (Path(p) / "meta.json").is_file()]
+    latents: dict[str, tuple[int, int, int]] = {}
+    if read_data and metas:
+        for meta in metas:
+            try:
+                found = meta_latents(meta)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            if latents and found != latents:
+                raise ConfigError(f"{meta} declares latents {found}, another dataset {latents}")
+            latents = found
+    elif names:
+        latents = {name: PLAN_LATENT_SHAPE for name in names}
+    if not names:
+        return
+    missing = [n for n in names if n not in latents]
+    if missing:
+        raise ConfigError(
+            f"mot.diffusion_modalities = {names}: {[str(m) for m in metas]} declares no latent "
+            f"shape for {missing} (meta.json 'latents'); is this a latent dataset?"
+        )
+    pd = job_config.parallelism
+    refused = {
+        "--parallelism.pipeline_parallel_degree": pd.pipeline_parallel_degree,
+        "--parallelism.context_parallel_degree": pd.context_parallel_degree,
+        "--parallelism.tensor_parallel_degree": pd.tensor_parallel_degree,
+    }
+    for flag, degree in refused.items():
+        if degree > 1:
+            raise ConfigError(
+                f"{flag} = {degree} with mot.diffusion_modalities {names}: not supported in the "
+                "Transfusion setting yet (the patches, timesteps and image ids are not split "
+                "across pipeline stages, sequence shards or tensor-parallel ranks); use FSDP"
+            )
+    setattr(mot, LATENTS_ATTRIBUTE, latents)
+
+
 def _text_vocab_size(job_config: TorchTitanJobConfig, fallback: int | None) -> int:
     """Text ids of `model.hf_assets_path` (made absolute), or `fallback` where it is not here."""
     value = job_config.model.hf_assets_path
@@ -337,6 +409,7 @@ def resolve_job_config(
         return resolved
     _resolve_datasets(job_config, read_data)
     _resolve_modalities(job_config, read_data)
+    _resolve_latents(job_config, read_data)
     text_vocab = _text_vocab_size(job_config, text_vocab_fallback)
     mot = job_config.mot
     try:

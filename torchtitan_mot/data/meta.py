@@ -42,9 +42,12 @@ def read_meta(meta_path: Path) -> dict[str, Any]:
 def meta_modalities(meta_path: Path) -> tuple[list[str], list[int]]:
     """(modalities, codebook size of each non-text modality) that meta.json declares."""
     meta = read_meta(meta_path)
+    latents = meta.get("latents") or {}
     try:
         modalities = list(meta["modalities"])
-        return modalities, [int(meta["codebook_sizes"][m]) for m in modalities[1:]]
+        return modalities, [
+            0 if m in latents else int(meta["codebook_sizes"][m]) for m in modalities[1:]
+        ]
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{meta_path}: no usable 'modalities'/'codebook_sizes' ({e!r})") from None
 
@@ -60,8 +63,15 @@ def check_meta(meta_path: Path, modalities: list[str], codebook_sizes: list[int]
             "and [mot].codebook_sizes unset to take them from meta.json, or use a dataset "
             "with these modalities"
         )
-    expected = dict(zip(modalities[1:], codebook_sizes))
-    if meta.get("codebook_sizes") != expected:
+    latents = meta.get("latents") or {}
+    expected = {m: s for m, s in zip(modalities[1:], codebook_sizes) if m not in latents}
+    bad = [m for m, s in zip(modalities[1:], codebook_sizes) if m in latents and s != 0]
+    if bad:
+        raise ValueError(
+            f"{meta_path} declares {bad} as continuous latents but [mot].codebook_sizes gives "
+            f"them a codebook ({list(codebook_sizes)}): a latent modality's codebook size is 0"
+        )
+    if (meta.get("codebook_sizes") or {}) != expected:
         declared = meta.get("codebook_sizes") or {}
         fix = " ".join(str(declared.get(m, "?")) for m in modalities[1:])
         raise ValueError(
@@ -70,3 +80,19 @@ def check_meta(meta_path: Path, modalities: list[str], codebook_sizes: list[int]
             f"(i.e. {expected}): pass --mot.codebook_sizes {fix} (or leave [mot].codebook_sizes "
             "unset to take it from meta.json)"
         )
+
+
+def meta_latents(meta_path: Path) -> dict[str, tuple[int, int, int]]:
+    """The latent shape (C, H, W) of each continuous modality meta.json declares
+    (`"latents": {modality: {"shape": [C, H, W], ...}}`); empty for a discrete dataset."""
+    meta = read_meta(meta_path)
+    out = {}
+    for name, entry in (meta.get("latents") or {}).items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and len(shape) == 3
+                and all(isinstance(v, int) and v > 0 for v in shape)):
+            raise ValueError(
+                f"{meta_path}: latents.{name}.shape must be [C, H, W] positive ints, got {shape!r}"
+            )
+        out[name] = (shape[0], shape[1], shape[2])
+    return out

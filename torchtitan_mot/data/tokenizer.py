@@ -44,8 +44,10 @@ class VocabLayout:
                 f"expected one codebook size per non-text modality {list(self.modalities[1:])}, "
                 f"got codebook_sizes={list(self.codebook_sizes)}"
             )
-        if any(s <= 0 for s in self.codebook_sizes):
-            raise ValueError(f"codebook sizes must be positive, got {list(self.codebook_sizes)}")
+        if any(s < 0 for s in self.codebook_sizes):
+            # 0: a continuous (latent) modality, just its markers (config.py checks it is
+            # a diffusion modality)
+            raise ValueError(f"codebook sizes must be >= 0, got {list(self.codebook_sizes)}")
 
     @cached_property
     def _block_starts(self) -> dict[str, int]:
