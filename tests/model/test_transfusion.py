@@ -206,3 +206,51 @@ def test_patches_need_a_transfusion_flavor() -> None:
         plain(batch["input"], batch["modality_ids"], patches=batch["patches"],
               timesteps=batch["timesteps"], image_ids=batch["image_ids"])
     assert dataclasses.replace(MoTModelArgs(**TINY_TRANSFUSION)).diffusion
+
+
+def test_transfusion_forward_and_loss_read_nothing_back_from_the_device() -> None:
+    """On the meta device (any device->host read raises), with host ids: forward, the
+    per-image diffusion loss and backward."""
+    from torchtitan_mot.model.inputs import HostTensor
+    from torchtitan_mot.trainer.loss import per_image_mse
+
+    batch, _ = transfusion_batch(2, SEQ, 6, seed=6)
+    with torch.device("meta"):
+        model = MoTTransformer(MoTModelArgs(**TINY_TRANSFUSION))
+    meta = {k: v.to("meta") for k, v in batch.items() if k != "modality_ids"}
+    logits, eps = model(meta["input"], HostTensor(batch["modality_ids"]), patches=meta["patches"],
+                        timesteps=meta["timesteps"], image_ids=meta["image_ids"])
+    mse, n_images = per_image_mse(eps, meta["noise"], meta["image_ids"])
+    (logits.sum() + mse).backward()
+    assert eps.shape == (2, SEQ, 6) and n_images.device.type == "meta"
+
+
+def test_whole_transfusion_forward_compiles_once_for_any_image_layout() -> None:
+    from torch._dynamo.utils import counters
+
+    from torchtitan_mot.benchmark.perf import CompileCounts
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    try:
+        for seed in range(3):
+            batch, _ = transfusion_batch(2, SEQ, 6, seed=seed)
+            args = {k: batch[k] for k in ("patches", "timesteps", "image_ids")}
+            got = compiled(batch["input"], modality_ids=batch["modality_ids"], **args)
+            want = model(batch["input"], modality_ids=batch["modality_ids"], **args)
+            for x, y in zip(got, want):
+                torch.testing.assert_close(x, y)
+        assert CompileCounts.now() == CompileCounts(graphs=1, graph_breaks=0), dict(counters)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_timestep_features_equal_fluxs() -> None:
+    from torchtitan.models.flux.model.layers import timestep_embedding
+
+    from torchtitan_mot.model.diffusion import timestep_features
+
+    t = torch.tensor([0, 1, 17, 500, 999])
+    torch.testing.assert_close(timestep_features(t), timestep_embedding(t, 256, time_factor=1.0))

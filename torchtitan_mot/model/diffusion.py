@@ -12,17 +12,31 @@ Attention: causal OR same image (a latent position sees every position of its ow
 also later ones), AND same document under block_causal.
 """
 
+import math
+
 import torch
 from torch import nn
 from torch.nn.attention.flex_attention import and_masks, or_masks
 from torchtitan.models.attention import get_causal_mask_mod
-from torchtitan.models.flux.model.layers import MLPEmbedder, timestep_embedding
+from torchtitan.models.flux.model.layers import MLPEmbedder
 from torchtitan.models.utils import trunc_normal_
 
 from .args import MoTModelArgs
 
 TIME_FREQUENCIES = 256
 """Width of the sinusoidal timestep features fed to the timestep MLP (Flux's and DiT's 256)."""
+
+
+def timestep_features(t: torch.Tensor, dim: int = TIME_FREQUENCIES) -> torch.Tensor:
+    """Flux's sinusoidal `timestep_embedding` (cos, then sin; max period 10000) on integer
+    DDPM steps, rewritten because Flux's enters a `torch.device` context that
+    `torch.compile(fullgraph=True)` cannot trace."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
+    args = t.float().unsqueeze(-1) * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class DiffusionLayers(nn.Module):
@@ -60,7 +74,7 @@ class DiffusionLayers(nn.Module):
         """`h` (bs, seq, dim) token embeddings with latent positions (`image_ids >= 0`)
         replaced by the noised patch's and its timestep's embedding."""
         bs, seq = image_ids.shape
-        temb = timestep_embedding(timesteps.reshape(-1), TIME_FREQUENCIES, time_factor=1.0)
+        temb = timestep_features(timesteps.reshape(-1))
         x = self.patch_in(patches.to(self.patch_in.weight.dtype)) + self.time_embed(
             temb.to(self.patch_in.weight.dtype)
         ).view(bs, seq, -1)
