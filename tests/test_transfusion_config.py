@@ -5,10 +5,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch.distributed.checkpoint as dcp
+from helpers import TINY, TINY_TRANSFUSION
 
 from torchtitan_mot import build_model_args
 from torchtitan_mot.config import ConfigError, load_job_config
+from torchtitan_mot.model import MoTModelArgs, MoTTransformer
 from torchtitan_mot.model.args import LATENTS_ATTRIBUTE
+from torchtitan_mot.trainer.checkpoint_check import check_checkpoint_matches, CheckpointMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,8 +66,7 @@ def test_patch_size_must_divide_the_latent(tmp_path: Path) -> None:
         build_model_args(job)
 
 
-@pytest.mark.parametrize("flag", ["pipeline_parallel_degree", "context_parallel_degree",
-                                  "tensor_parallel_degree"])
+@pytest.mark.parametrize("flag", ["pipeline_parallel_degree", "context_parallel_degree"])
 def test_unsupported_parallelisms_are_refused_by_name(tmp_path: Path, flag: str) -> None:
     with pytest.raises(ConfigError, match=f"--parallelism.{flag} = 2"):
         _load(_latent_dataset(tmp_path / "d", [4, 8, 8]), f"--parallelism.{flag}", "2")
@@ -73,3 +76,14 @@ def test_bad_latent_shape_names_the_file(tmp_path: Path) -> None:
     data = _latent_dataset(tmp_path / "d", [4, 8])
     with pytest.raises(ConfigError, match=r"meta.json: latents.image.shape"):
         _load(data)
+
+
+def test_checkpoint_check_knows_the_diffusion_layers(tmp_path: Path) -> None:
+    """A checkpoint of a Transfusion model fits that model (its diffusion.* keys count as
+    model keys), and not the same model without them."""
+    model = MoTTransformer(MoTModelArgs(**TINY_TRANSFUSION))
+    dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    check_checkpoint_matches(str(tmp_path / "ckpt"), model.state_dict())
+    plain = MoTTransformer(MoTModelArgs(**TINY))
+    with pytest.raises(CheckpointMismatchError, match="diffusion.patch_in"):
+        check_checkpoint_matches(str(tmp_path / "ckpt"), plain.state_dict())

@@ -338,14 +338,13 @@ def _resolve_latents(job_config: TorchTitanJobConfig, read_data: bool) -> None:
     refused = {
         "--parallelism.pipeline_parallel_degree": pd.pipeline_parallel_degree,
         "--parallelism.context_parallel_degree": pd.context_parallel_degree,
-        "--parallelism.tensor_parallel_degree": pd.tensor_parallel_degree,
     }
     for flag, degree in refused.items():
         if degree > 1:
             raise ConfigError(
                 f"{flag} = {degree} with mot.diffusion_modalities {names}: not supported in the "
                 "Transfusion setting yet (the patches, timesteps and image ids are not split "
-                "across pipeline stages, sequence shards or tensor-parallel ranks); use FSDP"
+                "across pipeline stages or context-parallel sequence shards); use FSDP / TP"
             )
     setattr(mot, LATENTS_ATTRIBUTE, latents)
 
