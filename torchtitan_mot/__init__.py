@@ -56,6 +56,9 @@ mot_args: dict[str, MoTModelArgs] = {
     "70B_3modality": MoTModelArgs(**_70b, n_modalities=3),
     "debugmodel_transfusion": MoTModelArgs(**_debug, n_modalities=2, diffusion=True),
     "debugmodel_transfusion_dense": MoTModelArgs(**_debug, n_modalities=1, diffusion=True),
+    "debugmodel_transfusion_flex": MoTModelArgs(
+        **_debug, n_modalities=2, diffusion=True, attn_type="flex", **_block_causal
+    ),
 }
 for _size, _shape in _transfusion.items():
     for _suffix, _n in (("", 2), ("_dense", 1)):

@@ -254,3 +254,31 @@ def test_timestep_features_equal_fluxs() -> None:
 
     t = torch.tensor([0, 1, 17, 500, 999])
     torch.testing.assert_close(timestep_features(t), timestep_embedding(t, 256, time_factor=1.0))
+
+
+def test_block_causal_flex_mask_keeps_documents_apart() -> None:
+    """The flex flavor with documents: a document's logits do not depend on the one before."""
+    from types import SimpleNamespace
+
+    batch, _ = transfusion_batch(1, SEQ, 6, seed=0)
+    tokens = batch["input"].clone()
+    cut = int((batch["image_ids"][0] == 0).nonzero()[-1]) + 2  # after the first image's EOI
+    tokens[0, cut - 1] = EOS
+    model = _model(attn_type="flex", attn_mask_type="block_causal")
+    extra = {k: batch[k] for k in ("patches", "timesteps", "image_ids")}
+    tok = SimpleNamespace(eos_id=EOS)
+    masks = model.get_attention_masks(tokens, tok, extra)
+    changed = dict(extra, patches=extra["patches"].clone())
+    changed["patches"][0, :cut - 1] += 1.0  # the first document's image
+    with torch.no_grad():
+        a = model(tokens, batch["modality_ids"], attention_masks=masks, **extra)
+        b = model(tokens, batch["modality_ids"], attention_masks=masks, **changed)
+    torch.testing.assert_close(a[0][:, cut:], b[0][:, cut:], atol=0, rtol=0)
+    assert not torch.equal(a[1][:, : cut - 1], b[1][:, : cut - 1])
+
+
+def test_flavors_that_cannot_express_the_mask_are_refused() -> None:
+    with pytest.raises(ValueError, match="varlen"):
+        MoTModelArgs(**{**TINY_TRANSFUSION, "attn_type": "varlen"})
+    with pytest.raises(ValueError, match="no document mask"):
+        MoTModelArgs(**{**TINY_TRANSFUSION, "attn_mask_type": "block_causal"})

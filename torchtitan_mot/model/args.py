@@ -76,6 +76,16 @@ class MoTModelArgs(TransformerModelArgs):
 
     def __post_init__(self) -> None:
         check_untie(self.untie, self.n_modalities, "MoTModelArgs.untie")
+        if self.diffusion and self.attn_type == "varlen":
+            raise ValueError(
+                "MoTModelArgs(diffusion=True, attn_type='varlen'): varlen attention cannot "
+                "express bidirectional attention within an image; use 'flex' or 'sdpa'"
+            )
+        if self.diffusion and self.attn_type == "sdpa" and self.attn_mask_type == "block_causal":
+            raise ValueError(
+                "MoTModelArgs(diffusion=True, attn_type='sdpa', attn_mask_type='block_causal'): "
+                "the explicit sdpa mask has no document mask; use attn_type='flex'"
+            )
 
     def n_copies(self, component: str) -> int:
         """How many weight sets `component` has: one per modality if untied, else one."""
