@@ -204,3 +204,80 @@ def hf_llama_state_dict(llama: torch.nn.Module) -> dict[str, torch.Tensor]:
             w = sd[f"layers.{i}.{ours}.weight"]
             hf[f"model.layers.{i}.{theirs}.weight"] = _hf_permute(w, heads[ours]) if ours in heads else w
     return {k: v.contiguous() for k, v in hf.items()}
+
+
+TINY_TRANSFUSION = dict(TINY, diffusion=True, diffusion_modality=1, patch_dim=6)
+"""`TINY` with Transfusion layers: modality 1 is the diffusion modality, P = 6."""
+
+
+def transfusion_batch(
+    bs: int,
+    seq: int,
+    patch_dim: int,
+    *,
+    seed: int = 0,
+    text_ids: int = 40,
+    boi: int = 45,
+    eoi: int = 46,
+    timesteps: int = 1000,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A random window of the Transfusion contract (TRANSFUSION_CONTRACT.md): text runs and
+    images (BOI, latent positions holding the BOI id, EOI), the first row starting inside
+    an image (the tail of one split across windows) and every row ending inside one (cut by
+    the window edge). Returns ({input, modality_ids, patches (x0), noise, timesteps,
+    image_ids}, labels), labels IGNORE_INDEX where the input is BOI or a latent position."""
+    rng = np.random.default_rng(seed)
+    rows: list[dict[str, list]] = []
+    for r in range(bs):
+        tok, mod, img = [], [], []
+        n_img = 0
+        if r == 0:  # the tail of an image begun in the previous window
+            k = int(rng.integers(2, 5))
+            tok += [boi] * k + [eoi]
+            mod += [1] * (k + 1)
+            img += [0] * k + [-1]
+            n_img = 1
+        while len(tok) < seq:
+            t = int(rng.integers(1, 5))
+            tok += [int(x) for x in rng.integers(0, text_ids, t)]
+            mod += [0] * t
+            img += [-1] * t
+            k = int(rng.integers(2, 6))
+            tok += [boi] * (k + 1) + [eoi]
+            mod += [1] * (k + 2)
+            img += [-1] + [n_img] * k + [-1]
+            n_img += 1
+        # End inside an image (the window edge) whatever the loop left there.
+        tail = int(rng.integers(2, 4))
+        tok, mod, img = tok[: seq - tail - 1], mod[: seq - tail - 1], img[: seq - tail - 1]
+        n_img = max(img) + 1 if max(img) >= 0 else 0
+        tok += [boi] * (tail + 1)
+        mod += [1] * (tail + 1)
+        img += [-1] + [n_img] * tail
+        rows.append(dict(tok=tok[:seq], mod=mod[:seq], img=img[:seq]))
+    tokens = torch.tensor([r["tok"] for r in rows])
+    image_ids = torch.tensor([r["img"] for r in rows])
+    latent = image_ids >= 0
+    gen = torch.Generator().manual_seed(seed)
+    patches = torch.randn(bs, seq, patch_dim, generator=gen) * latent.unsqueeze(-1)
+    noise = torch.randn(bs, seq, patch_dim, generator=gen) * latent.unsqueeze(-1)
+    t_img = torch.randint(0, timesteps, (bs, seq), generator=gen)
+    # one t per image: that of its first position
+    t = torch.where(latent, t_img.gather(1, _first_position(image_ids)), torch.zeros_like(t_img))
+    labels = torch.cat([tokens[:, 1:], torch.randint(0, text_ids, (bs, 1), generator=gen)], 1)
+    labels = torch.where(latent | (tokens == boi), torch.full_like(labels, -100), labels)
+    batch = dict(
+        input=tokens,
+        modality_ids=torch.tensor([r["mod"] for r in rows]),
+        patches=patches,
+        noise=noise,
+        timesteps=t,
+        image_ids=image_ids,
+    )
+    return batch, labels
+
+
+def _first_position(image_ids: torch.Tensor) -> torch.Tensor:
+    """For every position, the first position of its row holding the same image id."""
+    same = image_ids.unsqueeze(2) == image_ids.unsqueeze(1)  # (bs, q, k)
+    return same.int().argmax(dim=2)

@@ -33,6 +33,13 @@ _70b = dict(
 _block_causal = dict(attn_mask_type="block_causal")
 # The paper's smallest model (arXiv 2411.04996, Table 1; 37M with its 65k-id vocabulary).
 _37m = dict(dim=256, n_layers=4, n_heads=8, rope_theta=500000)
+# The Transfusion setting's sizes (MoT paper §3.4): dim / layers / heads.
+_transfusion = {
+    "163M": dict(dim=768, n_layers=16, n_heads=12),
+    "760M": dict(dim=1536, n_layers=24, n_heads=24),
+    "1.4B": dict(dim=2048, n_layers=24, n_heads=16),
+    "7B": dict(dim=4096, n_layers=32, n_heads=32),
+}
 
 mot_args: dict[str, MoTModelArgs] = {
     "debugmodel": MoTModelArgs(**_debug, n_modalities=2),
@@ -47,7 +54,17 @@ mot_args: dict[str, MoTModelArgs] = {
     "8B_3modality": MoTModelArgs(**_8b, n_modalities=3),
     "70B_2modality": MoTModelArgs(**_70b, n_modalities=2),
     "70B_3modality": MoTModelArgs(**_70b, n_modalities=3),
+    "debugmodel_transfusion": MoTModelArgs(**_debug, n_modalities=2, diffusion=True),
+    "debugmodel_transfusion_dense": MoTModelArgs(**_debug, n_modalities=1, diffusion=True),
+    "debugmodel_transfusion_flex": MoTModelArgs(
+        **_debug, n_modalities=2, diffusion=True, attn_type="flex", **_block_causal
+    ),
 }
+for _size, _shape in _transfusion.items():
+    for _suffix, _n in (("", 2), ("_dense", 1)):
+        mot_args[f"transfusion_{_size}{_suffix}"] = MoTModelArgs(
+            **_shape, rope_theta=500000, n_modalities=_n, diffusion=True
+        )
 
 
 def dense_twin_flavor(flavor: str) -> str:

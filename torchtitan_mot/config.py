@@ -29,14 +29,11 @@ from torchtitan.tools.logging import logger
 from torchtitan_mot.compat.torchtitan_0_2_2 import config_file_values, without_assets_path_warning
 from torchtitan_mot.data.meta import check_meta, looks_local, meta_latents, meta_modalities, missing_dataset
 from torchtitan_mot.data.tokenizer import VocabLayout
-from torchtitan_mot.model.args import UNTIE_COMPONENTS, VOCAB_ATTRIBUTE
+from torchtitan_mot.model.args import LATENTS_ATTRIBUTE, UNTIE_COMPONENTS, VOCAB_ATTRIBUTE
 
 _CONFIG_MODULE_FLAGS = ("--job.custom_config_module", "--job.custom-config-module")
 _CONFIG_FILE_FLAGS = ("--job.config_file", "--job.config-file")
 PACKAGE = Path(__file__).resolve().parent
-LATENTS_ATTRIBUTE = "resolved_latents"
-"""Attribute of a resolved config's `[mot]` section: {diffusion modality: (C, H, W) latent
-shape} from the dataset's meta.json (the patch layers' size is C * p * p); not a field."""
 
 
 class ConfigError(ValueError):
@@ -281,6 +278,12 @@ def _resolve_modalities(job_config: TorchTitanJobConfig, read_data: bool) -> Non
         raise ConfigError(str(e)) from None
 
 
+PLAN_LATENT_SHAPE = (8, 32, 32)
+"""Latent (C, H, W) assumed by a memory plan made without the dataset (`read_data=False`):
+the paper's 256 px image through an 8x VAE with 8 channels. Only the patch layers' size
+depends on it."""
+
+
 def _resolve_diffusion(job_config: TorchTitanJobConfig, layout: VocabLayout, read_data: bool) -> None:
     """The diffusion modalities are exactly the latent ones (codebook size 0) and their
     latents cut into whole `diffusion_patch_size` patches; attaches their latent shapes."""
@@ -339,6 +342,22 @@ def _resolve_diffusion(job_config: TorchTitanJobConfig, layout: VocabLayout, rea
                     f"{meta}: {name!r} latents have shape {list(shape)}, the training dataset's "
                     f"{list(shapes[name])}: --validation.dataset_path must hold latents of the same shape"
                 )
+    if not read_data:
+        for name in mot.diffusion_modalities:
+            shapes.setdefault(name, PLAN_LATENT_SHAPE)
+    pd = job_config.parallelism
+    refused = {
+        "--parallelism.pipeline_parallel_degree": pd.pipeline_parallel_degree,
+        "--parallelism.context_parallel_degree": pd.context_parallel_degree,
+    }
+    for flag_name, degree in refused.items():
+        if degree > 1:
+            raise ConfigError(
+                f"{flag_name} = {degree} with mot.diffusion_modalities {mot.diffusion_modalities}: "
+                "not supported in the Transfusion setting yet (the patches, timesteps and image "
+                "ids are not split across pipeline stages or context-parallel sequence shards); "
+                "use FSDP / TP"
+            )
     setattr(mot, LATENTS_ATTRIBUTE, shapes)
 
 

@@ -47,7 +47,7 @@ def test_token_modality_table_agrees_with_ranges() -> None:
         ((100, ("image", "text"), (4,)), "must start with 'text'"),
         ((100, ("text", "image", "image"), (4, 4)), "duplicate"),
         ((100, ("text", "image"), (4, 4)), "one codebook size per non-text modality"),
-        ((100, ("text", "image"), (-1,)), "must be positive"),
+        ((100, ("text", "image"), (-1,)), "codebook sizes must be"),
         ((0, ("text", "image"), (4,)), "text_vocab_size must be positive"),
     ],
 )

@@ -15,7 +15,7 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 from torchtitan.config import JobConfig, TORCH_DTYPE_MAP
-from torchtitan.distributed import ParallelDims
+from torchtitan.distributed import NoParallel, ParallelDims
 from torchtitan.distributed.context_parallel import apply_cp_to_attention_module
 from torchtitan.models.llama3.infra.parallelize import apply_compile, apply_ddp, apply_fsdp
 from torchtitan.tools.logging import logger
@@ -132,6 +132,14 @@ def apply_tp(model: MoTTransformer, tp_mesh: DeviceMesh, loss_parallel: bool) ->
             use_local_output=not loss_parallel,
         )
     parallelize_module(model, tp_mesh, top)
+    if model.diffusion is not None:
+        # Transfusion's patch and timestep layers see full (replicated) activations on every
+        # rank: replicated compute, with DTensor weights so clipping sees one mesh.
+        parallelize_module(
+            model.diffusion,
+            tp_mesh,
+            {name: NoParallel() for name in ("patch_in", "time_embed", "patch_out")},
+        )
 
     block_plan: dict[str, ParallelStyle] = {
         "attention_norm": ModalityNormParallel(sequence_sharded=True),

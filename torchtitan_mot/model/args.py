@@ -12,6 +12,10 @@ UNTIE_COMPONENTS = ("attention", "ffn", "norms")
 """What `untie` may list: the attention projections (wq/wk/wv/wo), the SwiGLU FFN (w1/w2/w3)
 and every RMSNorm of a block (attention_norm, ffn_norm and the optional QK-norms)."""
 
+LATENTS_ATTRIBUTE = "resolved_latents"
+"""Attribute of a job config's `[mot]` section holding each diffusion modality's latent shape
+`{modality: (C, H, W)}` from meta.json, set by `load_job_config` like the vocabulary."""
+
 VOCAB_ATTRIBUTE = "resolved_vocab"
 """Attribute of a job config's `[mot]` section holding its unified vocabulary (`VocabLayout`),
 set by `torchtitan_mot.config.load_job_config`; not a config field, so no flag can set it."""
@@ -60,9 +64,28 @@ class MoTModelArgs(TransformerModelArgs):
     untie: list[str] = field(default_factory=lambda: list(UNTIE_COMPONENTS))
     """Components with one weight set per modality (`UNTIE_COMPONENTS`); the others have a
     single set shared by all modalities, exactly the dense layer. Set from `mot.untie`."""
+    diffusion: bool = False
+    """The Transfusion setting: the model has patch encoder/decoder and timestep embedding
+    layers (`model/diffusion.py`) and returns (logits, eps). Fixed by the flavor."""
+    diffusion_modality: int = -1
+    """Index (in `mot.modalities`) of the one modality given as continuous latents; set from
+    `mot.diffusion_modalities`."""
+    patch_dim: int = 0
+    """P = C * p * p: the latent values of one transformer position (C latent channels from
+    meta.json, p = `mot.diffusion_patch_size`)."""
 
     def __post_init__(self) -> None:
         check_untie(self.untie, self.n_modalities, "MoTModelArgs.untie")
+        if self.diffusion and self.attn_type == "varlen":
+            raise ValueError(
+                "MoTModelArgs(diffusion=True, attn_type='varlen'): varlen attention cannot "
+                "express bidirectional attention within an image; use 'flex' or 'sdpa'"
+            )
+        if self.diffusion and self.attn_type == "sdpa" and self.attn_mask_type == "block_causal":
+            raise ValueError(
+                "MoTModelArgs(diffusion=True, attn_type='sdpa', attn_mask_type='block_causal'): "
+                "the explicit sdpa mask has no document mask; use attn_type='flex'"
+            )
 
     def n_copies(self, component: str) -> int:
         """How many weight sets `component` has: one per modality if untied, else one."""
@@ -128,13 +151,55 @@ class MoTModelArgs(TransformerModelArgs):
                 f"{job_config.model.hf_assets_path} + codebooks {mot.codebook_sizes})"
             )
         self.vocab_size = vocab_size
+        self._update_diffusion(job_config)
+
+    def _update_diffusion(self, job_config: JobConfig) -> None:
+        """Diffusion modality and patch size from `[mot]` and the resolved latent shapes; a
+        flavor and a config that disagree on having diffusion layers is an error."""
+        mot = job_config.mot
+        flavor = job_config.model.flavor
+        names = list(getattr(mot, "diffusion_modalities", []) or [])
+        if not names:
+            if self.diffusion:
+                raise ValueError(
+                    f"model.flavor '{flavor}' is a Transfusion flavor (diffusion layers) but "
+                    "mot.diffusion_modalities is empty: set it (e.g. [\"image\"]) with a latent "
+                    "dataset, or pick a flavor without diffusion layers"
+                )
+            return
+        if not self.diffusion:
+            raise ValueError(
+                f"mot.diffusion_modalities = {names} but model.flavor '{flavor}' has no "
+                "diffusion layers: pick a Transfusion flavor (e.g. debugmodel_transfusion)"
+            )
+        if len(names) != 1:
+            raise ValueError(
+                f"mot.diffusion_modalities = {names}: exactly one diffusion modality is supported"
+            )
+        latents = getattr(mot, LATENTS_ATTRIBUTE, None) or {}
+        if names[0] not in latents:
+            raise ValueError(
+                f"mot.diffusion_modalities = {names}: no latent shape for {names[0]!r} (the "
+                "dataset's meta.json 'latents'); load the config with load_job_config"
+            )
+        channels, height, width = latents[names[0]]
+        p = mot.diffusion_patch_size
+        if p < 1 or height % p or width % p:
+            raise ValueError(
+                f"mot.diffusion_patch_size = {p} does not divide the latent's {height}x{width} "
+                f"grid ({names[0]!r} in meta.json)"
+            )
+        self.diffusion_modality = list(mot.modalities).index(names[0])
+        self.patch_dim = channels * p * p
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
         """All parameters, but ACTIVE flops: each token uses one weight set per component.
 
         Counting all modality copies would inflate MFU n_modalities-fold; with this count
         MoT (whatever it unties) and its dense twin of the same shape report the same flops
-        per token. A shared (one-child) module has no inactive copies.
+        per token. A shared (one-child) module has no inactive copies. The Transfusion patch
+        layers and timestep MLP run on every position (`model/diffusion.py`), so TorchTitan's
+        6 * params count already holds them.
         """
         nparams, flops = get_dense_model_nparams_and_flops(
             self, model, 2 * (self.dim // self.n_heads), seq_len

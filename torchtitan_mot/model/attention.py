@@ -1,6 +1,7 @@
 """Modality-untied attention projections around ONE global attention over all tokens."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 from torchtitan.models.attention import (
@@ -101,8 +102,14 @@ class MoTAttention(nn.Module):
             case "varlen":
                 assert isinstance(attention_masks, VarlenMetadata), attention_masks
                 out = self.inner_attention(xq, xk, xv, attention_masks)
+            case _ if attention_masks is not None:
+                # An explicit boolean mask (the Transfusion mask, model/diffusion.py): sdpa
+                # with attn_mask, since TorchTitan's wrapper only runs is_causal.
+                assert isinstance(attention_masks, torch.Tensor), type(attention_masks)
+                out = F.scaled_dot_product_attention(
+                    xq, xk, xv, attn_mask=attention_masks, enable_gqa=self.enable_gqa
+                ).transpose(1, 2)
             case _:
-                assert attention_masks is None
                 out = self.inner_attention(xq, xk, xv, enable_gqa=self.enable_gqa).transpose(
                     1, 2
                 )

@@ -4,12 +4,15 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torchtitan.components.tokenizer import BaseTokenizer
+from torchtitan.models.attention import create_attention_mask, get_document_mask_mod
 from torchtitan.models.llama3.model.model import Transformer
 from torchtitan.protocols.model import AttentionMasksType
 from torchtitan.protocols.train_spec import ModelProtocol
 
 from .args import MoTModelArgs
 from .attention import MoTAttention
+from .diffusion import DiffusionLayers, transfusion_dense_mask, transfusion_mask_mod
 from .feedforward import ffn_hidden_dim, MoTFeedForward
 from .inputs import HostTensor
 from .routing import (
@@ -97,6 +100,7 @@ class MoTTransformer(Transformer):
         )
         self.norm = nn.RMSNorm(model_args.dim, eps=model_args.norm_eps)
         self.output = nn.Linear(model_args.dim, model_args.vocab_size, bias=False)
+        self.diffusion = DiffusionLayers(model_args) if model_args.diffusion else None
         for name, module in self.named_modules():
             if isinstance(module, ModalityLinear):
                 module.fqn = name
@@ -108,7 +112,10 @@ class MoTTransformer(Transformer):
         modality_masks: Sequence[torch.Tensor] | None = None,
         attention_masks: AttentionMasksType | None = None,
         positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        patches: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`tokens` are (batch, seq) ids, or (batch, seq, dim) activations on a later
         pipeline stage. Give the modality of every token either as `modality_ids`
         (batch, seq) ints or as the reference form `modality_masks`, one boolean
@@ -116,6 +123,12 @@ class MoTTransformer(Transformer):
         (`model(tokens, masks)`). A dense twin (n_modalities=1) may omit both.
         Ids in host memory spare the forward its only device->host copy; wrap them in
         `HostTensor` (the trainer does) so FSDP / DDP do not move them to the device first.
+
+        Transfusion flavors (`model_args.diffusion`): `patches` (batch, seq, P) are the
+        NOISED latents x_t, `timesteps` (batch, seq) their t, `image_ids` (batch, seq) the
+        image index of each latent position (-1 elsewhere); all on the tokens' device. The
+        model then returns (logits, eps (batch, seq, P)). Without `patches` it returns the
+        logits alone, computed exactly as by a model without diffusion layers.
         """
         if isinstance(modality_ids, HostTensor):
             modality_ids = modality_ids.tensor
@@ -126,6 +139,19 @@ class MoTTransformer(Transformer):
             modality_ids, modality_masks = None, modality_ids
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         bs, seqlen = h.shape[:2]
+        diffusing = patches is not None
+        if diffusing:
+            if self.diffusion is None:
+                raise ValueError(
+                    "patches given to a model without diffusion layers: use a Transfusion "
+                    "flavor (model_args.diffusion)"
+                )
+            if timesteps is None or image_ids is None:
+                raise ValueError("patches need their timesteps and image_ids")
+            if self.tok_embeddings is not None:
+                h = self.diffusion.embed(h, patches, timesteps, image_ids)
+            if self.model_args.attn_type == "sdpa":
+                attention_masks = transfusion_dense_mask(image_ids)
         if modality_masks is not None:
             # The reference flattens masks to (batch*seq,); same tokens, same meaning.
             modality_masks = [
@@ -159,10 +185,44 @@ class MoTTransformer(Transformer):
         h = self.norm(h) if self.norm is not None else h
         h = self.unsort_stream(h, routing, (bs, seqlen, -1))
         if self.output is not None:
+            if diffusing:
+                return self.output(h), self.diffusion.decode(h)
             return self.output(h)
         # A pipeline stage's output must not be a view (zero-bubble schedules detach it in
         # place); only the dense twin's unpermuted stream still is one.
         return h.clone() if h._base is not None else h
+
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """Llama3's init, plus the diffusion layers of a Transfusion flavor."""
+        super().init_weights(buffer_device=buffer_device)
+        if self.diffusion is not None:
+            self.diffusion.init_weights()
+
+    def get_attention_masks(
+        self,
+        input_batch: torch.Tensor,
+        tokenizer: BaseTokenizer,
+        extra_inputs: dict[str, torch.Tensor] | None = None,
+    ) -> AttentionMasksType:
+        """Llama3's masks; with `image_ids` in `extra_inputs` (a Transfusion batch) and flex
+        attention, the block mask of (causal OR same image) AND same document."""
+        image_ids = (extra_inputs or {}).get("image_ids")
+        if image_ids is None or self.diffusion is None:
+            return super().get_attention_masks(input_batch, tokenizer, extra_inputs)
+        if self.model_args.attn_type != "flex":
+            raise ValueError(
+                f"attn_type '{self.model_args.attn_type}' cannot express the Transfusion mask "
+                "(bidirectional within an image): use 'flex' or 'sdpa'"
+            )
+        document = None
+        if self.model_args.attn_mask_type == "block_causal":
+            assert tokenizer.eos_id is not None
+            document = get_document_mask_mod(input_batch, tokenizer.eos_id)
+        batch = input_batch.shape[0]
+        seq = input_batch.shape[1]
+        return create_attention_mask(
+            transfusion_mask_mod(image_ids, document), batch, None, seq, seq
+        )
 
     def sort_stream(self, h: torch.Tensor, routing: Routing) -> torch.Tensor:
         """(T, dim) embeddings in original order -> the blocks' modality-sorted stream.

@@ -16,7 +16,7 @@ from torchtitan.config import JobConfig
 from torchtitan_mot.compat.torchtitan_0_2_2 import checkpoint_id_for_step
 
 # Model entries of a DCP checkpoint (the trainer flattens the model state into the top level).
-_MODEL_KEY = re.compile(r"^(tok_embeddings|norm|output|layers\.\d+)\.")
+_MODEL_KEY = re.compile(r"^(tok_embeddings|norm|output|diffusion|layers\.\d+)\.")
 
 
 def check_checkpoint_matches(

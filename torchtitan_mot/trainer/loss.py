@@ -1,7 +1,10 @@
-"""Cross-entropy weighted and reported per modality of the target token."""
+"""Cross-entropy weighted and reported per modality of the target token; in the Transfusion
+setting plus lambda times the per-image diffusion MSE."""
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +15,7 @@ from torchtitan.tools import utils
 from torchtitan.tools.logging import logger
 
 from torchtitan_mot.config import resolve_job_config
+from torchtitan_mot.model.schedule import DiffusionSchedule
 
 
 def training_device() -> torch.device:
@@ -48,6 +52,47 @@ def modality_cross_entropy(
     sums = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add_(0, modality, ce * valid)
     counts = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add_(0, modality, valid)
     return (ce * weights.index_select(0, modality)).sum(), sums, counts
+
+
+@dataclass
+class DiffusionTarget:
+    """What the diffusion term of one loss call compares the predicted eps with."""
+
+    noise: torch.Tensor
+    """(bs, seq, P) the epsilon that noised the latents (the target)."""
+    image_ids: torch.Tensor
+    """(bs, seq) image index of each latent position within its row, -1 elsewhere."""
+    image_weight: torch.Tensor | float = 1.0
+    """Multiplies the summed per-image MSE: global valid tokens / global images in
+    training (see `MoTLoss`), 1 in validation (which reads the stats only)."""
+
+
+def per_image_mse(
+    eps: torch.Tensor, noise: torch.Tensor, image_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over images of each image's MSE, number of images): an image's MSE is the mean
+    over all its latent elements, so every image weighs the same whatever its size.
+
+    Images are told apart by (row, image id): fixed-size index_add, no host sync.
+    """
+    bs, seq = image_ids.shape
+    err = (eps.float() - noise.float()).pow(2).mean(-1)  # (bs, seq): mean over P
+    latent = image_ids >= 0
+    slot = (
+        torch.arange(bs, device=image_ids.device).unsqueeze(1) * seq + image_ids.clamp(min=0)
+    ).flatten()
+    sums = torch.zeros(bs * seq, device=err.device).index_add_(
+        0, slot, torch.where(latent, err, 0.0).flatten()
+    )
+    counts = torch.zeros(bs * seq, device=err.device).index_add_(
+        0, slot, latent.flatten().float()
+    )
+    return (sums / counts.clamp(min=1)).sum(), (counts > 0).sum().float()
+
+
+def count_images(image_ids: torch.Tensor) -> int:
+    """Images in a host batch: each row's ids run 0, 1, ... (the dataset's contract)."""
+    return int((image_ids.amax(dim=1) + 1).clamp(min=0).sum())
 
 
 class ModalityLossStats:
@@ -103,6 +148,17 @@ class MoTLoss:
 
     Every call is recorded in `stats` (per-modality sums and counts for `loss/<modality>`);
     the weights and the vocabulary's modality table live on the stats' device.
+
+    Transfusion (`diffusion_modality` set): the model returns (logits, eps) and the caller
+    sets `target` (a `DiffusionTarget`) before each call. The call returns
+    `CE_sum + lambda * image_weight * sum_images MSE_image`; the trainer sets
+    `image_weight = N_tok / N_img`, the step's valid tokens and images over all
+    data-parallel ranks and microbatches (counted on the host before the first forward,
+    all-reduced over the same mesh as the tokens), so after TorchTitan's division by N_tok
+    the step's loss is `CE per text token + lambda * mean over the step's images of the
+    per-image MSE`. Stats: the diffusion modality's slot holds the MSE sum and image count
+    (`loss/image` is the mean per-image MSE); its BOI/EOI marker targets are predicted by
+    the LM head and count as text CE (`loss/text` is the whole LM loss).
     """
 
     def __init__(
@@ -111,6 +167,8 @@ class MoTLoss:
         stats: ModalityLossStats,
         loss_weights: Sequence[float] = (),
         compile_backend: str | None = None,
+        diffusion_modality: int | None = None,
+        diffusion_weight: float = 1.0,
     ) -> None:
         modalities = stats.modalities
         if loss_weights and len(loss_weights) != len(modalities):
@@ -119,7 +177,15 @@ class MoTLoss:
                 f"{len(modalities)}: {modalities}"
             )
         self.stats = stats
+        if diffusion_modality is not None:
+            token_modality = torch.where(token_modality == diffusion_modality, 0, token_modality)
         self.token_modality = token_modality.to(stats.device)
+        self.diffusion_modality = diffusion_modality
+        self.diffusion_weight = diffusion_weight
+        self.target: DiffusionTarget | None = None
+        self._slot = torch.zeros(len(stats.modalities), device=stats.device)
+        if diffusion_modality is not None:
+            self._slot[diffusion_modality] = 1.0
         self.weights = torch.tensor(
             list(loss_weights) or [1.0] * len(modalities), device=stats.device
         )
@@ -127,8 +193,21 @@ class MoTLoss:
         if compile_backend is not None:
             self._fn = torch.compile(modality_cross_entropy, backend=compile_backend)
 
-    def __call__(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss, sums, counts = self._fn(pred, labels, self.token_modality, self.weights)
+    def __call__(
+        self, pred: torch.Tensor | tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor
+    ) -> torch.Tensor:
+        logits, eps = pred if isinstance(pred, tuple) else (pred, None)
+        loss, sums, counts = self._fn(logits, labels, self.token_modality, self.weights)
+        if self.diffusion_modality is not None:
+            if eps is None or self.target is None:
+                raise ValueError(
+                    "the diffusion loss needs the model's eps (a Transfusion flavor given "
+                    "patches) and a DiffusionTarget set on the loss"
+                )
+            target = self.target
+            mse_sum, n_images = per_image_mse(eps, target.noise, target.image_ids)
+            loss = loss + self.diffusion_weight * target.image_weight * mse_sum
+            sums, counts = sums + self._slot * mse_sum, counts + self._slot * n_images
         self.stats.add(sums, counts)
         return loss
 
@@ -150,4 +229,28 @@ def build_mot_loss(
         loss_stats,
         job_config.mot.loss_weights,
         compile_backend=backend,
+        **diffusion_loss_kwargs(job_config),
     )
+
+
+def diffusion_loss_kwargs(job_config: JobConfig) -> dict[str, Any]:
+    """`MoTLoss`'s diffusion arguments from `[mot]` (none in the Chameleon setting)."""
+    names = list(job_config.mot.diffusion_modalities)
+    if not names:
+        return {}
+    return dict(
+        diffusion_modality=list(job_config.mot.modalities).index(names[0]),
+        diffusion_weight=job_config.mot.diffusion_loss_weight,
+    )
+
+
+def noise_batch(
+    extra_inputs: dict[str, Any], schedule: DiffusionSchedule
+) -> tuple[dict[str, Any], DiffusionTarget]:
+    """A Transfusion batch's model inputs (x0 `patches` replaced by x_t, `noise` removed)
+    and the loss's target (weight 1: the trainer sets the training weight)."""
+    extra_inputs = dict(extra_inputs)
+    noise = extra_inputs.pop("noise")
+    x0, t, image_ids = extra_inputs["patches"], extra_inputs["timesteps"], extra_inputs["image_ids"]
+    extra_inputs["patches"] = schedule.add_noise(x0, noise, t)
+    return extra_inputs, DiffusionTarget(noise, image_ids)

@@ -15,6 +15,12 @@ by `global_valid_tokens` before `backward`, so FSDP (whose gradient division Tor
 off) sums already-normalised gradients. Under PP the division has to happen inside the
 schedule's loss, and under DDP the replicas' gradients have to be summed, not averaged.
 
+Transfusion (`[mot].diffusion_modalities`). Before a step's first forward the trainer counts
+the images of all its microbatches on the host and sums the count over the data-parallel
+ranks; each microbatch's x0 is noised on the device with `DiffusionSchedule.add_noise`
+(`loss.noise_batch`) and the loss gets the epsilon target, the image ids and the weight
+`global valid tokens / global images` (`loss.MoTLoss` says why).
+
 Wiring. The trainer owns the loss statistics and the non-finite guard and builds them
 first; the parent's builders get them as arguments (`_with_owned_objects`), since TorchTitan
 fixes the builders' signatures (`compat.train_spec_as`).
@@ -27,6 +33,7 @@ from typing import Any
 
 import torch
 import torchtitan.train
+from torchtitan.distributed import utils as dist_utils
 from torchtitan.config import JobConfig
 from torchtitan.protocols.train_spec import TrainSpec
 
@@ -41,7 +48,13 @@ from torchtitan_mot.compat.torchtitan_0_2_2 import (
 from torchtitan_mot.infra.modality_ids import split_mot_batch
 from torchtitan_mot.model.inputs import keep_modality_ids_on_host
 from torchtitan_mot.trainer.checkpoint_check import check_start_checkpoint
-from torchtitan_mot.trainer.loss import ModalityLossStats, training_device
+from torchtitan_mot.model.schedule import DiffusionSchedule
+from torchtitan_mot.trainer.loss import (
+    count_images,
+    ModalityLossStats,
+    noise_batch,
+    training_device,
+)
 from torchtitan_mot.trainer.nonfinite_guard import NonFiniteLossGuard
 from torchtitan_mot.trainer.optimizer import MoTOptimizersContainer, use_modality_optimizer_settings
 
@@ -55,6 +68,13 @@ class MoTTrainer(torchtitan.train.Trainer):
         warn_if_bf16_is_emulated(job_config.training)
         self.loss_stats = ModalityLossStats(job_config.mot.modalities, training_device())
         self.nonfinite_guard = NonFiniteLossGuard(job_config.mot.nan_policy, self.loss_stats)
+        self.diffusion_schedule: DiffusionSchedule | None = None
+        if job_config.mot.diffusion_modalities:
+            self.diffusion_schedule = DiffusionSchedule(
+                job_config.mot.diffusion_timesteps, job_config.mot.diffusion_schedule
+            )
+        self._image_weight: torch.Tensor | float = 1.0
+        self._global_images: torch.Tensor | None = None
         with train_spec_as(self._with_owned_objects):
             super().__init__(job_config)
         if not isinstance(self.optimizers, MoTOptimizersContainer):
@@ -99,10 +119,15 @@ class MoTTrainer(torchtitan.train.Trainer):
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
         """`modality_ids` travel in `extra_kwargs` (every pipeline stage needs them) and are
         sharded with the tokens under context parallel (`split_mot_batch`)."""
-        return split_mot_batch(
+        inputs, labels, extra_inputs, extra_kwargs = split_mot_batch(
             input_dict, labels, self.model_parts[0], self.tokenizer,
             self.parallel_dims, self.job_config, self.device,
         )
+        if self.diffusion_schedule is not None:
+            extra_inputs, target = noise_batch(extra_inputs, self.diffusion_schedule)
+            target.image_weight = self._image_weight
+            self.loss_fn.target = target
+        return inputs, labels, extra_inputs, extra_kwargs
 
     def forward_backward_step(
         self,
@@ -113,6 +138,9 @@ class MoTTrainer(torchtitan.train.Trainer):
     ) -> torch.Tensor:
         """The parent's step (under PP with the loss normalised inside the schedule); the
         loss is handed to the non-finite guard."""
+        if self._global_images is not None:
+            # lambda * sum of per-image MSE * N_tok / N_img, divided by N_tok by the parent
+            self._image_weight = global_valid_tokens / self._global_images.clamp(min=1)
         if self.pp_loss_fn is None:
             loss = super().forward_backward_step(
                 input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
@@ -138,5 +166,20 @@ class MoTTrainer(torchtitan.train.Trainer):
         # Per-modality stats are logged for this step only, like the total loss: drop what
         # accumulated since the last log (earlier unlogged steps).
         self.loss_stats.pop()
+        if self.diffusion_schedule is not None:
+            data_iterator = self._count_images(data_iterator)
         with self.nonfinite_guard.guarding(self.step):
             super().train_step(data_iterator)
+
+    def _count_images(
+        self, data_iterator: Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """Take the step's microbatches, set the global image count (summed over the
+        data-parallel ranks, as TorchTitan sums the valid tokens), return them to replay."""
+        batches = [next(data_iterator) for _ in range(self.gradient_accumulation_steps)]
+        local = sum(count_images(input_dict["image_ids"]) for input_dict, _ in batches)
+        images = torch.tensor(float(local), device=self.device)
+        if self.parallel_dims.dp_enabled:
+            images = dist_utils.dist_sum(images, self.parallel_dims.get_mesh("batch"))
+        self._global_images = torch.as_tensor(images, device=self.device)
+        return iter(batches)

@@ -6,6 +6,10 @@ modality (the paper compares modalities separately), so `MoTValidator` reads
 `[validation].dataset_path` through `build_mot_validation_dataloader` and reports
 `validation/loss` and `validation/loss/<modality>`, each a token-weighted mean CE:
 summed CE over the evaluated tokens / their count, summed over all ranks first.
+
+Transfusion: `validation/loss/<diffusion modality>` is the mean per-image diffusion MSE at the
+validation split's fixed stratified timesteps (the dataset's), and `validation/loss` the LM CE
+per token + lambda times it, the training objective's value.
 """
 
 from contextlib import AbstractContextManager
@@ -28,7 +32,14 @@ from torchtitan_mot.data.dataloader import build_mot_validation_dataloader
 from torchtitan_mot.data.tokenizer import MultimodalTokenizer
 from torchtitan_mot.infra.modality_ids import split_mot_batch
 from torchtitan_mot.model.inputs import keep_modality_ids_on_host
-from torchtitan_mot.trainer.loss import ModalityLossStats, MoTLoss, training_device
+from torchtitan_mot.model.schedule import DiffusionSchedule
+from torchtitan_mot.trainer.loss import (
+    diffusion_loss_kwargs,
+    ModalityLossStats,
+    MoTLoss,
+    noise_batch,
+    training_device,
+)
 
 
 class MoTValidator(BaseValidator):
@@ -74,7 +85,13 @@ class MoTValidator(BaseValidator):
         self.pp_has_last_stage = pp_has_last_stage
         layout = tokenizer.layout
         self.loss_stats = ModalityLossStats(layout.modalities, training_device())
-        self.loss_fn = MoTLoss(layout.token_modality_table(), self.loss_stats)
+        self.diffusion = diffusion_loss_kwargs(job_config)
+        self.loss_fn = MoTLoss(layout.token_modality_table(), self.loss_stats, **self.diffusion)
+        self.diffusion_schedule = (
+            DiffusionSchedule(job_config.mot.diffusion_timesteps, job_config.mot.diffusion_schedule)
+            if self.diffusion
+            else None
+        )
         # Same convention as TorchTitan: a fixed step count re-loops a short split, so every
         # data-parallel rank runs the same number of (collective) forwards.
         self.validation_dataloader = build_mot_validation_dataloader(
@@ -100,10 +117,13 @@ class MoTValidator(BaseValidator):
         """As `MoTTrainer.post_dataloading_process`: `modality_ids` go to `extra_kwargs`
         (every pipeline stage needs them) and are sharded with the tokens under context
         parallel; the parent would leave them on the first stage, unsharded."""
-        return split_mot_batch(
+        inputs, labels, extra_inputs, extra_kwargs = split_mot_batch(
             input_dict, labels, model_parts[0], self.tokenizer,
             self.parallel_dims, self.job_config, input_dict["input"].device,
         )
+        if self.diffusion_schedule is not None:
+            extra_inputs, self.loss_fn.target = noise_batch(extra_inputs, self.diffusion_schedule)
+        return inputs, labels, extra_inputs, extra_kwargs
 
     def _forward(
         self,
@@ -176,6 +196,11 @@ class MoTValidator(BaseValidator):
                 "(split 'validation') shorter than one seq_len window?"
             )
         losses = {"validation/loss": (sums.sum() / counts.sum()).item()}
+        if self.diffusion:
+            m = self.diffusion["diffusion_modality"]
+            ce = torch.cat([sums[:m], sums[m + 1 :]]).sum() / torch.cat([counts[:m], counts[m + 1 :]]).sum()
+            mse = sums[m] / counts[m].clamp(min=1)
+            losses["validation/loss"] = (ce + self.diffusion["diffusion_weight"] * mse).item()
         for name, mean in self.loss_stats.means(sums, counts).items():
             losses[f"validation/loss/{name}"] = mean
 
