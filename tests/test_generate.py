@@ -174,6 +174,26 @@ def test_latent_generation_lands_on_the_oracle_image(sampler: str, autocast: boo
     np.testing.assert_allclose(pixels, expected, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_classifier_free_guidance_extrapolates_from_the_empty_caption(sampler: str) -> None:
+    """With exact epsilons of two clean latents, the guided eps is the exact eps of
+    x0_u + s (x0_c - x0_u), so sampling must land there; two forwards per step."""
+    from torchtitan_mot.generate import generate_latent_segment
+    from torchtitan_mot.model.schedule import DiffusionSchedule
+
+    schedule = DiffusionSchedule(1000)
+    model = OracleModel(schedule)
+    empty = PROMPTS[:, :1]  # id sum 1: IMAGES[1]; the captions mean IMAGES[0] and IMAGES[1]
+    _, patches = generate_latent_segment(model, PROMPTS, LAYOUT, "image", N_POS, PATCH_DIM, schedule, steps=20,
+                                         sampler=sampler, generator=torch.Generator().manual_seed(0),
+                                         guidance=3.0, unconditional=empty)
+    assert len(model.timesteps) == 40
+    x0_u = oracle_patches(empty[0])
+    expected = torch.stack([x0_u + 3.0 * (oracle_patches(row) - x0_u) for row in PROMPTS])
+    torch.testing.assert_close(patches, expected, atol=4e-6, rtol=0)  # measured 1.2e-6
+    assert (patches[1] - x0_u).abs().max() < 4e-6  # caption and empty caption agree: no push
+
+
 def test_latent_generation_rejects_text_and_unknown_sampler() -> None:
     from torchtitan_mot.generate import generate_latent_segment
     from torchtitan_mot.model.schedule import DiffusionSchedule
@@ -184,6 +204,9 @@ def test_latent_generation_rejects_text_and_unknown_sampler() -> None:
     with pytest.raises(ValueError, match="--sampler 'euler'"):
         generate_latent_segment(OracleModel(schedule), PROMPTS, LAYOUT, "image", N_POS, PATCH_DIM, schedule, 5,
                                 sampler="euler")
+    with pytest.raises(ValueError, match="guidance 2.0 needs an unconditional prompt"):
+        generate_latent_segment(OracleModel(schedule), PROMPTS, LAYOUT, "image", N_POS, PATCH_DIM, schedule, 5,
+                                guidance=2.0)
 
 
 def test_vae_latents_decode_through_the_recorded_autoencoder(tmp_path: Path) -> None:
@@ -218,7 +241,7 @@ def test_sampling_flags_of_the_other_image_kind_are_refused(capsys) -> None:
     from torchtitan_mot.generate import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["--checkpoint", "nowhere", "--prompt", "a seven", "--sampler", "ddim",
+        main(["--checkpoint", "nowhere", "--prompt", "a seven", "--sampler", "ddim", "--guidance", "3",
               "--config", str(ROOT / "train_configs" / "debug_mot.toml")])
     assert exit_info.value.code == 2
-    assert "--sampler do(es) not apply" in capsys.readouterr().err
+    assert "--sampler, --guidance do(es) not apply" in capsys.readouterr().err

@@ -40,7 +40,7 @@ from torchtitan_mot.data.meta import read_meta
 from torchtitan_mot.data.tokenizer import build_mot_tokenizer, VocabLayout
 from torchtitan_mot.model import MoTTransformer
 from torchtitan_mot.model.patches import unpatchify
-from torchtitan_mot.model.schedule import DiffusionSchedule
+from torchtitan_mot.model.schedule import DiffusionSchedule, EpsFn
 from torchtitan_mot.trainer.checkpoint_check import check_checkpoint_matches
 
 IMAGE = "image"
@@ -107,6 +107,8 @@ def generate_latent_segment(
     steps: int = 250,
     sampler: str = "ddpm",
     generator: torch.Generator | None = None,
+    guidance: float = 1.0,
+    unconditional: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Continue (B, T) `prompt` ids with one continuous `modality` segment: begin marker,
     `n_positions` latent positions sampled by diffusion, end marker.
@@ -117,11 +119,45 @@ def generate_latent_segment(
     the begin marker and the noised patches at the step's timestep, all positions of one
     image (image_ids 0); the model's mask makes them see each other and, causally, the prompt.
     No KV cache of the prompt: the demo prompts are short.
+
+    Classifier-free guidance (`guidance` != 1): eps = eps_u + guidance (eps_c - eps_u), eps_u
+    from a second forward with the (B, T_u) `unconditional` prompt in place of `prompt`
+    (the command uses `[bos]`, an empty caption: in training that is the context of an image
+    that opens its sample ahead of its caption, 1 - caption_first_prob of the captioned ones).
     """
     if layout.modality_index(modality) == 0:
         raise ValueError("diffusion segment sampling is for non-text modalities")
     if sampler not in SAMPLERS:
         raise ValueError(f"--sampler {sampler!r}: known samplers {list(SAMPLERS)}")
+    if (guidance != 1.0) != (unconditional is not None):
+        raise ValueError(f"guidance {guidance} needs an unconditional prompt, and only guidance != 1 uses one")
+    bsz = prompt.shape[0]
+    device = prompt.device
+    conditional = _latent_eps_fn(model, prompt, layout, modality, n_positions, patch_dim)
+    if unconditional is None:
+        eps_fn = conditional
+    else:
+        uncond = _latent_eps_fn(model, unconditional, layout, modality, n_positions, patch_dim)
+
+        def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+            eps_u = uncond(x, t)
+            return eps_u + guidance * (conditional(x, t) - eps_u)
+
+    noise = torch.randn(bsz, n_positions, patch_dim, generator=generator, device=device)
+    if sampler == "ddpm":
+        x0 = schedule.ddpm_sample(eps_fn, noise, steps, generator=generator)
+    else:
+        x0 = schedule.ddim_sample(eps_fn, noise, steps)
+    ids = torch.cat([prompt, torch.full((bsz, 1 + n_positions), layout.begin_id(modality), device=device),
+                     torch.full((bsz, 1), layout.end_id(modality), device=device)], 1)
+    return ids, x0
+
+
+def _latent_eps_fn(
+    model: nn.Module, prompt: torch.Tensor, layout: VocabLayout, modality: str, n_positions: int, patch_dim: int
+) -> EpsFn:
+    """x_t (B, n_positions, patch_dim), t -> the model's eps at the latent positions of
+    `prompt`, BOI, n_positions placeholders (one image, image id 0)."""
     bsz, length = prompt.shape
     device = prompt.device
     ids = torch.cat([prompt, torch.full((bsz, 1 + n_positions), layout.begin_id(modality), device=device)], 1)
@@ -138,13 +174,7 @@ def generate_latent_segment(
         _, eps = model(ids, modality_ids=modality_ids, patches=patches, timesteps=timesteps, image_ids=image_ids)
         return eps[:, latent].float()
 
-    noise = torch.randn(bsz, n_positions, patch_dim, generator=generator, device=device)
-    if sampler == "ddpm":
-        x0 = schedule.ddpm_sample(eps_fn, noise, steps, generator=generator)
-    else:
-        x0 = schedule.ddim_sample(eps_fn, noise, steps)
-    end = torch.full((bsz, 1), layout.end_id(modality), device=device)
-    return torch.cat([ids, end], 1), x0
+    return eps_fn
 
 
 def latent_spec(dataset: str | Path, modality: str = IMAGE) -> dict:
@@ -256,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="latent images ([mot].diffusion_modalities): ddpm (ancestral, default) or ddim (eta 0)")
     p.add_argument("--steps", type=int, default=None,
                    help="latent images: sampling steps, strided over the training timesteps (default 250)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="latent images: classifier-free guidance scale against an empty caption (default 1.0: off)")
     p.add_argument("--dataset", help="the dataset the checkpoint was trained on: its meta.json gives the "
                    "vocabulary and the image tokenizer or latent decoder of the samples (default: the "
                    "config's [training].dataset_path)")
@@ -268,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
                           + (["--training.dataset_path", args.dataset] if args.dataset else []))
     diffusion = IMAGE in cfg.mot.diffusion_modalities
     # Flags of the other kind of image would silently do nothing.
-    unused = ([f for f, v in (("--sampler", args.sampler), ("--steps", args.steps)) if v is not None] if not diffusion
+    latent_flags = (("--sampler", args.sampler), ("--steps", args.steps), ("--guidance", args.guidance))
+    unused = ([f for f, v in latent_flags if v is not None] if not diffusion
               else [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k)) if v is not None])
     if unused:
         kind = "latent (diffusion)" if diffusion else "discrete-token"
@@ -284,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         c, h, w = spec["shape"]
         size = cfg.mot.diffusion_patch_size
         n_positions, patch_dim = (h // size) * (w // size), c * size * size
-        settings = f"{args.sampler or 'ddpm'}, {steps} steps"
+        guidance = 1.0 if args.guidance is None else args.guidance
+        settings = f"{args.sampler or 'ddpm'}, {steps} steps, guidance {guidance}"
     else:
         # Decoding discrete images needs the [prepare] extra (Pillow); sampling alone does not.
         from torchtitan_mot.data.prepare import load_tokenizer
@@ -300,8 +334,9 @@ def main(argv: list[str] | None = None) -> None:
         ids = [tokenizer.bos_id] + tokenizer.encode_segment("text", text=prompt)
         batch = torch.tensor([ids] * args.samples, device=device)
         if diffusion:
+            empty = batch[:, :1] if guidance != 1.0 else None  # [bos]: the empty caption
             _, patches = generate_latent_segment(model, batch, tokenizer.layout, IMAGE, n_positions, patch_dim,
-                                                 schedule, steps, args.sampler or "ddpm", generator)
+                                                 schedule, steps, args.sampler or "ddpm", generator, guidance, empty)
             images.extend(decode_latents(patches, spec, size, f"{cfg.training.dataset_path}/meta.json"))
         else:
             out = generate_segment(model, batch, tokenizer.layout, IMAGE, codec.tokens_per_item,
