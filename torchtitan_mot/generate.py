@@ -19,13 +19,14 @@ nothing after them) and closes with the end marker.
 
 The command line turns each prompt into `[bos] + text`, samples one image after it that way,
 and decodes it (discrete: the dataset's image tokenizer recorded in its meta.json; latents:
-unpatchified pixels, or diffusers' AutoencoderKL from the VAE folder meta.json records) into a
+the dataset's latent encoder, pixels or diffusers' AutoencoderKL, after unpatchifying) into a
 PNG grid with one row per prompt, titled with the prompt. `--dataset` is the data the
 checkpoint was trained on (default the config's `[training].dataset_path`); its meta.json also
 gives the vocabulary. The config (plus `--flavor`) must describe the checkpoint's model.
 """
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,6 @@ from torchtitan.config import JobConfig
 
 from torchtitan_mot import build_model_args
 from torchtitan_mot.config import load_job_config
-from torchtitan_mot.data.meta import read_meta
 from torchtitan_mot.data.tokenizer import build_mot_tokenizer, VocabLayout
 from torchtitan_mot.model import MoTTransformer
 from torchtitan_mot.model.patches import unpatchify
@@ -177,41 +177,14 @@ def _latent_eps_fn(
     return eps_fn
 
 
-def latent_spec(dataset: str | Path, modality: str = IMAGE) -> dict:
-    """meta.json's `latents[modality]`: {"shape": [C, H, W], "encoder": {...}, ...}."""
-    path = Path(dataset) / "meta.json"
-    spec = read_meta(path).get("latents", {}).get(modality)
-    if not isinstance(spec, dict) or "shape" not in spec or "encoder" not in spec:
-        raise ValueError(f"{path}: no 'latents.{modality}' with 'shape' and 'encoder' (a dataset of "
-                         "continuous latents, as the Transfusion setting trains on)")
-    return spec
-
-
-def decode_latents(patches: torch.Tensor, spec: dict, patch_size: int, source: str = "meta.json") -> np.ndarray:
-    """(B, N, P) clean latent patches -> (B, H, W, channels) pixels in [0, 1].
-
-    encoder "pixels": the latent is the image in [-1, 1]. encoder "vae": diffusers'
-    AutoencoderKL from `encoder.vae_dir`, decoding latent / scaling_factor (+ shift_factor),
-    whose output is in [-1, 1]. `source` names the file in errors.
-    """
-    encoder = spec["encoder"]
-    latents = unpatchify(patches.float(), tuple(spec["shape"]), patch_size)
-    name = encoder.get("name")
-    if name == "pixels":
-        images = latents
-    elif name == "vae":
-        from diffusers import AutoencoderKL  # the [latent] extra
-
-        missing = [k for k in ("vae_dir", "scaling_factor") if k not in encoder]
-        if missing:
-            raise ValueError(f"{source}: latents encoder 'vae' records no {missing}")
-        vae = AutoencoderKL.from_pretrained(encoder["vae_dir"]).to(latents.device).eval()
-        z = latents / encoder["scaling_factor"] + encoder.get("shift_factor", 0.0)
-        with torch.no_grad():
-            images = vae.decode(z).sample.float()
-    else:
-        raise ValueError(f"{source}: unknown latents encoder {name!r}: known 'pixels', 'vae'")
-    return ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+def decode_latents(
+    patches: torch.Tensor, shape: tuple[int, int, int], patch_size: int, decode: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """(B, N, P) clean latent patches -> (B, height, width, channels) pixels in [0, 1]: the
+    latents unpatchified to `shape` (C, H, W), each decoded by `decode` (the dataset's latent
+    encoder's `decode`: pixels rescaled, or the VAE)."""
+    latents = unpatchify(patches.float(), shape, patch_size).cpu().numpy()
+    return np.stack([decode(z) for z in latents])
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -310,11 +283,14 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     checkpoint = resolve_checkpoint(args.checkpoint)
     if diffusion:
-        spec = latent_spec(cfg.training.dataset_path)
+        # The encoder that made the dataset's latents decodes them ([prepare] extra; a VAE needs [latent]).
+        from torchtitan_mot.data.prepare.latent import load_latent_encoder
+
+        encoder = load_latent_encoder(cfg.training.dataset_path, IMAGE)
         schedule = DiffusionSchedule(cfg.mot.diffusion_timesteps, cfg.mot.diffusion_schedule)
         steps = 250 if args.steps is None else args.steps
         schedule.sampling_timesteps(steps)  # a bad --steps fails before the model loads
-        c, h, w = spec["shape"]
+        c, h, w = encoder.shape
         size = cfg.mot.diffusion_patch_size
         n_positions, patch_dim = (h // size) * (w // size), c * size * size
         guidance = 1.0 if args.guidance is None else args.guidance
@@ -337,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
             empty = batch[:, :1] if guidance != 1.0 else None  # [bos]: the empty caption
             _, patches = generate_latent_segment(model, batch, tokenizer.layout, IMAGE, n_positions, patch_dim,
                                                  schedule, steps, args.sampler or "ddpm", generator, guidance, empty)
-            images.extend(decode_latents(patches, spec, size, f"{cfg.training.dataset_path}/meta.json"))
+            images.extend(decode_latents(patches, encoder.shape, size, encoder.decode))
         else:
             out = generate_segment(model, batch, tokenizer.layout, IMAGE, codec.tokens_per_item,
                                    temperature, args.top_k, generator)
