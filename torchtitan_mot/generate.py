@@ -11,15 +11,22 @@ route the next position through the wrong modality's weights. `generate_segment`
 forces the begin marker, samples exactly `n_tokens` ids from the codebook alone (their
 `modality_ids` are that modality's, as in training) and closes with the end marker.
 
-The command line turns each prompt into `[bos] + text`, samples one image's worth of tokens
-that way, and decodes them with the dataset's image tokenizer (recorded in its meta.json;
-`--dataset`, the data the checkpoint was trained on, default the config's
-`[training].dataset_path`; its meta.json also gives the vocabulary) into a PNG grid with one row per
-prompt, titled with the prompt. The config (plus `--flavor`) must describe the checkpoint's
-model.
+In the Transfusion setting (`[mot].diffusion_modalities`) an image is continuous latents:
+`generate_latent_segment` forces the begin marker, fills the image's latent positions with
+the diffusion sampler (`DiffusionSchedule.ddpm_sample` / `ddim_sample`; each step is one
+forward of the whole prefix plus the noised latents, which see each other and the caption but
+nothing after them) and closes with the end marker.
+
+The command line turns each prompt into `[bos] + text`, samples one image after it that way,
+and decodes it (discrete: the dataset's image tokenizer recorded in its meta.json; latents:
+the dataset's latent encoder, pixels or diffusers' AutoencoderKL, after unpatchifying) into a
+PNG grid with one row per prompt, titled with the prompt. `--dataset` is the data the
+checkpoint was trained on (default the config's `[training].dataset_path`); its meta.json also
+gives the vocabulary. The config (plus `--flavor`) must describe the checkpoint's model.
 """
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +39,12 @@ from torchtitan_mot import build_model_args
 from torchtitan_mot.config import load_job_config
 from torchtitan_mot.data.tokenizer import build_mot_tokenizer, VocabLayout
 from torchtitan_mot.model import MoTTransformer
+from torchtitan_mot.model.patches import unpatchify
+from torchtitan_mot.model.schedule import DiffusionSchedule, EpsFn
 from torchtitan_mot.trainer.checkpoint_check import check_checkpoint_matches
 
 IMAGE = "image"
+SAMPLERS = ("ddpm", "ddim")
 
 
 def sample_token(
@@ -83,6 +93,98 @@ def generate_segment(
         nxt = sample_token(logits.masked_fill(outside, float("-inf")), temperature, top_k, generator)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
     return torch.cat([ids, torch.full_like(begin, layout.end_id(modality))], dim=1)
+
+
+@torch.no_grad()
+def generate_latent_segment(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    layout: VocabLayout,
+    modality: str,
+    n_positions: int,
+    patch_dim: int,
+    schedule: DiffusionSchedule,
+    steps: int = 250,
+    sampler: str = "ddpm",
+    generator: torch.Generator | None = None,
+    guidance: float = 1.0,
+    unconditional: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Continue (B, T) `prompt` ids with one continuous `modality` segment: begin marker,
+    `n_positions` latent positions sampled by diffusion, end marker.
+
+    Returns the ids (B, T + n_positions + 2), latent positions holding the begin id as their
+    placeholder (as the dataset writes them), and the clean latent patches (B, n_positions,
+    patch_dim) in float32. Each of the `steps` sampler steps runs one forward of the prompt,
+    the begin marker and the noised patches at the step's timestep, all positions of one
+    image (image_ids 0); the model's mask makes them see each other and, causally, the prompt.
+    No KV cache of the prompt: the demo prompts are short.
+
+    Classifier-free guidance (`guidance` != 1): eps = eps_u + guidance (eps_c - eps_u), eps_u
+    from a second forward with the (B, T_u) `unconditional` prompt in place of `prompt`
+    (the command uses `[bos]`, an empty caption: in training that is the context of an image
+    that opens its sample ahead of its caption, 1 - caption_first_prob of the captioned ones).
+    """
+    if layout.modality_index(modality) == 0:
+        raise ValueError("diffusion segment sampling is for non-text modalities")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler {sampler!r}: known samplers {list(SAMPLERS)}")
+    if (guidance != 1.0) != (unconditional is not None):
+        raise ValueError(f"guidance {guidance} needs an unconditional prompt, and only guidance != 1 uses one")
+    bsz = prompt.shape[0]
+    device = prompt.device
+    conditional = _latent_eps_fn(model, prompt, layout, modality, n_positions, patch_dim)
+    if unconditional is None:
+        eps_fn = conditional
+    else:
+        uncond = _latent_eps_fn(model, unconditional, layout, modality, n_positions, patch_dim)
+
+        def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+            eps_u = uncond(x, t)
+            return eps_u + guidance * (conditional(x, t) - eps_u)
+
+    noise = torch.randn(bsz, n_positions, patch_dim, generator=generator, device=device)
+    if sampler == "ddpm":
+        x0 = schedule.ddpm_sample(eps_fn, noise, steps, generator=generator)
+    else:
+        x0 = schedule.ddim_sample(eps_fn, noise, steps)
+    ids = torch.cat([prompt, torch.full((bsz, 1 + n_positions), layout.begin_id(modality), device=device),
+                     torch.full((bsz, 1), layout.end_id(modality), device=device)], 1)
+    return ids, x0
+
+
+def _latent_eps_fn(
+    model: nn.Module, prompt: torch.Tensor, layout: VocabLayout, modality: str, n_positions: int, patch_dim: int
+) -> EpsFn:
+    """x_t (B, n_positions, patch_dim), t -> the model's eps at the latent positions of
+    `prompt`, BOI, n_positions placeholders (one image, image id 0)."""
+    bsz, length = prompt.shape
+    device = prompt.device
+    ids = torch.cat([prompt, torch.full((bsz, 1 + n_positions), layout.begin_id(modality), device=device)], 1)
+    modality_ids = layout.token_modality_table().to(device)[ids]
+    latent = slice(length + 1, length + 1 + n_positions)
+    image_ids = torch.full_like(ids, -1)
+    image_ids[:, latent] = 0
+
+    def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+        patches = torch.zeros(bsz, ids.shape[1], patch_dim, device=device)
+        patches[:, latent] = x
+        timesteps = torch.zeros_like(ids)
+        timesteps[:, latent] = t
+        _, eps = model(ids, modality_ids=modality_ids, patches=patches, timesteps=timesteps, image_ids=image_ids)
+        return eps[:, latent].float()
+
+    return eps_fn
+
+
+def decode_latents(
+    patches: torch.Tensor, shape: tuple[int, int, int], patch_size: int, decode: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """(B, N, P) clean latent patches -> (B, height, width, channels) pixels in [0, 1]: the
+    latents unpatchified to `shape` (C, H, W), each decoded by `decode` (the dataset's latent
+    encoder's `decode`: pixels rescaled, or the VAE)."""
+    latents = unpatchify(patches.float(), shape, patch_size).cpu().numpy()
+    return np.stack([decode(z) for z in latents])
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -144,9 +246,6 @@ def save_png_grid(images: np.ndarray, path: str | Path, titles: list[str] | None
 
 
 def main(argv: list[str] | None = None) -> None:
-    # Decoding images needs the [prepare] extra (Pillow); sampling alone does not.
-    from torchtitan_mot.data.prepare import load_tokenizer
-
     p = argparse.ArgumentParser(prog="python -m torchtitan_mot.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="DCP step folder, checkpoint folder or dump folder")
@@ -154,11 +253,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default="train_configs/debug_mot.toml")
     p.add_argument("--flavor", help="model flavor, if not the config's")
     p.add_argument("--samples", type=int, default=10, help="images per prompt")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="discrete images: 0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="discrete images")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="latent images ([mot].diffusion_modalities): ddpm (ancestral, default) or ddim (eta 0)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="latent images: sampling steps, strided over the training timesteps (default 250)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="latent images: classifier-free guidance scale against an empty caption (default 1.0: off)")
     p.add_argument("--dataset", help="the dataset the checkpoint was trained on: its meta.json gives the "
-                   "vocabulary and the image tokenizer that decodes the samples (default: the config's "
-                   "[training].dataset_path)")
+                   "vocabulary and the image tokenizer or latent decoder of the samples (default: the "
+                   "config's [training].dataset_path)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("outputs") / "generated_grid.png")
     args = p.parse_args(argv)
@@ -166,10 +271,37 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_job_config(["--job.config_file", args.config]
                           + (["--model.flavor", args.flavor] if args.flavor else [])
                           + (["--training.dataset_path", args.dataset] if args.dataset else []))
+    diffusion = IMAGE in cfg.mot.diffusion_modalities
+    # Flags of the other kind of image would silently do nothing.
+    latent_flags = (("--sampler", args.sampler), ("--steps", args.steps), ("--guidance", args.guidance))
+    unused = ([f for f, v in latent_flags if v is not None] if not diffusion
+              else [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k)) if v is not None])
+    if unused:
+        kind = "latent (diffusion)" if diffusion else "discrete-token"
+        p.error(f"{', '.join(unused)} do(es) not apply: {args.config} trains {kind} images")
     tokenizer = build_mot_tokenizer(cfg)
-    codec = load_tokenizer(cfg.training.dataset_path, IMAGE)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     checkpoint = resolve_checkpoint(args.checkpoint)
+    if diffusion:
+        # The encoder that made the dataset's latents decodes them ([prepare] extra; a VAE needs [latent]).
+        from torchtitan_mot.data.prepare.latent import load_latent_encoder
+
+        encoder = load_latent_encoder(cfg.training.dataset_path, IMAGE)
+        schedule = DiffusionSchedule(cfg.mot.diffusion_timesteps, cfg.mot.diffusion_schedule)
+        steps = 250 if args.steps is None else args.steps
+        schedule.sampling_timesteps(steps)  # a bad --steps fails before the model loads
+        c, h, w = encoder.shape
+        size = cfg.mot.diffusion_patch_size
+        n_positions, patch_dim = (h // size) * (w // size), c * size * size
+        guidance = 1.0 if args.guidance is None else args.guidance
+        settings = f"{args.sampler or 'ddpm'}, {steps} steps, guidance {guidance}"
+    else:
+        # Decoding discrete images needs the [prepare] extra (Pillow); sampling alone does not.
+        from torchtitan_mot.data.prepare import load_tokenizer
+
+        codec = load_tokenizer(cfg.training.dataset_path, IMAGE)
+        temperature = 1.0 if args.temperature is None else args.temperature
+        settings = f"T={temperature}, top-k={args.top_k}"
     model = load_model(cfg, checkpoint, device)
     generator = torch.Generator(device).manual_seed(args.seed)
 
@@ -177,17 +309,22 @@ def main(argv: list[str] | None = None) -> None:
     for prompt in args.prompt:
         ids = [tokenizer.bos_id] + tokenizer.encode_segment("text", text=prompt)
         batch = torch.tensor([ids] * args.samples, device=device)
-        out = generate_segment(model, batch, tokenizer.layout, IMAGE, codec.tokens_per_item,
-                               args.temperature, args.top_k, generator)
-        for row in out.tolist():
-            segments = tokenizer.decode_segments(row)
-            (image,) = [s["tokens"] for s in segments if s["modality"] == IMAGE]
-            images.append(codec.decode(np.array(image)))
-            titles.append(prompt if len(titles) % args.samples == 0 else "")
+        if diffusion:
+            empty = batch[:, :1] if guidance != 1.0 else None  # [bos]: the empty caption
+            _, patches = generate_latent_segment(model, batch, tokenizer.layout, IMAGE, n_positions, patch_dim,
+                                                 schedule, steps, args.sampler or "ddpm", generator, guidance, empty)
+            images.extend(decode_latents(patches, encoder.shape, size, encoder.decode))
+        else:
+            out = generate_segment(model, batch, tokenizer.layout, IMAGE, codec.tokens_per_item,
+                                   temperature, args.top_k, generator)
+            for row in out.tolist():
+                segments = tokenizer.decode_segments(row)
+                (image,) = [s["tokens"] for s in segments if s["modality"] == IMAGE]
+                images.append(codec.decode(np.array(image)))
+        titles += [prompt] + [""] * (args.samples - 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_png_grid(np.stack(images), args.out, titles=titles)
-    print(f"{len(images)} images from {checkpoint} ({cfg.model.flavor}, T={args.temperature}, "
-          f"top-k={args.top_k}) -> {args.out}")
+    print(f"{len(images)} images from {checkpoint} ({cfg.model.flavor}, {settings}) -> {args.out}")
 
 
 if __name__ == "__main__":
