@@ -27,8 +27,9 @@ from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.tools.logging import logger
 
 from torchtitan_mot.config import ConfigError
+from torchtitan_mot.model.patches import patchify
 
-from .latents import DiffusionWindows, patchify, read_latent
+from .latents import DiffusionWindows, read_latent
 from .meta import check_meta, looks_local, meta_latents, missing_dataset, read_meta
 from .tokenizer import TEXT, MultimodalTokenizer
 
@@ -383,7 +384,7 @@ class MultimodalDataset(IterableDataset, Stateful):
             latent = read_latent(seg, shape, dtype)
         except ValueError as e:
             raise self._bad(row, f"{where}.latent: {e}") from None
-        patches = patchify(latent, self.diffusion.patch_size)
+        patches = patchify(torch.from_numpy(latent), self.diffusion.patch_size).numpy()
         t, noise = self.diffusion.draw(self._epoch, int(row), index, len(patches), patches.shape[1], image_first)
         return _Image(start, patches, noise, t)
 

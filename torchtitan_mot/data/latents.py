@@ -107,12 +107,3 @@ def read_latent(segment: dict[str, Any], shape: tuple[int, int, int], dtype: str
     if not np.isfinite(array).all():
         raise ValueError(f"latent has {int((~np.isfinite(array)).sum())} NaN/inf values")
     return array
-
-
-def patchify(latent: np.ndarray, patch_size: int) -> np.ndarray:
-    """(C, H, W) -> (H/p * W/p, C*p*p): patches in row-major order over the grid, each
-    flattened in (c, py, px) order (the contract the model's patch layers assume)."""
-    c, h, w = latent.shape
-    p = patch_size
-    x = latent.reshape(c, h // p, p, w // p, p).transpose(1, 3, 0, 2, 4)
-    return np.ascontiguousarray(x.reshape((h // p) * (w // p), c * p * p))
