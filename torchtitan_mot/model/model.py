@@ -12,6 +12,7 @@ from .args import MoTModelArgs
 from .attention import MoTAttention
 from .feedforward import ffn_hidden_dim, MoTFeedForward
 from .inputs import HostTensor
+from .moe import MoTMoEFeedForward
 from .routing import (
     build_routing,
     check_modality_ids,
@@ -35,12 +36,15 @@ class MoTBlock(nn.Module):
         super().__init__()
         n_norms = model_args.n_copies("norms")
         self.attention = MoTAttention(model_args)
-        self.feed_forward = MoTFeedForward(
-            model_args.dim,
-            ffn_hidden_dim(
-                model_args.dim, model_args.multiple_of, model_args.ffn_dim_multiplier
-            ),
-            model_args.n_copies("ffn"),
+        hidden = ffn_hidden_dim(model_args.dim, model_args.multiple_of, model_args.ffn_dim_multiplier)
+        # Experts have the dense FFN's hidden size: top-1 routing is FLOP-matched (MoE-4x).
+        self.feed_forward: MoTFeedForward | MoTMoEFeedForward = (
+            MoTMoEFeedForward(
+                model_args.dim, hidden, model_args.n_copies("ffn"),
+                model_args.moe_modalities, model_args.moe_args,
+            )
+            if model_args.moe_modalities
+            else MoTFeedForward(model_args.dim, hidden, model_args.n_copies("ffn"))
         )
         self.attention_norm = ModalityRMSNorm(model_args.dim, n_norms, model_args.norm_eps)
         self.ffn_norm = ModalityRMSNorm(model_args.dim, n_norms, model_args.norm_eps)
