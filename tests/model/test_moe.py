@@ -185,3 +185,44 @@ def test_param_count_and_active_flops(flavor: str) -> None:
     assert twin.moe_modalities == []
     router = 0 if args.n_modalities > 1 else args.n_layers * args.dim * 4
     assert active - twin.param_counts()[1] == router
+
+
+def _args(*flags: str) -> MoTModelArgs:
+    from torchtitan_mot import build_model_args
+    from torchtitan_mot.config import load_job_config
+
+    return build_model_args(load_job_config(["--job.config_file", "debug_mot.toml", *flags], read_data=False))
+
+
+def test_config_sets_moe_modalities_and_shape() -> None:
+    hybrid = _args("--mot.moe_modalities", "image", "--mot.moe_num_experts", "8", "--mot.moe_top_k", "2")
+    assert hybrid.moe_modalities == [1]
+    assert (hybrid.moe_args.num_experts, hybrid.moe_args.top_k) == (8, 2)
+    assert _args("--model.flavor", "debugmodel_hybrid").moe_modalities == [0]
+    moe4x = _args("--model.flavor", "debugmodel_moe4x", "--mot.moe_load_balance_coeff", "0")
+    assert moe4x.moe_modalities == [0] and moe4x.moe_args.load_balance_coeff is None
+    assert _args("--model.flavor", "debugmodel_dense", "--mot.moe_modalities", "text,image").moe_modalities == [0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mot.moe_modalities", "txt"], r"mot.moe_modalities = \['txt'\]: unknown modality"),
+    (["--mot.moe_modalities", "text", "--mot.moe_top_k", "5"], r"mot.moe_top_k = 5: must lie in \[1, num_experts = 4\]"),
+    (["--mot.moe_modalities", "text", "--mot.moe_score_func", "relu"], "mot.moe_score_func = 'relu'"),
+    (["--mot.moe_modalities", "text", "--mot.moe_num_experts", "0"], "mot.moe_num_experts = 0"),
+    (["--mot.moe_modalities", "text", "--mot.moe_load_balance_coeff", "-1"], "mot.moe_load_balance_coeff = -1"),
+    (["--mot.moe_modalities", "text", "--mot.frozen_modalities", "text"], r"mot.frozen_modalities \['text'\] have an MoE FFN"),
+    (["--mot.moe_modalities", "text", "--mot.untie", "attention,norms"], "mot.moe_modalities = .*shared by all modalities"),
+    (["--model.flavor", "debugmodel_dense", "--mot.moe_modalities", "text"], "mot.moe_modalities = .*shared by all modalities"),
+    (["--model.flavor", "debugmodel_hybrid", "--mot.untie", "attention,norms"], "flavor 'debugmodel_hybrid' has an MoE FFN"),
+])
+def test_bad_moe_settings_are_refused_by_name(flags: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _args(*flags)
+
+
+def test_frozen_moe_modality_without_load_balancing_freezes_experts_and_router() -> None:
+    model = _model(n_modalities=2, moe_modalities=[0])
+    build_mot_optimizers([model], modality_optimizer_config(frozen_modalities=["text"]), NO_PARALLEL)
+    moe = model.layers["0"].feed_forward.moe["0"]
+    assert not any(p.requires_grad for p in moe.parameters())
+    assert all(p.requires_grad for p in model.layers["0"].feed_forward.dense.parameters())
