@@ -226,3 +226,22 @@ def test_frozen_moe_modality_without_load_balancing_freezes_experts_and_router()
     moe = model.layers["0"].feed_forward.moe["0"]
     assert not any(p.requires_grad for p in moe.parameters())
     assert all(p.requires_grad for p in model.layers["0"].feed_forward.dense.parameters())
+
+
+@pytest.mark.parametrize("other", [dict(moe_modalities=[1]), dict(moe_args=_moe_args(num_experts=8))])
+def test_checkpoint_of_another_moe_shape_is_refused_with_the_keys(tmp_path, other: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from torchtitan_mot.trainer.checkpoint_check import check_checkpoint_matches, CheckpointMismatchError
+
+    dcp.save(_model(n_modalities=2, moe_modalities=[0]).state_dict(), checkpoint_id=str(tmp_path), no_dist=True)
+    with torch.device("meta"):
+        model = MoTTransformer(MoTModelArgs(**SHAPE, n_modalities=2, **{"moe_modalities": [0], **other}))
+    with pytest.raises(CheckpointMismatchError) as error:
+        check_checkpoint_matches(str(tmp_path), model.state_dict())
+    message = str(error.value)
+    assert "MoE shape" in message
+    if "moe_args" in other:
+        assert "layers.0.feed_forward.moe.0.experts.w1: model [8, 256, 32] vs checkpoint [4, 256, 32]" in message
+    else:
+        assert "layers.0.feed_forward.moe.1.experts.w1" in message and "layers.0.feed_forward.moe.0.experts.w1" in message
