@@ -245,3 +245,64 @@ def test_checkpoint_of_another_moe_shape_is_refused_with_the_keys(tmp_path, othe
         assert "layers.0.feed_forward.moe.0.experts.w1: model [8, 256, 32] vs checkpoint [4, 256, 32]" in message
     else:
         assert "layers.0.feed_forward.moe.1.experts.w1" in message and "layers.0.feed_forward.moe.0.experts.w1" in message
+
+
+def test_upcycled_experts_start_from_the_modality_ffn() -> None:
+    from torchtitan_mot.model.state_dict_adapter import upcycle_state_dict
+
+    mot = _model(n_modalities=2).state_dict()
+    args = MoTModelArgs(**SHAPE, n_modalities=2, moe_modalities=[0])
+    with torch.device("meta"):
+        target = MoTTransformer(args).state_dict()
+    up = upcycle_state_dict(mot, target, args, seed=3)
+    assert sorted(up) == sorted(target)
+    for proj in ("w1", "w2", "w3"):
+        experts, text = up[f"layers.1.feed_forward.moe.0.experts.{proj}"], mot[f"layers.1.feed_forward.{proj}.0.weight"]
+        assert experts.shape[0] == 4
+        for e in range(4):
+            assert (experts[e] - text).abs().max() < 6 * 0.01 * text.std()
+        assert not torch.equal(experts[0], experts[1])  # the noise breaks their symmetry
+        assert torch.equal(up[f"layers.1.feed_forward.dense.{proj}.0.weight"], mot[f"layers.1.feed_forward.{proj}.1.weight"])
+    assert torch.equal(up["layers.0.attention.wq.1.weight"], mot["layers.0.attention.wq.1.weight"])
+    assert torch.equal(up["layers.0.feed_forward.moe.0.expert_bias"], torch.zeros(4))
+    again = upcycle_state_dict(mot, target, args, seed=3)
+    assert all(torch.equal(up[k], again[k]) for k in up)
+    other = upcycle_state_dict(mot, target, args, seed=4)
+    assert not torch.equal(up["layers.0.feed_forward.moe.0.router.gate.weight"],
+                           other["layers.0.feed_forward.moe.0.router.gate.weight"])
+
+
+def test_upcycled_single_expert_without_noise_computes_the_mot_model() -> None:
+    """Softmax over one expert scores 1.0: upcycling without noise is then exact."""
+    from torchtitan_mot.model.state_dict_adapter import upcycle_state_dict
+
+    mot = _model(n_modalities=2)
+    args = MoTModelArgs(**SHAPE, n_modalities=2, moe_modalities=[0], moe_args=_moe_args(num_experts=1))
+    hybrid = MoTTransformer(args)
+    hybrid.load_state_dict(upcycle_state_dict(mot.state_dict(), hybrid.state_dict(), args, noise_scale=0.0))
+    ids = torch.tensor([[0, 1, 1, 0, 0, 1, 0, 0], [1, 1, 0, 0, 1, 0, 1, 1]])
+    tokens = torch.randint(0, 61, ids.shape)
+    torch.testing.assert_close(hybrid(tokens, ids), mot(tokens, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_upcycling_a_dense_llama3_state_dict_into_moe4x() -> None:
+    from torchtitan.models.llama3 import Transformer, TransformerModelArgs
+
+    from torchtitan_mot.model.state_dict_adapter import upcycle_state_dict
+
+    torch.manual_seed(0)
+    llama = Transformer(TransformerModelArgs(**SHAPE))
+    with torch.no_grad():
+        llama.init_weights()
+    dense = llama.state_dict()
+    args = MoTModelArgs(**SHAPE, n_modalities=1, moe_modalities=[0])
+    with torch.device("meta"):
+        target = MoTTransformer(args).state_dict()
+    up = upcycle_state_dict(dense, target, args)
+    assert sorted(up) == sorted(target)
+    w1 = dense["layers.0.feed_forward.w1.weight"]
+    assert (up["layers.0.feed_forward.moe.0.experts.w1"] - w1).abs().max() < 6 * 0.01 * w1.std()
+    assert torch.equal(up["layers.0.attention.wq.0.weight"], dense["layers.0.attention.wq.weight"])
+    with pytest.raises(ValueError, match="moe_num_shared_experts = 1"):
+        shared = MoTModelArgs(**SHAPE, n_modalities=1, moe_modalities=[0], moe_args=_moe_args(num_shared_experts=1))
+        upcycle_state_dict(dense, target, shared)

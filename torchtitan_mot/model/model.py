@@ -23,6 +23,12 @@ from .routing import (
 )
 
 
+def block_init_std(layer_id: int, model_args: MoTModelArgs) -> float:
+    """Llama3's init std of a block's output projections (and of an MoE router gate)."""
+    depth = layer_id + 1 if model_args.depth_init else model_args.n_layers
+    return 0.02 / (2 * depth) ** 0.5
+
+
 class MoTBlock(nn.Module):
     """A Llama3 pre-norm block whose norms, projections and FFN are untied by modality
     (each only if `model_args.untie` lists it; otherwise one shared weight set).
@@ -48,8 +54,7 @@ class MoTBlock(nn.Module):
         )
         self.attention_norm = ModalityRMSNorm(model_args.dim, n_norms, model_args.norm_eps)
         self.ffn_norm = ModalityRMSNorm(model_args.dim, n_norms, model_args.norm_eps)
-        depth = layer_id + 1 if model_args.depth_init else model_args.n_layers
-        self.weight_init_std = 0.02 / (2 * depth) ** 0.5
+        self.weight_init_std = block_init_std(layer_id, model_args)
 
     def forward(
         self,
