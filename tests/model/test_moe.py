@@ -306,3 +306,24 @@ def test_upcycling_a_dense_llama3_state_dict_into_moe4x() -> None:
     with pytest.raises(ValueError, match="moe_num_shared_experts = 1"):
         shared = MoTModelArgs(**SHAPE, n_modalities=1, moe_modalities=[0], moe_args=_moe_args(num_shared_experts=1))
         upcycle_state_dict(dense, target, shared)
+
+
+def test_expert_bias_survives_a_checkpoint_round_trip(tmp_path) -> None:
+    """The expert bias (the load-balancing state) is a persistent buffer: TorchTitan's model
+    checkpoint (ModelWrapper + DCP) saves it and a resumed model routes with it."""
+    import torch.distributed.checkpoint as dcp
+    from torchtitan.components.checkpoint import ModelWrapper
+
+    model = _model(n_modalities=2, moe_modalities=[0])
+    opt = build_mot_optimizers([model], modality_optimizer_config(), NO_PARALLEL)
+    ids = torch.tensor([[0] * 12 + [1] * 4])
+    model(torch.randint(0, 61, ids.shape), ids).sum().backward()
+    opt.step()
+    bias = model.layers["1"].feed_forward.moe["0"].expert_bias.clone()
+    assert bias.abs().sum() > 0
+    dcp.save(ModelWrapper([model]).state_dict(), checkpoint_id=str(tmp_path), no_dist=True)
+    resumed = _model(n_modalities=2, moe_modalities=[0])
+    state = ModelWrapper([resumed]).state_dict()
+    dcp.load(state, checkpoint_id=str(tmp_path), no_dist=True)
+    ModelWrapper([resumed]).load_state_dict(state)
+    assert torch.equal(resumed.layers["1"].feed_forward.moe["0"].expert_bias, bias)
