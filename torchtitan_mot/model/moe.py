@@ -90,9 +90,13 @@ class MoTMoEFeedForward(nn.Module):
         }
         if self.dense is not None:
             sizes = [bounds[s][1] - bounds[s][0] for s in self.dense_sets]
-            runs = [x[slice(*bounds[s])] for s in self.dense_sets]
-            contiguous = all(b == a + 1 for a, b in zip(self.dense_sets, self.dense_sets[1:]))
-            dense_x = x[bounds[self.dense_sets[0]][0]:bounds[self.dense_sets[-1]][1]] if contiguous else torch.cat(runs)
+            first, last = self.dense_sets[0], self.dense_sets[-1]
+            if last - first + 1 == len(self.dense_sets):  # adjacent sets: one view, no copy
+                dense_x = x[bounds[first][0]:bounds[last][1]]
+            else:
+                dense_x = torch.cat([x[slice(*bounds[s])] for s in self.dense_sets])
+            # The dense SwiGLU's own routing: its sets' group ends (host memory) in that
+            # buffer; ModalityLinear reads nothing else of it.
             sub = Routing(
                 None, None, routing.sorted_ids[:0],
                 torch.tensor(sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32),
