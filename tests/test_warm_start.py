@@ -291,3 +291,25 @@ def test_untie_subset_warm_start_trains_and_other_setting_is_refused(tmp_path: P
     code, log = train("full", 1)
     assert code != 0
     assert "mot.untie setting" in log and "missing from the checkpoint: layers.0.attention.wk.1.weight" in log
+
+
+def test_warm_start_upcycles_an_mot_checkpoint_into_the_hybrid(tmp_path: Path) -> None:
+    """`warm_start` of an MoE flavor: the MoT checkpoint's text FFN seeds every text expert,
+    and the output fits the hybrid model exactly (the start-up checkpoint check passes)."""
+    from torchtitan_mot.trainer.checkpoint_check import check_checkpoint_matches
+
+    args, _ = mot_target(CONFIG, "debugmodel")
+    torch.manual_seed(0)
+    mot = MoTTransformer(args)
+    with torch.no_grad():
+        mot.init_weights()
+    dcp.save(mot.state_dict(), checkpoint_id=str(tmp_path / "mot"), no_dist=True)
+    hybrid_args = warm_start(tmp_path / "mot", CONFIG, "debugmodel_hybrid", tmp_path / "out", seed=1)
+    assert hybrid_args.moe_modalities == [0]
+    with torch.device("meta"):
+        hybrid = MoTTransformer(hybrid_args)
+    check_checkpoint_matches(str(tmp_path / "out"), hybrid.state_dict())
+    experts = torch.empty(4, *mot.layers["2"].feed_forward.w3[0].weight.shape)
+    dcp.load({"layers.2.feed_forward.moe.0.experts.w3": experts}, checkpoint_id=str(tmp_path / "out"), no_dist=True)
+    text = mot.layers["2"].feed_forward.w3[0].weight.detach()
+    assert ((experts - text).abs().amax(dim=(1, 2)) < 6 * 0.01 * text.std()).all()

@@ -11,15 +11,19 @@ from torchtitan.config import JobConfig
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.protocols.train_spec import register_train_spec, TrainSpec
 
+from .compat.torchtitan_0_2_2 import count_experts_on_cpu
 from .data.dataloader import build_mot_dataloader
 from .data.tokenizer import build_mot_tokenizer, VocabLayout
 from .infra.parallelize import parallelize_mot
 from .model import MoTModelArgs, MoTTransformer
+from .model.args import default_moe_args
 from .model.state_dict_adapter import MoTStateDictAdapter
 from .trainer.loss import build_mot_loss
 from .trainer.metrics import build_mot_metrics_processor
 from .trainer.optimizer import build_mot_optimizers
 from .trainer.validate import build_mot_validator
+
+count_experts_on_cpu()
 
 _debug = dict(dim=256, n_layers=6, n_heads=16, rope_theta=500000)
 _8b = dict(
@@ -40,6 +44,13 @@ _transfusion = {
     "1.4B": dict(dim=2048, n_layers=24, n_heads=16),
     "7B": dict(dim=4096, n_layers=32, n_heads=32),
 }
+# The paper's 443M and 7B shapes (Table 1).
+_443m = dict(dim=1024, n_layers=24, n_heads=16, rope_theta=500000)
+_7b = dict(dim=4096, n_layers=32, n_heads=32, rope_theta=500000)
+# MoE-4x: dense (shared) attention and norms, one MoE FFN for all tokens (model/moe.py);
+# the hybrid: MoT with only the text FFN (modality 0) an MoE. Shapes from [mot] moe_*.
+_moe4x = dict(n_modalities=1, moe_modalities=[0])
+_hybrid = dict(moe_modalities=[0])
 
 mot_args: dict[str, MoTModelArgs] = {
     "debugmodel": MoTModelArgs(**_debug, n_modalities=2),
@@ -59,6 +70,18 @@ mot_args: dict[str, MoTModelArgs] = {
     "debugmodel_transfusion_flex": MoTModelArgs(
         **_debug, n_modalities=2, diffusion=True, attn_type="flex", **_block_causal
     ),
+    "debugmodel_moe4x": MoTModelArgs(**_debug, **_moe4x),
+    "debugmodel_hybrid": MoTModelArgs(**_debug, n_modalities=2, **_hybrid),
+    "37M_moe4x": MoTModelArgs(**_37m, **_moe4x),
+    "37M_hybrid": MoTModelArgs(**_37m, n_modalities=2, **_hybrid),
+    "443M_2modality": MoTModelArgs(**_443m, n_modalities=2),
+    "443M_dense": MoTModelArgs(**_443m, n_modalities=1),
+    "443M_moe4x": MoTModelArgs(**_443m, **_moe4x),
+    "7B_2modality": MoTModelArgs(**_7b, n_modalities=2),
+    "7B_dense": MoTModelArgs(**_7b, n_modalities=1),
+    "7B_moe4x": MoTModelArgs(**_7b, **_moe4x),
+    "8B_hybrid": MoTModelArgs(**_8b, n_modalities=2, **_hybrid),
+    "70B_hybrid": MoTModelArgs(**_70b, n_modalities=2, **_hybrid),
 }
 for _size, _shape in _transfusion.items():
     for _suffix, _n in (("", 2), ("_dense", 1)):
@@ -69,10 +92,12 @@ for _size, _shape in _transfusion.items():
 
 def dense_twin_flavor(flavor: str) -> str:
     """The registered flavor that is `flavor` with one modality: the baseline a comparison
-    must train (same shape, same code)."""
+    must train (same shape, same code; an MoE flavor's twin is the dense FFN model)."""
     if flavor not in mot_args:
         raise ValueError(f"unknown MoT flavor '{flavor}'; known: {sorted(mot_args)}")
-    twin = dataclasses.replace(mot_args[flavor], n_modalities=1)
+    twin = dataclasses.replace(
+        mot_args[flavor], n_modalities=1, moe_modalities=[], moe_args=default_moe_args()
+    )
     for name, args in mot_args.items():
         if args == twin:
             return name

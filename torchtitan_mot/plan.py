@@ -29,6 +29,7 @@ from torchtitan_mot.compat.torchtitan_0_2_2 import fsdp_reshards_after_forward
 from torchtitan_mot.infra.parallelize import parallelize_mot
 from torchtitan_mot.model import MoTTransformer
 from torchtitan_mot.model.args import MoTModelArgs
+from torchtitan_mot.model.moe import MoTMoEFeedForward
 
 LLAMA3_TEXT_VOCAB = 128_256
 """Text vocabulary of the Llama3 tokenizer, used when the config's tokenizer is not local."""
@@ -188,6 +189,16 @@ def parallel_dims(job: JobConfig, ngpu: int) -> ParallelDims:
     )
 
 
+def _ffn_hidden(ffn: nn.Module) -> int:
+    """Hidden width of a block's FFN: its dense SwiGLU's, or one expert's (model/moe.py;
+    experts have the dense hidden size)."""
+    if isinstance(ffn, MoTMoEFeedForward):
+        if ffn.dense is None:
+            return next(iter(ffn.moe.values())).experts.w1.shape[1]
+        ffn = ffn.dense
+    return ffn.w1[0].weight.shape[0]
+
+
 def plan_stage(job: JobConfig, ngpu: int, args: MoTModelArgs, stage: int) -> StagePlan:
     """Simulate the first rank of pipeline stage `stage` and estimate its memory."""
     pp = job.parallelism.pipeline_parallel_degree
@@ -223,7 +234,7 @@ def plan_stage(job: JobConfig, ngpu: int, args: MoTModelArgs, stage: int) -> Sta
         other_numel = sum(_numel(u) for u in kept if u not in blocks) * fsdp
         act = activation_bytes(
             args, job, len(blocks), attn.wq[0].weight.shape[0], attn.wv[0].weight.shape[0],
-            ffn.w1[0].weight.shape[0], any(m.output is not None for m in parts), args.vocab_size,
+            _ffn_hidden(ffn), any(m.output is not None for m in parts), args.vocab_size,
         )
     finally:
         dist.destroy_process_group()

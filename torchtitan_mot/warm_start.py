@@ -13,6 +13,11 @@ several copies) is the dense weight (so the MoT starts as exactly the dense mode
 embedding and output head are copied, and vocabulary rows the dense model lacks (modality
 markers, codebooks) start at the mean dense row plus small seeded noise.
 
+A flavor or config with MoE FFNs (`mot.moe_modalities`, the MoE-4x and hybrid flavors) is
+upcycled (`upcycle_state_dict`): each expert of an MoE modality starts as that modality's FFN
+plus small seeded noise, the router fresh; `--dense` may then also be an MoT DCP checkpoint
+of the same flavor without MoE (its per-modality FFNs seed the experts). See docs/moe.md.
+
 The MoT shapes come from `--config` and `--flavor` (the vocabulary size from the config's
 tokenizer and codebooks, as in training). The output is written to a hidden temporary
 sibling and renamed, so a failed or interrupted run leaves no half-written checkpoint at
@@ -32,7 +37,11 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torchtitan_mot import build_model_args
 from torchtitan_mot.config import load_job_config
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
-from torchtitan_mot.model.state_dict_adapter import untie_dense_state_dict, WarmStartError
+from torchtitan_mot.model.state_dict_adapter import (
+    untie_dense_state_dict,
+    upcycle_state_dict,
+    WarmStartError,
+)
 
 # Llama3 model entries of a DCP checkpoint; a training checkpoint also holds optimizer,
 # lr_scheduler, dataloader and train_state entries, which warm start ignores.
@@ -127,7 +136,12 @@ def warm_start(
     """Write the MoT checkpoint of `dense` to `out`; returns the MoT args it was built for."""
     check_out(out, force)
     model_args, target = mot_target(config, flavor, untie)
-    save_atomically(untie_dense_state_dict(load_dense(dense, model_args), target, seed=seed), out)
+    source = load_dense(dense, model_args)
+    if model_args.moe_modalities:
+        state = upcycle_state_dict(source, target, model_args, seed=seed)
+    else:
+        state = untie_dense_state_dict(source, target, seed=seed)
+    save_atomically(state, out)
     return model_args
 
 

@@ -294,3 +294,84 @@ def shard_on_host_for_context_parallel(
         index = _HeadTailLoadBalancer(ids.shape[1], world, "cpu")._generate_indices()
         ids = ids.index_select(1, index[0])
     return ids.chunk(world, dim=1)[rank]
+
+
+_torch_histc = torch.histc
+
+
+def _histc_integers_on_cpu(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if input.device.type == "cpu" and not input.is_floating_point():
+        # Exact for the expert ids counted here (< 2**24); counts in the input's dtype, as
+        # CUDA's integer histc returns them.
+        return _torch_histc(input.float(), *args, **kwargs).to(input.dtype)
+    return _torch_histc(input, *args, **kwargs)
+
+
+def count_experts_on_cpu() -> None:
+    """0.2.2's MoE router/reorderer count expert ids with `torch.histc` on int64; CPU lacks it.
+
+    ("histogram_cpu" not implemented for 'Long'.) `torch.histc` is wrapped so that integer
+    CPU inputs are counted as float32 and returned as integers; every other call is passed
+    straight through.
+    Installed once, on import of torchtitan_mot.
+    """
+    torch.histc = _histc_integers_on_cpu
+
+
+class _MoEBlockView(nn.Module):
+    """One MoE module dressed as the block 0.2.2's load-balancing hook expects."""
+
+    moe_enabled = True
+
+    def __init__(self, moe: nn.Module, layers: nn.ModuleDict, layer: str) -> None:
+        super().__init__()
+        self.moe = moe
+        object.__setattr__(self, "_layers", layers)  # not a child: the view owns nothing
+        self._layer = layer
+
+    @property
+    def checkpoint_impl(self) -> Any:
+        """The real block's (full AC wraps it): the hook halves the counts of a recomputed block."""
+        return getattr(self._layers[self._layer], "checkpoint_impl", None)
+
+
+def moe_block_views(model_parts: list[nn.Module]) -> list[nn.Module]:
+    """Model parts as 0.2.2's hook walks them: `layers` holding one view per `MoE` module."""
+    from torchtitan.models.moe import MoE
+
+    views = []
+    for part in model_parts:
+        layers = part.get_submodule("layers")
+        view = nn.Module()
+        view.layers = nn.ModuleDict({
+            f"{name}_{i}": _MoEBlockView(moe, layers, name)
+            for name, block in layers.items()
+            for i, moe in enumerate(m for m in block.modules() if isinstance(m, MoE))
+        })
+        views.append(view)
+    return views
+
+
+def register_moe_load_balancing(
+    optimizers: OptimizersContainer,
+    model_parts: list[nn.Module],
+    optimizer_config: OptimizerConfig,
+    parallel_dims: ParallelDims,
+) -> None:
+    """0.2.2's expert-bias hook is private to `build_optimizers_with_moe_load_balancing`, which
+    builds its own container and reads one `block.moe` per block of `model.layers`.
+
+    Runs that builder with `build_optimizers` answering `optimizers` (ours) and on views of
+    the model parts with one pseudo-block per `MoE` module (`moe_block_views`), so TorchTitan's
+    own hook (all-reduce of the counts over the loss mesh, sign update of the expert bias,
+    counts reset) is registered on our container for every MoE module.
+    """
+    from unittest import mock
+
+    import torchtitan.components.optimizer as tt_optimizer
+
+    with mock.patch.object(tt_optimizer, "build_optimizers", lambda **_: optimizers):
+        built = tt_optimizer.build_optimizers_with_moe_load_balancing(
+            moe_block_views(model_parts), optimizer_config, parallel_dims
+        )
+    assert built is optimizers

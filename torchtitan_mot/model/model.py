@@ -15,6 +15,7 @@ from .attention import MoTAttention
 from .diffusion import DiffusionLayers, transfusion_dense_mask, transfusion_mask_mod
 from .feedforward import ffn_hidden_dim, MoTFeedForward
 from .inputs import HostTensor
+from .moe import MoTMoEFeedForward
 from .routing import (
     build_routing,
     check_modality_ids,
@@ -23,6 +24,12 @@ from .routing import (
     modality_ids_from_masks,
     Routing,
 )
+
+
+def block_init_std(layer_id: int, model_args: MoTModelArgs) -> float:
+    """Llama3's init std of a block's output projections (and of an MoE router gate)."""
+    depth = layer_id + 1 if model_args.depth_init else model_args.n_layers
+    return 0.02 / (2 * depth) ** 0.5
 
 
 class MoTBlock(nn.Module):
@@ -38,17 +45,19 @@ class MoTBlock(nn.Module):
         super().__init__()
         n_norms = model_args.n_copies("norms")
         self.attention = MoTAttention(model_args)
-        self.feed_forward = MoTFeedForward(
-            model_args.dim,
-            ffn_hidden_dim(
-                model_args.dim, model_args.multiple_of, model_args.ffn_dim_multiplier
-            ),
-            model_args.n_copies("ffn"),
+        hidden = ffn_hidden_dim(model_args.dim, model_args.multiple_of, model_args.ffn_dim_multiplier)
+        # Experts have the dense FFN's hidden size: top-1 routing is FLOP-matched (MoE-4x).
+        self.feed_forward: MoTFeedForward | MoTMoEFeedForward = (
+            MoTMoEFeedForward(
+                model_args.dim, hidden, model_args.n_copies("ffn"),
+                model_args.moe_modalities, model_args.moe_args,
+            )
+            if model_args.moe_modalities
+            else MoTFeedForward(model_args.dim, hidden, model_args.n_copies("ffn"))
         )
         self.attention_norm = ModalityRMSNorm(model_args.dim, n_norms, model_args.norm_eps)
         self.ffn_norm = ModalityRMSNorm(model_args.dim, n_norms, model_args.norm_eps)
-        depth = layer_id + 1 if model_args.depth_init else model_args.n_layers
-        self.weight_init_std = 0.02 / (2 * depth) ** 0.5
+        self.weight_init_std = block_init_std(layer_id, model_args)
 
     def forward(
         self,

@@ -205,3 +205,102 @@ class MoTStateDictAdapter(Llama3StateDictAdapter):
             else:
                 out[key] = value
         return out
+
+
+# Entries of an MoE FFN (model/moe.py): `layers.<i>.feed_forward.moe.<set>.<rest>` and the
+# dense SwiGLU of its other sets, `layers.<i>.feed_forward.dense.<w>.<j>.weight`.
+_MOE_ENTRY = re.compile(r"^layers\.(\d+)\.feed_forward\.moe\.(\d+)\.(.+)$")
+_MOE_DENSE_ENTRY = re.compile(r"^layers\.(\d+)\.feed_forward\.dense\.(w[123])\.(\d+)\.weight$")
+_FFN_SOURCE = re.compile(r"^layers\.\d+\.feed_forward\.w[123](\.\d+)?\.weight$")
+
+
+def _ffn_source(source_sd: Mapping[str, Any], layer: str, proj: str, modality: int) -> str:
+    """The source key of modality `modality`'s FFN weight `proj` in block `layer`: its own
+    MoT copy, else the single shared copy (`.0.`), else the dense Llama3 weight."""
+    for key in (f"layers.{layer}.feed_forward.{proj}.{modality}.weight",
+                f"layers.{layer}.feed_forward.{proj}.0.weight",
+                f"layers.{layer}.feed_forward.{proj}.weight"):
+        if key in source_sd:
+            return key
+    raise WarmStartError(
+        f"the checkpoint has no FFN weight {proj} for modality {modality} in block {layer} "
+        f"(looked for layers.{layer}.feed_forward.{proj}[.<modality>].weight)"
+    )
+
+
+def upcycle_state_dict(
+    source_sd: Mapping[str, Any],
+    target: Mapping[str, Any],
+    model_args: MoTModelArgs,
+    *,
+    seed: int = 0,
+    noise_scale: float = 0.01,
+) -> dict[str, Any]:
+    """Warm start a model with MoE FFNs (sparse upcycling) from a dense Llama3 or an MoT state
+    dict (plain tensors).
+
+    Every expert of an MoE set is that modality's FFN weight (w1/w2/w3, stacked into
+    `GroupedExperts`' (experts, out, in) tensors) plus `noise_scale` x its std of seeded
+    noise, so the experts can diverge; the router gate is fresh (Llama3's init std of the
+    block, seeded) and the expert bias zero. A shared FFN set (the MoE-4x baseline) takes
+    modality 0's FFN. The dense sets of an MoE FFN take their modality's FFN; every other
+    entry is warm started as `untie_dense_state_dict` does (dense source) or copied under
+    its own name (MoT source of the same attention/norm layout).
+    """
+    from .model import block_init_std
+
+    if model_args.moe_args.num_shared_experts:
+        raise WarmStartError(
+            f"mot.moe_num_shared_experts = {model_args.moe_args.num_shared_experts}: upcycling "
+            "defines no initialisation for shared experts; warm start with 0"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {}
+    used: set[str] = set()
+    rest: dict[str, Any] = {}
+    shared_ffn = model_args.n_copies("ffn") == 1
+    for key, want in target.items():
+        moe, dense_part = _MOE_ENTRY.match(key), _MOE_DENSE_ENTRY.match(key)
+        if moe:
+            layer, s, leaf = moe.groups()
+            modality = 0 if shared_ffn else int(s)
+            if leaf in ("experts.w1", "experts.w2", "experts.w3"):
+                source = _ffn_source(source_sd, layer, leaf[-2:], modality)
+                used.add(source)
+                w = source_sd[source].detach().float()
+                if (w.shape[0], w.shape[1]) != tuple(_shape(want)[1:]):
+                    raise WarmStartError(f"{key}: expert {list(_shape(want)[1:])} vs {source} {list(w.shape)}")
+                noise = torch.randn((_shape(want)[0], *w.shape), generator=generator)
+                out[key] = (w + noise * noise_scale * w.std()).to(source_sd[source].dtype)
+            elif leaf == "router.gate.weight":
+                std = block_init_std(int(layer), model_args)
+                gate = torch.empty(_shape(want))
+                torch.nn.init.trunc_normal_(gate, std=std, a=-2.0, b=2.0, generator=generator)
+                out[key] = gate
+            elif leaf == "expert_bias":
+                out[key] = torch.zeros(_shape(want))
+            else:
+                raise WarmStartError(f"{key}: upcycling does not know this MoE entry")
+        elif dense_part:
+            layer, proj, j = dense_part.groups()
+            ffn_sets = [s for s in range(model_args.n_copies("ffn")) if s not in model_args.moe_modalities]
+            source = _ffn_source(source_sd, layer, proj, ffn_sets[int(j)])
+            used.add(source)
+            out[key] = source_sd[source].detach().clone()
+        else:
+            rest[key] = want
+    is_dense = any(re.match(r"^layers\.\d+\.attention\.wq\.weight$", k) for k in source_sd)
+    others = {k: v for k, v in source_sd.items() if k not in used and not _FFN_SOURCE.match(k)}
+    if is_dense:
+        out.update(untie_dense_state_dict(others, rest, seed=seed))
+    else:
+        missing = sorted(set(rest) - set(others))
+        shapes = [f"{k}: model {list(_shape(v))} vs checkpoint {list(_shape(others[k]))}"
+                  for k, v in rest.items() if k in others and _shape(v) != _shape(others[k])]
+        if missing or shapes:
+            raise WarmStartError(
+                f"the MoT checkpoint does not fit the model outside the MoE FFNs (same flavor, "
+                f"mot.untie and vocabulary needed): missing {missing[:8]}; shapes {shapes[:8]}"
+            )
+        out.update({k: others[k].detach().clone() for k in rest})
+    return out

@@ -53,7 +53,9 @@ def check_checkpoint_matches(
     if problems:
         raise CheckpointMismatchError(
             f"checkpoint {checkpoint_id} does not fit this model (another flavor, modality "
-            "count, mot.untie setting or vocabulary?); nothing was loaded: " + " | ".join(problems)
+            "count, mot.untie setting, MoE shape (mot.moe_modalities, mot.moe_num_experts, "
+            "mot.moe_num_shared_experts) or vocabulary?); nothing was loaded: "
+            + " | ".join(problems)
         )
 
 

@@ -4,7 +4,8 @@ The total loss says little about an MoT run: the modalities learn at different s
 paper's comparisons are per modality. The loss records per-modality summed CE and token
 counts in the trainer's `ModalityLossStats`; at each log step this processor pops them,
 all-reduces them over the loss mesh and logs `loss/<modality>` = global sum / global count,
-next to the usual metrics.
+next to the usual metrics. A model with MoE FFNs also logs its expert load (`ExpertLoad`):
+the share of tokens each expert got, per MoE modality and layer.
 """
 
 import sys
@@ -14,6 +15,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 
 from torchtitan.components.metrics import MetricsProcessor
+from torch import nn
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.protocols import BaseModelArgs
@@ -21,7 +23,76 @@ from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import NoColor
 
 from torchtitan_mot.model.args import MoTModelArgs, UNTIE_COMPONENTS
+from torchtitan_mot.model.moe import MoTMoEFeedForward
 from torchtitan_mot.trainer.loss import ModalityLossStats
+
+
+class ExpertLoad:
+    """Tokens routed to each expert of every MoE module since the last log, keyed by
+    (modality, layer); modality "all" is the shared MoE FFN of the MoE-4x baseline.
+
+    `record` runs as an optimizer step pre-hook registered before TorchTitan's load-balancing
+    hook, which resets each module's `tokens_per_expert` (without load balancing `record`
+    resets them itself). Shares, not raw counts, are logged: full activation checkpointing
+    counts a recomputed block twice, which leaves the shares unchanged.
+    """
+
+    def __init__(self, moes: dict[tuple[str, str], nn.Module]) -> None:
+        self.moes = moes
+        self.counts: dict[tuple[str, str], torch.Tensor] = {}
+
+    @classmethod
+    def of(cls, model_parts: list[nn.Module], modalities: list[str]) -> "ExpertLoad | None":
+        """The MoE modules of `model_parts` (None without any)."""
+        moes = {}
+        for part in model_parts:
+            for layer, block in part.get_submodule("layers").items():
+                for ffn in (m for m in block.modules() if isinstance(m, MoTMoEFeedForward)):
+                    for s, moe in ffn.moe.items():
+                        name = "all" if ffn.n_sets == 1 else (
+                            modalities[int(s)] if modalities else f"modality{s}"
+                        )
+                        moes[(name, layer)] = moe
+        return cls(moes) if moes else None
+
+    @torch.no_grad()
+    def record(self) -> None:
+        for key, moe in self.moes.items():
+            count = moe.tokens_per_expert.detach().float()
+            self.counts[key] = self.counts[key] + count if key in self.counts else count.clone()
+            if moe.load_balance_coeff is None:
+                moe.tokens_per_expert.zero_()
+
+    def pop(self, loss_mesh: Any = None) -> dict[tuple[str, str], torch.Tensor]:
+        """Counts since the last pop, summed over `loss_mesh` (a collective: every rank of it
+        calls this at the same step). Empty before the first optimizer step."""
+        if not self.counts:
+            return {}
+        keys = list(self.counts)
+        stacked = torch.stack([self.counts[k] for k in keys])
+        if loss_mesh is not None:
+            stacked = funcol.all_reduce(stacked, reduceOp="sum", group=loss_mesh)
+        self.counts = {}
+        return dict(zip(keys, stacked.cpu()))
+
+
+def expert_load_metrics(counts: dict[tuple[str, str], torch.Tensor]) -> tuple[dict[str, float], str]:
+    """TensorBoard scalars `moe/<modality>/layer<i>/expert<j>` (share of the layer's tokens)
+    and `moe/<modality>/max_load` (the largest expert share over the mean share, worst layer;
+    1.0 is perfectly balanced), and a console line with the shares averaged over layers."""
+    metrics: dict[str, float] = {}
+    shares_by_modality: dict[str, list[torch.Tensor]] = {}
+    for (name, layer), count in counts.items():
+        share = count / count.sum().clamp_min(1)
+        shares_by_modality.setdefault(name, []).append(share)
+        metrics.update({f"moe/{name}/layer{layer}/expert{j}": float(v) for j, v in enumerate(share)})
+    parts = []
+    for name, shares in shares_by_modality.items():
+        worst = max(float(s.max() * s.numel()) for s in shares)
+        metrics[f"moe/{name}/max_load"] = worst
+        mean = torch.stack(shares).mean(0)
+        parts.append(f"moe/{name}: max_load {worst:.2f} experts [{' '.join(f'{v:.2f}' for v in mean)}]")
+    return metrics, "  ".join(parts)
 
 
 class MoTMetricsProcessor(MetricsProcessor):
@@ -70,7 +141,16 @@ class MoTMetricsProcessor(MetricsProcessor):
         per_modality = self.modality_losses()
         metrics = dict(extra_metrics or {})
         metrics.update({f"loss/{name}": value for name, value in per_modality.items()})
+        expert_load = getattr(self.optimizers, "expert_load", None)
+        moe_line = ""
+        if expert_load is not None:
+            load, moe_line = expert_load_metrics(
+                expert_load.pop(self.parallel_dims.get_optional_mesh("loss"))
+            )
+            metrics.update(load)
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=metrics)
+        if moe_line:
+            logger.info(f"{self.color.red}step: {step:2}  {self.color.cyan}{moe_line}{self.color.reset}")
         if self.loss_stats is not None:
             line = "  ".join(
                 f"loss/{name}: {per_modality[name]:8.5f}"

@@ -31,8 +31,11 @@ from torchtitan.distributed import ParallelDims
 from torchtitan_mot.compat.torchtitan_0_2_2 import (
     optimizer_class_and_kwargs,
     ParamGroupsOptimizersContainer,
+    register_moe_load_balancing,
 )
+from torchtitan_mot.model.moe import MoTMoEFeedForward
 from torchtitan_mot.model.routing import ModalityLinear, ModalityRMSNorm
+from torchtitan_mot.trainer.metrics import ExpertLoad
 from torchtitan_mot.trainer.nonfinite_guard import NonFiniteLossGuard
 
 
@@ -80,9 +83,18 @@ def use_modality_optimizer_settings(job_config: JobConfig) -> None:
 
 def modality_parameters(model: nn.Module) -> dict[int, list[nn.Parameter]]:
     """Untied parameters by modality id; parameters not listed are shared by all modalities
-    (including every single-child module: freezing it would freeze all modalities)."""
+    (including every single-child module: freezing it would freeze all modalities).
+    An MoE FFN (model/moe.py) says itself which set each of its parameters belongs to."""
     groups: dict[int, list[nn.Parameter]] = {}
+    moe_ffns = [m for m in model.modules() if isinstance(m, MoTMoEFeedForward)]
+    inside = {id(m) for ffn in moe_ffns for m in ffn.modules()}
+    for ffn in moe_ffns:
+        if ffn.n_sets > 1:
+            for modality, params in ffn.parameters_by_set().items():
+                groups.setdefault(modality, []).extend(params)
     for module in model.modules():
+        if id(module) in inside:
+            continue
         if isinstance(module, (ModalityLinear, ModalityRMSNorm)) and len(module) > 1:
             for modality, child in enumerate(module):
                 groups.setdefault(modality, []).extend(child.parameters())
@@ -163,7 +175,28 @@ def build_mot_optimizers(
     A plain `[optimizer]` config (no `use_modality_optimizer_settings`) or one that asks for
     an optimizer-in-backward / fault-tolerant container gets TorchTitan's own container,
     which has no place for the guard (`MoTTrainer` refuses it).
+    A model with MoE FFNs gets TorchTitan's expert-bias load balancing hook on that container
+    (`register_moe_load_balancing`), after the hook that records the expert load for the
+    metrics (`ExpertLoad`, `optimizers.expert_load`).
     """
+    optimizers = _build(model_parts, optimizer_config, parallel_dims, ft_manager, step_guard)
+    modalities = getattr(optimizer_config, "modalities", [])
+    expert_load = ExpertLoad.of(model_parts, modalities)
+    if expert_load is not None:
+        # Registered first: it reads the counts before TorchTitan's hook resets them.
+        optimizers.register_step_pre_hook(lambda *_args, **_kwargs: expert_load.record())
+        optimizers.expert_load = expert_load
+        register_moe_load_balancing(optimizers, model_parts, optimizer_config, parallel_dims)
+    return optimizers
+
+
+def _build(
+    model_parts: list[nn.Module],
+    optimizer_config: OptimizerConfig,
+    parallel_dims: ParallelDims,
+    ft_manager: FTManager | None,
+    step_guard: NonFiniteLossGuard | None,
+) -> OptimizersContainer:
     if not isinstance(optimizer_config, ModalityOptimizerConfig):
         return build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
     per_modality = bool(optimizer_config.frozen_modalities) or any(
