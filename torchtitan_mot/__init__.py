@@ -104,6 +104,17 @@ def dense_twin_flavor(flavor: str) -> str:
     raise ValueError(f"flavor '{flavor}' has no registered dense twin (n_modalities=1)")
 
 
+def moe4x_flavor(flavor: str) -> str:
+    """The registered MoE-4x baseline of `flavor`'s shape: shared attention and norms, one
+    MoE FFN for every token (the paper's FLOP-matched MoE comparison, §3.2.1)."""
+    dense = mot_args[dense_twin_flavor(flavor)]
+    moe4x = dataclasses.replace(dense, moe_modalities=[0])
+    for name, args in mot_args.items():
+        if args == moe4x:
+            return name
+    raise ValueError(f"flavor '{flavor}' has no registered MoE-4x baseline (e.g. debugmodel_moe4x)")
+
+
 def build_model_args(job_config: JobConfig, vocab: VocabLayout | None = None) -> MoTModelArgs:
     """The args of the config's flavor with the config applied as the trainer applies it
     (`training.seq_len`, `[mot]` modalities and untie, the unified vocabulary of the config's
