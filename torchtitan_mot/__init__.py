@@ -11,6 +11,7 @@ from torchtitan.config import JobConfig
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.protocols.train_spec import register_train_spec, TrainSpec
 
+from .compat.torchtitan_0_2_2 import count_experts_on_cpu
 from .data.dataloader import build_mot_dataloader
 from .data.tokenizer import build_mot_tokenizer, VocabLayout
 from .infra.parallelize import parallelize_mot
@@ -20,6 +21,8 @@ from .trainer.loss import build_mot_loss
 from .trainer.metrics import build_mot_metrics_processor
 from .trainer.optimizer import build_mot_optimizers
 from .trainer.validate import build_mot_validator
+
+count_experts_on_cpu()
 
 _debug = dict(dim=256, n_layers=6, n_heads=16, rope_theta=500000)
 _8b = dict(

@@ -294,3 +294,27 @@ def shard_on_host_for_context_parallel(
         index = _HeadTailLoadBalancer(ids.shape[1], world, "cpu")._generate_indices()
         ids = ids.index_select(1, index[0])
     return ids.chunk(world, dim=1)[rank]
+
+
+_torch_histc = torch.histc
+
+
+def _histc_integers_on_cpu(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if input.device.type == "cpu" and not input.is_floating_point():
+        # Exact for the expert ids counted here (< 2**24); counts in the input's dtype, as
+        # CUDA's integer histc returns them.
+        return _torch_histc(input.float(), *args, **kwargs).to(input.dtype)
+    return _torch_histc(input, *args, **kwargs)
+
+
+def count_experts_on_cpu() -> None:
+    """0.2.2's MoE router/reorderer count expert ids with `torch.histc` on int64; CPU lacks it.
+
+    ("histogram_cpu" not implemented for 'Long'.) `torch.histc` is wrapped so that integer
+    CPU inputs are counted as float32 and returned as integers; every other call is passed
+    straight through.
+    Installed once, on import of torchtitan_mot.
+    """
+    torch.histc = _histc_integers_on_cpu
+
+
