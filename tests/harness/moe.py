@@ -96,11 +96,12 @@ def reference(world_size: int) -> dict:
             "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
 
 
-def parallel_worker(rank: int, world_size: int, ep: int, ac_mode: str = "none") -> dict:
+def parallel_worker(rank: int, world_size: int, ep: int, ac_mode: str = "none",
+                    param_dtype: str = "float32") -> dict:
     """FSDP over `world_size` ranks (and expert parallel `ep`) applied by MoT's infra, blocks
     checkpointed by TorchTitan's `apply_ac` with MoT's save list (`ac_mode` "full" or
-    "selective" = op-selective); the loss of this rank's batch and the full (gathered)
-    gradients."""
+    "selective" = op-selective), FSDP2 mixed precision `param_dtype`; the loss of this
+    rank's batch and the full (gathered) gradients."""
     from torchtitan.config import JobConfig
     from torchtitan.distributed import ParallelDims
 
@@ -115,7 +116,7 @@ def parallel_worker(rank: int, world_size: int, ep: int, ac_mode: str = "none") 
                         world_size=world_size)
     dims.build_mesh()
     job = JobConfig()
-    job.training.mixed_precision_param = "float32"
+    job.training.mixed_precision_param = param_dtype
     job.training.mixed_precision_reduce = "float32"
     job.parallelism.expert_parallel_degree = ep
     job.activation_checkpoint.mode = ac_mode
