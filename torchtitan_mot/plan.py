@@ -118,17 +118,17 @@ routed experts under expert parallel, "efsdp" (what is left of it after ep)."""
 
 
 def unsharded_numel(module: nn.Module) -> int:
-    """Parameters of `module` as FSDP all-gathers them: each local shard times the sizes of
-    the FSDP mesh dimensions it is sharded over. Tensor- and expert-parallel shards stay
-    local (an expert-parallel rank gathers only its own experts)."""
+    """Parameters of `module` as FSDP all-gathers them: the global size divided by the
+    non-FSDP shards (tensor- and expert-parallel shards stay local: an expert-parallel rank
+    gathers only its own experts). FSDP's padding of uneven shards is not counted."""
     total = 0
     for p in module.parameters():
-        n = _local_numel(p)
+        n = p.numel()  # a DTensor's global size
         if hasattr(p, "device_mesh"):
             for name, size, placement in zip(p.device_mesh.mesh_dim_names or (), p.device_mesh.shape,
                                              p.placements):
-                if name in FSDP_MESH_DIMS and isinstance(placement, (Shard, _StridedShard)):
-                    n *= size
+                if name not in FSDP_MESH_DIMS and isinstance(placement, (Shard, _StridedShard)):
+                    n //= size
         total += n
     return total
 

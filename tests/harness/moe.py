@@ -15,8 +15,8 @@ DIM, VOCAB, N_EXPERTS = 16, 32, 4
 
 
 def moe_args(num_experts: int = N_EXPERTS) -> MoEArgs:
-    """Top-2 of `num_experts`, one shared expert, the CPU (for-loop) expert path."""
-    return MoEArgs(num_experts=num_experts, num_shared_experts=1, top_k=2,
+    """Top-2 (top-1 of a single expert), one shared expert, the CPU (for-loop) expert path."""
+    return MoEArgs(num_experts=num_experts, num_shared_experts=1, top_k=min(2, num_experts),
                    score_func="softmax", use_grouped_mm=False, load_balance_coeff=1e-3)
 
 
@@ -84,12 +84,12 @@ def loss_fn(model: nn.Module, tokens: torch.Tensor, n0: int, labels: torch.Tenso
     return nn.functional.cross_entropy(model(tokens, n0), labels, reduction="sum")
 
 
-def reference(world_size: int) -> dict:
+def reference(world_size: int, num_experts: int = N_EXPERTS) -> dict:
     """One process: every rank's batches through one unsharded model, losses summed."""
     from torchtitan_mot.compat.torchtitan_0_2_2 import count_experts_on_cpu
 
     count_experts_on_cpu()
-    model = build()
+    model = build(num_experts=num_experts)
     losses = [sum(loss_fn(model, *b) for b in batches) for batches in rank_batches(world_size)]
     sum(losses).backward()
     return {"losses": [l.item() for l in losses],
@@ -97,7 +97,7 @@ def reference(world_size: int) -> dict:
 
 
 def parallel_worker(rank: int, world_size: int, ep: int, ac_mode: str = "none",
-                    param_dtype: str = "float32") -> dict:
+                    param_dtype: str = "float32", num_experts: int = N_EXPERTS) -> dict:
     """FSDP over `world_size` ranks (and expert parallel `ep`) applied by MoT's infra, blocks
     checkpointed by TorchTitan's `apply_ac` with MoT's save list (`ac_mode` "full" or
     "selective" = op-selective), FSDP2 mixed precision `param_dtype`; the loss of this
@@ -121,7 +121,7 @@ def parallel_worker(rank: int, world_size: int, ep: int, ac_mode: str = "none",
     job.parallelism.expert_parallel_degree = ep
     job.activation_checkpoint.mode = ac_mode
     job.activation_checkpoint.selective_ac_option = "op"
-    model = build()
+    model = build(num_experts=num_experts)
     validate_moe_parallelism(model, dims, job)
     if ep > 1:
         apply_expert_parallel(model, dims.get_mesh("ep"))
@@ -139,6 +139,6 @@ def parallel_worker(rank: int, world_size: int, ep: int, ac_mode: str = "none",
     for n, p in model.named_parameters():
         n = n.replace("._checkpoint_wrapped_module", "")  # AC's wrapper, not a weight name
         grads[n] = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-    placements = {n: str(p.placements) for n, p in model.named_parameters()
-                  if "experts.w1" in n and "shared" not in n}
+    placements = {n.replace("._checkpoint_wrapped_module", ""): str(p.placements)
+                  for n, p in model.named_parameters() if "experts.w1" in n and "shared" not in n}
     return {"loss": loss.item(), "grads": grads, "placements": placements}

@@ -15,8 +15,8 @@ from torchtitan_mot.infra.expert_parallel import moe_modules, validate_moe_paral
 ATOL, RTOL = 1e-6, 1e-5
 
 
-def _compare(results: list[dict], world_size: int) -> None:
-    ref = tiny.reference(world_size)
+def _compare(results: list[dict], world_size: int, num_experts: int = tiny.N_EXPERTS) -> None:
+    ref = tiny.reference(world_size, num_experts)
     for rank, res in enumerate(results):
         assert res["loss"] == pytest.approx(ref["losses"][rank], rel=RTOL)
     for name, expected in ref["grads"].items():
@@ -38,8 +38,13 @@ def test_expert_parallel_two_matches_one_process_with_a_zero_token_rank(tmp_path
 
 
 @pytest.mark.slow
-def test_fsdp_two_with_moe_matches_one_process(tmp_path) -> None:
-    _compare(run_ranks(tiny.parallel_worker, 2, tmp_path, 1), 2)
+@pytest.mark.parametrize("num_experts, placement", [(4, "Shard(dim=0)"), (1, "Shard(dim=1)")])
+def test_fsdp_two_with_moe_matches_one_process(tmp_path, num_experts: int, placement: str) -> None:
+    """Experts sharded on the expert axis, or on dim 1 when there are fewer experts than
+    FSDP ranks (dim 0 would be padded to a whole expert per rank)."""
+    results = run_ranks(tiny.parallel_worker, 2, tmp_path, 1, "none", "float32", num_experts)
+    assert all(p == f"({placement},)" for p in results[0]["placements"].values())
+    _compare(results, 2, num_experts)
 
 
 def _dims(ep: int, world: int) -> ParallelDims:

@@ -182,7 +182,7 @@ def test_report_puts_the_verdict_first_and_placements_in_words() -> None:
     assert "| unsharded blocks |" in header and "| FSDP gathered GiB |" in header, header
 
 
-def _plan_counts(world_size: int, ep: int) -> tuple[int, int, int]:
+def _plan_counts(world_size: int, ep: int, num_experts: int) -> tuple[int, int, int]:
     """(local params, a block's FSDP-gathered params, its gathered expert params) of the
     harness MoE model on meta, FSDP over `world_size` ranks with expert parallel `ep`, as
     plan.py reads them (under the caller's fake process group)."""
@@ -198,7 +198,7 @@ def _plan_counts(world_size: int, ep: int) -> tuple[int, int, int]:
                         world_size=world_size)
     dims.build_mesh()
     with torch.device("meta"):
-        model = tiny.TinyMoEModel(num_experts=8)
+        model = tiny.TinyMoEModel(num_experts=num_experts)
     if ep > 1:
         apply_expert_parallel(model, dims.get_mesh("ep"))
     apply_mot_fsdp(model, dims, JobConfig())
@@ -206,27 +206,29 @@ def _plan_counts(world_size: int, ep: int) -> tuple[int, int, int]:
     return _numel(model), unsharded_numel(block), unsharded_numel(block.moe["1"].experts)
 
 
-@pytest.mark.parametrize("ep", [1, 2, 8])
-def test_plan_counts_experts_sharded_by_expert_parallel_and_fsdp(ep: int) -> None:
-    """Analytic: the harness model (dim 16, hidden 32, 8 routed experts, 1 shared, top-2,
-    2 layers) on 8 ranks. Every parameter is sharded 8 ways (FSDP x EP); an FSDP all-gather
-    of a block restores all its dense weights but only this rank's 8/ep experts."""
+@pytest.mark.parametrize("ep, e", [(1, 8), (2, 8), (8, 8), (1, 4), (2, 4)])
+def test_plan_counts_experts_sharded_by_expert_parallel_and_fsdp(ep: int, e: int) -> None:
+    """Analytic: the harness model (dim 16, hidden 32, `e` routed experts, 1 shared, top-2,
+    2 layers) on 8 ranks. Every parameter is sharded 8 ways (FSDP x EP; experts on dim 1
+    when there are fewer than 8 / ep per rank); an FSDP all-gather of a block restores all
+    its dense weights but only this rank's e/ep experts."""
     import torch.distributed as dist
     from harness import moe as tiny
 
     from torchtitan_mot.compat.cpu import enable_cpu_fallback
 
     enable_cpu_fallback()
-    d, h, v, e = tiny.DIM, 2 * tiny.DIM, tiny.VOCAB, 8
+    d, h, v = tiny.DIM, 2 * tiny.DIM, tiny.VOCAB
     experts = e * 3 * d * h
     block_dense = d * d + d * e + 3 * d * h  # dense Linear, router gate, shared expert
     total = v * d + 2 * (block_dense + experts) + d + d * v
     dist.init_process_group("fake", rank=0, world_size=8)
     try:
-        local, block, block_experts = _plan_counts(8, ep)
+        local, block, block_experts = _plan_counts(8, ep, e)
     finally:
         dist.destroy_process_group()
-    # dims of 16/32 split evenly 8 ways on dim 0 (FSDP pads nothing here)
-    assert local == total // 8
+    # every weight splits evenly 8 ways but the router gate (e, d): rank 0 holds ceil(e/8) rows
+    gate = d * e
+    assert local == (total - 2 * gate) // 8 + 2 * -(-e // 8) * d
     assert block_experts == experts // ep
     assert block == block_dense + experts // ep

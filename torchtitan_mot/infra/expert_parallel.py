@@ -110,26 +110,32 @@ def shard_experts(
     mp_policy: MixedPrecisionPolicy,
     reshard_after_forward: bool,
 ) -> None:
-    """FSDP2 of the routed experts over the expert data-parallel mesh (under EP only).
+    """FSDP2 units of the routed experts, applied before the block-level `fully_shard` (so
+    the block unit keeps the router and shared experts).
 
-    Called before the block-level `fully_shard`, so each `experts` module is its own FSDP
-    unit and the block unit keeps the router and shared experts. As TorchTitan does, the
-    experts are sharded on dim 1 when efsdp x ep exceeds the expert count (dim 0 is the
-    expert axis EP already splits). Without EP the experts belong to their block's unit.
+    Under EP: every `experts` module is its own unit on the expert data-parallel mesh, as
+    TorchTitan does. Without EP the experts stay in their block's unit (sharded on dim 0,
+    the expert axis), unless the FSDP degree exceeds the expert count: FSDP2 pads dim 0 to
+    one row per rank, so 4 experts over 64 ranks would keep a whole expert on each rank.
+    Then, and under EP when efsdp x ep exceeds the expert count (TorchTitan's rule), the
+    experts are sharded on dim 1.
     """
-    if not parallel_dims.ep_enabled:
-        return
-    names = ["dp_replicate", "efsdp"] if parallel_dims.dp_replicate_enabled else ["efsdp"]
-    edp_mesh = parallel_dims.get_mesh(names)
-    efsdp = parallel_dims.get_mesh("efsdp").size()
+    ep = parallel_dims.ep
+    if parallel_dims.ep_enabled:
+        shard_dim = "efsdp"
+    else:
+        shard_dim = "fsdp"
+    names = ["dp_replicate", shard_dim] if parallel_dims.dp_replicate_enabled else [shard_dim]
+    mesh = parallel_dims.get_mesh(names)
+    shards = parallel_dims.get_mesh(shard_dim).size()
     for moe in moe_modules(model).values():
-        placement = None
-        if efsdp * parallel_dims.ep > moe.experts.num_experts:
-            placement = lambda _param: Shard(1)  # noqa: E731
+        by_dim1 = shards * ep > moe.experts.num_experts
+        if not (parallel_dims.ep_enabled or by_dim1):
+            continue
         fully_shard(
             moe.experts,
-            mesh=edp_mesh,
+            mesh=mesh,
             mp_policy=mp_policy,
             reshard_after_forward=reshard_after_forward,
-            shard_placement_fn=placement,
+            shard_placement_fn=(lambda _param: Shard(1)) if by_dim1 else None,
         )

@@ -160,8 +160,8 @@ def apply_tp(model: MoTTransformer, tp_mesh: DeviceMesh, loss_parallel: bool) ->
 
 def apply_mot_fsdp(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> None:
     """FSDP2/HSDP of a model with Llama3's layout (`tok_embeddings`, `layers`, `norm`,
-    `output`): TorchTitan's `apply_fsdp`, after the routed experts of every MoE module got
-    their own unit on the expert data-parallel mesh under expert parallel (`shard_experts`).
+    `output`): TorchTitan's `apply_fsdp`, after the routed experts of the MoE modules got
+    their own units where they need one (`shard_experts`).
     Gradients are summed, not averaged (0.2.2 divides the loss by the global token count),
     which is also right for the experts, whose tokens come from every EP rank."""
     names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
