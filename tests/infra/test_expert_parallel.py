@@ -67,6 +67,7 @@ def test_experts_not_divisible_by_expert_parallel_degree_refused() -> None:
     ("parallelism.context_parallel_degree", 2, dict(cp=2)),
     ("parallelism.tensor_parallel_degree", 2, dict(tp=2)),
     ("activation_checkpoint.selective_ac_option", "op", dict(ep=2)),
+    ("training.enable_cpu_offload", True, dict()),
 ])
 def test_unsupported_moe_parallelism_refused_by_name(setting: str, value, dims: dict) -> None:
     job = JobConfig()

@@ -81,16 +81,16 @@ def validate_moe_parallelism(model: nn.Module, parallel_dims: ParallelDims, job_
             "with fullgraph=True, and TorchTitan's MoE reads token counts on the host "
             "(expert-parallel split sizes, the CPU for-loop experts); compile without 'model'"
         )
-    if ep > 1 and job_config.training.enable_cpu_offload:
+    if job_config.training.enable_cpu_offload:
         raise ValueError(
-            f"training.enable_cpu_offload with parallelism.expert_parallel_degree={ep}: "
-            "the expert FSDP units are not offloaded by MoT"
+            "training.enable_cpu_offload with MoE FFNs (mot.moe_modalities): the experts' own "
+            "FSDP units (expert parallel, or more FSDP ranks than experts) are not offloaded"
         )
     ac = job_config.activation_checkpoint
     if ep > 1 and ac.mode == "selective" and ac.selective_ac_option == "op":
         raise ValueError(
-            f"activation_checkpoint.mode='selective' with activation_checkpoint.selective_ac_option='op' and "
-            f"parallelism.expert_parallel_degree={ep}: op-selective recompute of the "
+            "activation_checkpoint.mode='selective' with activation_checkpoint."
+            f"selective_ac_option='op' and parallelism.expert_parallel_degree={ep}: op-selective recompute of the "
             "expert-parallel dispatch fails in 0.2.2 (record_function ops mismatch between "
             "forward and recompute); use activation_checkpoint.mode 'full' or a layer "
             "selective_ac_option"
