@@ -26,6 +26,7 @@ COMMENT = re.compile(r"^#\s*check_plan:(.*)$", re.M)
 _TITAN_FLAGS = {
     "flavor": "--model.flavor", "tp": "--parallelism.tensor_parallel_degree",
     "pp": "--parallelism.pipeline_parallel_degree", "cp": "--parallelism.context_parallel_degree",
+    "ep": "--parallelism.expert_parallel_degree",
     "dp_replicate": "--parallelism.data_parallel_replicate_degree",
     "dp_shard": "--parallelism.data_parallel_shard_degree", "seq_len": "--training.seq_len",
     "local_batch_size": "--training.local_batch_size",
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int)
     p.add_argument("--cp", type=int)
+    p.add_argument("--ep", type=int, help="expert parallel (MoE flavors; divides dp_shard)")
     p.add_argument("--dp-replicate", type=int)
     p.add_argument("--dp-shard", type=int, help="-1: whatever is left")
     p.add_argument("--seq-len", type=int, help="default 8192 without --config")
@@ -130,7 +132,8 @@ def format_plan(plan: Plan, verbose: bool = False) -> str:
         f"check_plan: {verdict(plan)}",
         f"{plan.source}: {job.model.flavor} on {plan.ngpu} GPUs of {plan.gpu_gib:g} GiB = dp_replicate "
         f"{p.data_parallel_replicate_degree} x dp_shard {plan.dp_shard} x cp "
-        f"{p.context_parallel_degree} x tp {p.tensor_parallel_degree} x pp {p.pipeline_parallel_degree}; "
+        f"{p.context_parallel_degree} x tp {p.tensor_parallel_degree} x pp {p.pipeline_parallel_degree}"
+        f"{f' (ep {p.expert_parallel_degree})' if p.expert_parallel_degree > 1 else ''}; "
         f"seq_len {job.training.seq_len}, local batch {job.training.local_batch_size}, micro-batch "
         f"{p.pipeline_parallel_microbatch_size}, AC {ac_text}, FSDP reshard policy "
         f"{p.fsdp_reshard_after_forward}; vocab {plan.vocab.vocab_size:,} = {plan.vocab_source} + "

@@ -44,10 +44,12 @@ flash attention, sequence parallel; Korthikanti et al. 2022), divided by tp."""
 ASSUMPTIONS = """\
 assumptions:
 - model state: fp32 master params + fp32 grads (FSDP2 keeps sharded grads in the param dtype)
-  + AdamW exp_avg, exp_avg_sq = 16 B per LOCAL parameter.
+  + AdamW exp_avg, exp_avg_sq = 16 B per LOCAL parameter. MoE FFNs: num_experts x 3 x dim x
+  hidden routed-expert weights per MoE modality and layer, sharded ep x efsdp ways.
 - FSDP working set (read from the applied FSDP modules): every unit that does not reshard
   after forward stays all-gathered from its forward to the end of the step with its
-  unsharded grads (param dtype + reduce dtype bytes per TP-local param). Under PP,
+  unsharded grads (param dtype + reduce dtype bytes per TP/EP-local param; an
+  expert-parallel rank gathers only its own experts, over the efsdp mesh). Under PP,
   TorchTitan's default policy does not reshard blocks after forward, so EVERY block of a
   stage is unsharded; otherwise two blocks at a time (current + prefetched), plus the
   norm/output unit, which the default policy never reshards after forward.
@@ -109,6 +111,27 @@ def _local_numel(p: torch.Tensor) -> int:
 
 def _numel(module: nn.Module) -> int:
     return sum(_local_numel(p) for p in module.parameters())
+
+
+FSDP_MESH_DIMS = ("fsdp", "efsdp")
+"""Mesh dimensions FSDP2 shards over: TorchTitan's "fsdp" (dp_shard x cp) and, for the
+routed experts under expert parallel, "efsdp" (what is left of it after ep)."""
+
+
+def unsharded_numel(module: nn.Module) -> int:
+    """Parameters of `module` as FSDP all-gathers them: the global size divided by the
+    non-FSDP shards (tensor- and expert-parallel shards stay local: an expert-parallel rank
+    gathers only its own experts). FSDP's padding of uneven shards is not counted."""
+    total = 0
+    for p in module.parameters():
+        n = p.numel()  # a DTensor's global size
+        if hasattr(p, "device_mesh"):
+            for name, size, placement in zip(p.device_mesh.mesh_dim_names or (), p.device_mesh.shape,
+                                             p.placements):
+                if name not in FSDP_MESH_DIMS and isinstance(placement, (Shard, _StridedShard)):
+                    n //= size
+        total += n
+    return total
 
 
 def placements_in_words(param: torch.Tensor) -> str:
@@ -223,15 +246,15 @@ def plan_stage(job: JobConfig, ngpu: int, args: MoTModelArgs, stage: int) -> Sta
         local_wq = wq.to_local() if hasattr(wq, "to_local") else wq
         sharding = f"{placements_in_words(wq)}, local {tuple(local_wq.shape)}"
         params = sum(_numel(m) for m in parts)
-        # FSDP units kept all-gathered (with unsharded grads) through the step; block_numel
-        # is FSDP-sharded over dp_shard x cp (TorchTitan's "fsdp" mesh), x fsdp is TP-local.
-        fsdp = pd.dp_shard * pd.cp
+        # FSDP units kept all-gathered (with unsharded grads) through the step, gathered
+        # over their FSDP mesh ("fsdp"; "efsdp" for experts under EP): TP/EP-local sizes.
         units = [u for m in parts for u in m.modules() if isinstance(u, FSDPModule) and u not in parts]
         kept = [u for u in units if not fsdp_reshards_after_forward(u)]
         kept_blocks = [b for b in blocks if b in kept]
         unsharded_blocks = (len(kept_blocks) or min(2, len(blocks))) if units else 0
-        block_numel = max(_numel(b) for b in blocks) * fsdp
-        other_numel = sum(_numel(u) for u in kept if u not in blocks) * fsdp
+        block_numel = max(unsharded_numel(b) for b in blocks)
+        other_numel = sum(unsharded_numel(u) for u in kept
+                          if not any(u is b or u in list(b.modules()) for b in blocks))
         act = activation_bytes(
             args, job, len(blocks), attn.wq[0].weight.shape[0], attn.wv[0].weight.shape[0],
             _ffn_hidden(ffn), any(m.output is not None for m in parts), args.vocab_size,

@@ -180,3 +180,55 @@ def test_report_puts_the_verdict_first_and_placements_in_words() -> None:
     assert "Shard(" not in report and "sharded 4 ways on dim 0 over fsdp" in report, report
     header = report.splitlines()[2]
     assert "| unsharded blocks |" in header and "| FSDP gathered GiB |" in header, header
+
+
+def _plan_counts(world_size: int, ep: int, num_experts: int) -> tuple[int, int, int]:
+    """(local params, a block's FSDP-gathered params, its gathered expert params) of the
+    harness MoE model on meta, FSDP over `world_size` ranks with expert parallel `ep`, as
+    plan.py reads them (under the caller's fake process group)."""
+    from harness import moe as tiny
+    from torchtitan.config import JobConfig
+    from torchtitan.distributed import ParallelDims
+
+    from torchtitan_mot.infra.expert_parallel import apply_expert_parallel
+    from torchtitan_mot.infra.parallelize import apply_mot_fsdp
+    from torchtitan_mot.plan import _numel, unsharded_numel
+
+    dims = ParallelDims(dp_replicate=1, dp_shard=world_size, cp=1, tp=1, pp=1, ep=ep, etp=1,
+                        world_size=world_size)
+    dims.build_mesh()
+    with torch.device("meta"):
+        model = tiny.TinyMoEModel(num_experts=num_experts)
+    if ep > 1:
+        apply_expert_parallel(model, dims.get_mesh("ep"))
+    apply_mot_fsdp(model, dims, JobConfig())
+    block = model.layers["0"]
+    return _numel(model), unsharded_numel(block), unsharded_numel(block.moe["1"].experts)
+
+
+@pytest.mark.parametrize("ep, e", [(1, 8), (2, 8), (8, 8), (1, 4), (2, 4)])
+def test_plan_counts_experts_sharded_by_expert_parallel_and_fsdp(ep: int, e: int) -> None:
+    """Analytic: the harness model (dim 16, hidden 32, `e` routed experts, 1 shared, top-2,
+    2 layers) on 8 ranks. Every parameter is sharded 8 ways (FSDP x EP; experts on dim 1
+    when there are fewer than 8 / ep per rank); an FSDP all-gather of a block restores all
+    its dense weights but only this rank's e/ep experts."""
+    import torch.distributed as dist
+    from harness import moe as tiny
+
+    from torchtitan_mot.compat.cpu import enable_cpu_fallback
+
+    enable_cpu_fallback()
+    d, h, v = tiny.DIM, 2 * tiny.DIM, tiny.VOCAB
+    experts = e * 3 * d * h
+    block_dense = d * d + d * e + 3 * d * h  # dense Linear, router gate, shared expert
+    total = v * d + 2 * (block_dense + experts) + d + d * v
+    dist.init_process_group("fake", rank=0, world_size=8)
+    try:
+        local, block, block_experts = _plan_counts(8, ep, e)
+    finally:
+        dist.destroy_process_group()
+    # every weight splits evenly 8 ways but the router gate (e, d): rank 0 holds ceil(e/8) rows
+    gate = d * e
+    assert local == (total - 2 * gate) // 8 + 2 * -(-e // 8) * d
+    assert block_experts == experts // ep
+    assert block == block_dense + experts // ep

@@ -199,6 +199,15 @@ def _sum_only_gradient_divide_factors(*args, **kwargs):
     return _stock_gradient_divide_factors(*args, **kwargs)
 
 
+def _permute_indices_on_host(tokens_per_expert_group: torch.Tensor, *args, **kwargs):
+    """0.2.2's expert-parallel `_permute` calls `generate_permute_indices` without `use_cpu`,
+    so CPU tensors reach its Triton kernel (no driver on a CPU host); use its CPU path."""
+    from torchtitan.models.moe import kernels
+
+    kwargs["use_cpu"] = tokens_per_expert_group.device.type == "cpu"
+    return kernels.generate_permute_indices(tokens_per_expert_group, *args, **kwargs)
+
+
 def _rebind_device(module: ModuleType) -> None:
     if hasattr(module, "device_type"):
         module.device_type = "cpu"
@@ -239,6 +248,7 @@ def enable_cpu_fallback() -> bool:
     from torchtitan.components import metrics
     from torchtitan.models.llama3.infra import parallelize as llama3_parallelize
     from torchtitan.distributed import utils as dist_utils
+    from torchtitan.models.moe import utils as moe_utils
     from torchtitan.tools import utils as tt_utils
 
     # 0.2.2 falls back to device_type "cuda" / torch.cuda when no accelerator is found; it
@@ -269,6 +279,8 @@ def enable_cpu_fallback() -> bool:
     tt_utils.get_peak_flops = _peak_flops_cpu
     logger.addFilter(MfuNotApplicable())
     dist_utils.maybe_enable_amp = _maybe_enable_amp_cpu
+    # 0.2.2's expert-parallel token permutation runs a Triton kernel on CPU tensors.
+    moe_utils.generate_permute_indices = _permute_indices_on_host
 
     _enabled = True
     return True

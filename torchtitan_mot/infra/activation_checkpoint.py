@@ -17,8 +17,9 @@ from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 from torchtitan_mot.model.model import MoTTransformer
 from torchtitan_mot.model.routing import ModalityLinear
 
-# The projections of a block whose outputs op-selective AC recomputes (Llama3's rate).
-RECOMPUTED_PROJECTIONS = ("attention.wk", "attention.wo", "feed_forward.w3")
+# The per-modality projections whose outputs op-selective AC recomputes (Llama3's rate), by
+# their own name (an MoE block's dense FFN sits one level deeper than a dense block's).
+RECOMPUTED_PROJECTIONS = ("wk", "wo", "w3")
 
 # Llama3's save list plus the routed matmul that is saved (SAC sees a custom op as one op).
 OP_SAC_SAVE_LIST = _op_sac_save_list | {torch.ops.mot.routed_mm.default}
@@ -27,9 +28,12 @@ OP_SAC_SAVE_LIST = _op_sac_save_list | {torch.ops.mot.routed_mm.default}
 def apply_mot_ac(model: MoTTransformer, job_config: JobConfig, model_compile_enabled: bool) -> None:
     """Wrap the blocks as `job_config.activation_checkpoint` asks, with MoT's save list."""
     for block in model.layers.values():
-        for name in RECOMPUTED_PROJECTIONS:
-            projection = block.get_submodule(name)
-            assert isinstance(projection, ModalityLinear), (name, type(projection))
+        recomputed = [
+            m for name, m in block.named_modules()
+            if isinstance(m, ModalityLinear) and name.rsplit(".", 1)[-1] in RECOMPUTED_PROJECTIONS
+        ]
+        assert recomputed, f"no {RECOMPUTED_PROJECTIONS} projection in {type(block).__name__}"
+        for projection in recomputed:
             projection.recompute = True
     apply_ac(
         model,

@@ -5,6 +5,7 @@ activation checkpointing, per-block compile, FSDP2/HSDP.
 """
 
 import torch.nn as nn
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -25,6 +26,7 @@ from torchtitan_mot.model.model import MoTBlock, MoTTransformer
 from torchtitan_mot.model.routing import ModalityLinear
 
 from .activation_checkpoint import apply_mot_ac
+from .expert_parallel import apply_expert_parallel, shard_experts, validate_moe_parallelism
 from .sequence_parallel import (
     ModalityLinearParallel,
     ModalityNormParallel,
@@ -164,6 +166,30 @@ def apply_tp(model: MoTTransformer, tp_mesh: DeviceMesh, loss_parallel: bool) ->
     )
 
 
+def apply_mot_fsdp(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> None:
+    """FSDP2/HSDP of a model with Llama3's layout (`tok_embeddings`, `layers`, `norm`,
+    `output`): TorchTitan's `apply_fsdp`, after the routed experts of the MoE modules got
+    their own units where they need one (`shard_experts`).
+    Gradients are summed, not averaged (0.2.2 divides the loss by the global token count),
+    which is also right for the experts, whose tokens come from every EP rank."""
+    names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+    training, policy = job_config.training, job_config.parallelism.fsdp_reshard_after_forward
+    param_dtype = TORCH_DTYPE_MAP[training.mixed_precision_param]
+    reduce_dtype = TORCH_DTYPE_MAP[training.mixed_precision_reduce]
+    reshard = policy == "always" or (policy == "default" and not parallel_dims.pp_enabled)
+    shard_experts(model, parallel_dims, MixedPrecisionPolicy(param_dtype, reduce_dtype), reshard)
+    apply_fsdp(
+        model,
+        parallel_dims.get_mesh(names),
+        param_dtype=param_dtype,
+        reduce_dtype=reduce_dtype,
+        pp_enabled=parallel_dims.pp_enabled,
+        cpu_offload=training.enable_cpu_offload,
+        reshard_after_forward_policy=policy,
+    )
+    logger.info("Applied %s to the model", "HSDP" if parallel_dims.dp_replicate_enabled else "FSDP")
+
+
 def parallelize_mot(
     model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig
 ) -> nn.Module:
@@ -171,6 +197,7 @@ def parallelize_mot(
     assert isinstance(model, MoTTransformer), type(model)
     validate_parallelism(model.model_args, parallel_dims, job_config)
     validate_converters(model, parallel_dims, job_config)
+    validate_moe_parallelism(model, parallel_dims, job_config)
 
     if parallel_dims.tp_enabled:
         apply_tp(
@@ -178,6 +205,8 @@ def parallelize_mot(
             parallel_dims.get_mesh("tp"),
             loss_parallel=not job_config.parallelism.disable_loss_parallel,
         )
+    if parallel_dims.ep_enabled:
+        apply_expert_parallel(model, parallel_dims.get_mesh("ep"))
     if parallel_dims.cp_enabled:
         apply_cp_to_attention_module(
             [block.attention.inner_attention for block in model.layers.values()],
@@ -191,18 +220,8 @@ def parallelize_mot(
     if compile_model:
         apply_compile(model, job_config.compile)
 
-    if parallel_dims.fsdp_enabled:
-        names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
-        apply_fsdp(
-            model,
-            parallel_dims.get_mesh(names),
-            param_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_param],
-            reduce_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_reduce],
-            pp_enabled=parallel_dims.pp_enabled,
-            cpu_offload=job_config.training.enable_cpu_offload,
-            reshard_after_forward_policy=job_config.parallelism.fsdp_reshard_after_forward,
-        )
-        logger.info("Applied %s to the model", "HSDP" if parallel_dims.dp_replicate_enabled else "FSDP")
+    if parallel_dims.fsdp_enabled or parallel_dims.ep_enabled:
+        apply_mot_fsdp(model, parallel_dims, job_config)
     elif parallel_dims.dp_replicate_enabled:
         mesh = parallel_dims.get_mesh("dp_replicate")
         if parallel_dims.world_size != mesh.size():
