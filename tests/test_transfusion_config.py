@@ -67,7 +67,7 @@ def test_patch_size_must_divide_the_latent(tmp_path: Path) -> None:
         )
 
 
-@pytest.mark.parametrize("flag", ["pipeline_parallel_degree", "context_parallel_degree"])
+@pytest.mark.parametrize("flag", ["context_parallel_degree"])
 def test_unsupported_parallelisms_are_refused_by_name(tmp_path: Path, flag: str) -> None:
     with pytest.raises(ConfigError, match=f"--parallelism.{flag} = 2"):
         _load(_latent_dataset(tmp_path / "d", [4, 8, 8]), f"--parallelism.{flag}", "2")

@@ -147,3 +147,37 @@ def test_trainer_step_noises_counts_images_and_normalises() -> None:
     assert abs(total - expected.item()) < 1e-4 * expected.item()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_target_splits_with_the_pipeline_microbatches() -> None:
+    """Under pipeline parallel the loss target travels packed with the labels
+    (`pack_target`): split by the schedule's own functions into microbatches, the loss
+    calls sum to the naive objective of the whole batch (weight N_tok / N_img included)."""
+    from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
+    from torch.distributed.pipelining.schedules import _split_tensor, _TARGET_CHUNK_SPEC
+
+    from torchtitan_mot.trainer.loss import pack_target
+
+    torch.manual_seed(0)
+    model = MoTTransformer(MoTModelArgs(**TINY_TRANSFUSION))
+    with torch.no_grad():
+        model.init_weights()
+    stats = ModalityLossStats(["text", "image"])
+    loss_fn = MoTLoss(_token_modality(), stats, diffusion_modality=1, diffusion_weight=LAMBDA)
+    batch, labels = transfusion_batch(4, 16, 6, seed=5)
+    n_tok = int((labels != -100).sum())
+    n_img = sum(len(set(row.tolist()) - {-1}) for row in batch["image_ids"])
+    extra = {k: batch[k] for k in ("patches", "noise", "timesteps", "image_ids")}
+    noised, target = noise_batch(extra, DiffusionSchedule(T))
+    target.image_weight = torch.tensor(n_tok / n_img)
+    packed = pack_target(labels, target)
+
+    _, kwarg_mbs = split_args_kwargs_into_chunks(
+        (), {"tokens": batch["input"], "modality_ids": batch["modality_ids"], **noised}, 2
+    )
+    target_mbs = list(_split_tensor(packed, _TARGET_CHUNK_SPEC, 2))
+    with torch.no_grad():
+        total = sum(loss_fn(model(**kw), t) for kw, t in zip(kwarg_mbs, target_mbs)) / n_tok
+        expected = _naive_total(model, [(batch, labels)], n_tok, n_img)
+    assert len(target_mbs) == 2
+    assert abs(total.item() - expected.item()) < 1e-5 * expected.item(), (total, expected)

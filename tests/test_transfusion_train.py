@@ -1,6 +1,7 @@
 """The Transfusion debug config end to end through `python -m torchtitan_mot.train` on the
-bundled latent demo: both losses logged, and tensor parallel and compile reproducing one
-eager process from one seed checkpoint (dp = 1, so every layout reads the same batches)."""
+bundled latent demo: both losses logged, and tensor parallel, pipeline parallel and compile
+reproducing one eager process from one seed checkpoint (dp = 1, so every layout reads the
+same batches)."""
 
 from pathlib import Path
 
@@ -46,12 +47,39 @@ def test_text_and_image_losses_are_logged(single) -> None:
     assert 0.0 < image[1] < 5.0  # eps-MSE of a fresh model: about the noise's variance
 
 
-@pytest.mark.parametrize("extra, nproc", [
-    pytest.param(["--parallelism.tensor_parallel_degree", "2"], 2, id="tp2"),
-    pytest.param(["--compile.enable"], 1, id="compile"),
+PP2 = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_microbatch_size", "1"]
+
+
+@pytest.mark.parametrize("extra, nproc, log_rank", [
+    pytest.param(["--parallelism.tensor_parallel_degree", "2"], 2, 0, id="tp2"),
+    # 2 stages x 2 microbatches (1F1B): image inputs to every stage, the packed loss target
+    # split per microbatch, the loss normalised inside the schedule; logged by the last stage.
+    pytest.param(PP2, 2, 1, id="pp2"),
+    pytest.param(["--compile.enable"], 1, 0, id="compile"),
 ])
-def test_layout_matches_single_process(extra, nproc, seed, single, tmp_path_factory) -> None:
-    got = run_trainer(_args(tmp_path_factory.mktemp("layout"), *seed, *extra), nproc).steps()
-    for step, (loss, grad_norm) in single.steps().items():
+def test_layout_matches_single_process(extra, nproc, log_rank, seed, single, tmp_path_factory) -> None:
+    run = run_trainer(_args(tmp_path_factory.mktemp("layout"), *seed, *extra), nproc, log_rank)
+    _assert_same_steps(run, single)
+
+
+FSDP2 = ["--parallelism.data_parallel_shard_degree", "2"]
+
+
+def test_pipeline_with_fsdp_matches_fsdp(seed, tmp_path_factory) -> None:
+    """PP 2 x FSDP 2 (4 processes) against FSDP 2 alone: the same data-parallel batches
+    (dp = 2 in both), so the pipeline split is the only difference; the token and image
+    counts are summed over the data-parallel ranks of each stage."""
+    fsdp = run_trainer(_args(tmp_path_factory.mktemp("fsdp"), *seed, *FSDP2), 2)
+    run = run_trainer(_args(tmp_path_factory.mktemp("ppfsdp"), *seed, *FSDP2, *PP2), 4, 2)
+    _assert_same_steps(run, fsdp)
+
+
+def _assert_same_steps(run, reference) -> None:
+    """Loss and grad norm (to the printed digits) and both per-modality losses equal."""
+    got = run.steps()
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for name in ("loss/text", "loss/image"):
+        assert run.scalars(name) == pytest.approx(reference.scalars(name), abs=1.5e-5), name
+    for step, (loss, grad_norm) in reference.steps().items():
         assert got[step][0] == pytest.approx(loss, abs=1.5e-5), step
         assert got[step][1] == pytest.approx(grad_norm, abs=1.5e-4), step

@@ -8,13 +8,13 @@ import dataclasses
 
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.config import JobConfig
-from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.protocols.train_spec import register_train_spec, TrainSpec
 
 from .compat.torchtitan_0_2_2 import count_experts_on_cpu
 from .data.dataloader import build_mot_dataloader
 from .data.tokenizer import build_mot_tokenizer, VocabLayout
 from .infra.parallelize import parallelize_mot
+from .infra.pipeline import pipeline_mot
 from .model import MoTModelArgs, MoTTransformer
 from .model.args import default_moe_args
 from .model.state_dict_adapter import MoTStateDictAdapter
@@ -136,7 +136,7 @@ def get_train_spec() -> TrainSpec:
         model_cls=MoTTransformer,
         model_args=mot_args,
         parallelize_fn=parallelize_mot,
-        pipelining_fn=pipeline_llm,
+        pipelining_fn=pipeline_mot,
         build_optimizers_fn=build_mot_optimizers,
         build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_mot_dataloader,

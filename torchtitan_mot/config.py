@@ -345,19 +345,14 @@ def _resolve_diffusion(job_config: TorchTitanJobConfig, layout: VocabLayout, rea
     if not read_data:
         for name in mot.diffusion_modalities:
             shapes.setdefault(name, PLAN_LATENT_SHAPE)
-    pd = job_config.parallelism
-    refused = {
-        "--parallelism.pipeline_parallel_degree": pd.pipeline_parallel_degree,
-        "--parallelism.context_parallel_degree": pd.context_parallel_degree,
-    }
-    for flag_name, degree in refused.items():
-        if degree > 1:
-            raise ConfigError(
-                f"{flag_name} = {degree} with mot.diffusion_modalities {mot.diffusion_modalities}: "
-                "not supported in the Transfusion setting yet (the patches, timesteps and image "
-                "ids are not split across pipeline stages or context-parallel sequence shards); "
-                "use FSDP / TP"
-            )
+    cp = job_config.parallelism.context_parallel_degree
+    if cp > 1:
+        raise ConfigError(
+            f"--parallelism.context_parallel_degree = {cp} with mot.diffusion_modalities "
+            f"{mot.diffusion_modalities}: not supported in the Transfusion setting (the patches, "
+            "timesteps, noise and image ids are not sharded with the tokens, and the "
+            "intra-image mask has no tested context-parallel path); use FSDP / TP / PP"
+        )
     setattr(mot, LATENTS_ATTRIBUTE, shapes)
 
 

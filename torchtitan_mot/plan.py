@@ -19,7 +19,6 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 from torchtitan.config import JobConfig, TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
-from torchtitan.distributed.pipeline_parallel import pipeline_llm
 
 from torchtitan_mot import build_model_args
 from torchtitan_mot.config import resolve_job_config
@@ -27,6 +26,7 @@ from torchtitan_mot.data.tokenizer import VocabLayout
 from torchtitan_mot.compat.cpu import enable_cpu_fallback
 from torchtitan_mot.compat.torchtitan_0_2_2 import fsdp_reshards_after_forward
 from torchtitan_mot.infra.parallelize import parallelize_mot
+from torchtitan_mot.infra.pipeline import pipeline_mot
 from torchtitan_mot.model import MoTTransformer
 from torchtitan_mot.model.args import MoTModelArgs
 from torchtitan_mot.model.moe import MoTMoEFeedForward
@@ -236,7 +236,7 @@ def plan_stage(job: JobConfig, ngpu: int, args: MoTModelArgs, stage: int) -> Sta
         with torch.device("meta"):
             model = MoTTransformer(args)
         if pp > 1:
-            _, parts, _, _ = pipeline_llm(model, pd, job, torch.device("cpu"), args,
+            _, parts, _, _ = pipeline_mot(model, pd, job, torch.device("cpu"), args,
                                           parallelize_mot, lambda pred, labels: pred.sum())
         else:
             parts = [parallelize_mot(model, pd, job)]

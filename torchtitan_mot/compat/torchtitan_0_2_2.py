@@ -164,6 +164,24 @@ def clipped_grad_norm_to(sink: Callable[[torch.Tensor], None]) -> Iterator[None]
         dist_utils.clip_grad_norm_ = clip
 
 
+@contextmanager
+def pipeline_stage_modules(extend: Callable[[list[list[str]]], list[list[str]]]) -> Iterator[None]:
+    """0.2.2's `pipeline_llm` splits a model by fixed names (tok_embeddings, layers, norm, output); any other module becomes None on every stage.
+
+    Within the context, the per-stage module names it generates (when
+    `parallelism.module_fqns_per_model_part` is unset) pass through `extend`, which adds a
+    model's other modules to the stages that run them.
+    """
+    import torchtitan.distributed.pipeline_parallel as pipeline_parallel
+
+    generate = pipeline_parallel.generate_llm_fqn_per_model_part
+    pipeline_parallel.generate_llm_fqn_per_model_part = lambda *a, **k: extend(generate(*a, **k))
+    try:
+        yield
+    finally:
+        pipeline_parallel.generate_llm_fqn_per_model_part = generate
+
+
 def set_pipeline_loss(
     schedule: _PipelineSchedule, loss_fn: Callable[..., torch.Tensor]
 ) -> Callable[..., torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Modality ids through pipeline parallel (microbatching) and context parallel (sharding).
+"""Modality ids (and a Transfusion batch's image inputs) through pipeline parallel
+(microbatching) and context parallel (sharding).
 
 The ids are the model's input (`model/inputs.py`: `HostTensor`, kept in host memory up to
 the model). TorchTitan 0.2.2 splits a batch into `extra_inputs` (first pipeline stage only) and
@@ -21,6 +22,12 @@ from torchtitan.distributed.context_parallel import cp_shard
 
 from torchtitan_mot.compat.torchtitan_0_2_2 import shard_on_host_for_context_parallel
 from torchtitan_mot.model.inputs import HostTensor, MODALITY_IDS
+
+DIFFUSION_INPUTS = ("patches", "timesteps", "image_ids")
+"""A Transfusion batch's model inputs, passed to EVERY pipeline stage: the first embeds the
+patches and timesteps, every stage builds the attention mask from the image ids, and the
+last returns eps because patches were given. Kwargs are not communicated between stages
+(each rank has its own batch), so this costs no transfer."""
 
 
 def shard_for_context_parallel(
@@ -64,7 +71,8 @@ def prepare_mot_inputs(
     job_config: JobConfig,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
-    """Move `modality_ids` to `extra_kwargs` (every pipeline stage) and apply context parallel.
+    """Move `modality_ids` and a Transfusion batch's `DIFFUSION_INPUTS` to `extra_kwargs`
+    (every pipeline stage) and apply context parallel.
 
     Works on UNSHARDED tensors, in place of the base class's `prepare_context_parallel_input`
     step (`split_mot_batch` is the whole `post_dataloading_process`).
@@ -76,8 +84,9 @@ def prepare_mot_inputs(
     """
     extra_inputs = dict(extra_inputs)
     extra_kwargs = dict(extra_kwargs)
-    if MODALITY_IDS in extra_inputs:
-        extra_kwargs[MODALITY_IDS] = extra_inputs.pop(MODALITY_IDS)
+    for name in (MODALITY_IDS, *DIFFUSION_INPUTS):
+        if name in extra_inputs:
+            extra_kwargs[name] = extra_inputs.pop(name)
     modality_ids = extra_kwargs.get(MODALITY_IDS)
     on_host = isinstance(modality_ids, HostTensor)
     if on_host:
@@ -87,9 +96,10 @@ def prepare_mot_inputs(
             f"modality_ids shape {tuple(modality_ids.shape)} != inputs {tuple(inputs.shape)}"
         )
     if parallel_dims.cp_enabled:
-        if extra_inputs:
+        unsharded = sorted(set(extra_inputs) | (set(extra_kwargs) & set(DIFFUSION_INPUTS)))
+        if unsharded:
             raise ValueError(
-                f"context parallel would leave {sorted(extra_inputs)} unsharded; only "
+                f"context parallel would leave {unsharded} unsharded; only "
                 f"{MODALITY_IDS} is sharded with the tokens"
             )
         cp_mesh = parallel_dims.get_mesh("cp")

@@ -134,14 +134,11 @@ def apply_tp(model: MoTTransformer, tp_mesh: DeviceMesh, loss_parallel: bool) ->
             use_local_output=not loss_parallel,
         )
     parallelize_module(model, tp_mesh, top)
-    if model.diffusion is not None:
+    if model.diffusion:
         # Transfusion's patch and timestep layers see full (replicated) activations on every
-        # rank: replicated compute, with DTensor weights so clipping sees one mesh.
-        parallelize_module(
-            model.diffusion,
-            tp_mesh,
-            {name: NoParallel() for name in ("patch_in", "time_embed", "patch_out")},
-        )
+        # rank: replicated compute, with DTensor weights so clipping sees one mesh. (A
+        # pipeline stage holds only its part of them.)
+        parallelize_module(model.diffusion, tp_mesh, {name: NoParallel() for name in model.diffusion})
 
     block_plan: dict[str, ParallelStyle] = {
         "attention_norm": ModalityNormParallel(sequence_sharded=True),

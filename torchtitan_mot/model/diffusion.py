@@ -39,30 +39,38 @@ def timestep_features(t: torch.Tensor, dim: int = TIME_FREQUENCIES) -> torch.Ten
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class DiffusionLayers(nn.Module):
+class DiffusionLayers(nn.ModuleDict):
     """Patch encoder (Linear P -> dim), timestep embedding (sinusoidal + 2-layer MLP, as
-    TorchTitan's Flux) and patch decoder (Linear dim -> P)."""
+    TorchTitan's Flux) and patch decoder (Linear dim -> P).
+
+    A ModuleDict so that pipeline parallel can keep `patch_in` and `time_embed` on the first
+    stage and `patch_out` on the last (TorchTitan's stage split keeps named entries of a
+    ModuleDict; `infra/pipeline.py`); the parameter names are those of plain attributes.
+    """
 
     def __init__(self, model_args: MoTModelArgs) -> None:
-        super().__init__()
         if model_args.patch_dim <= 0:
             raise ValueError(
                 "MoTModelArgs.patch_dim is unset: it comes from meta.json's latent shape and "
                 "mot.diffusion_patch_size through update_from_config"
             )
-        self.patch_in = nn.Linear(model_args.patch_dim, model_args.dim)
-        self.time_embed = MLPEmbedder(TIME_FREQUENCIES, model_args.dim)
-        self.patch_out = nn.Linear(model_args.dim, model_args.patch_dim)
+        super().__init__({
+            "patch_in": nn.Linear(model_args.patch_dim, model_args.dim),
+            "time_embed": MLPEmbedder(TIME_FREQUENCIES, model_args.dim),
+            "patch_out": nn.Linear(model_args.dim, model_args.patch_dim),
+        })
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """Small normal weights, zero biases. The decoder is NOT zero-initialised (BAGEL
         does that): a zero decoder would stop the image loss's gradient from reaching the
         transformer at step 0; eps starts near 0 anyway (MSE near 1)."""
-        for linear in (self.patch_in, self.patch_out):
-            trunc_normal_(linear.weight, mean=0.0, std=0.02)
-            nn.init.zeros_(linear.bias)
-        self.time_embed.init_weights(0.02)
+        for name in ("patch_in", "patch_out"):
+            if name in self:  # a pipeline stage holds only its own part
+                trunc_normal_(self[name].weight, mean=0.0, std=0.02)
+                nn.init.zeros_(self[name].bias)
+        if "time_embed" in self:
+            self.time_embed.init_weights(0.02)
 
     def embed(
         self,

@@ -204,7 +204,7 @@ class MoTTransformer(Transformer):
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         """Llama3's init, plus the diffusion layers of a Transfusion flavor."""
         super().init_weights(buffer_device=buffer_device)
-        if self.diffusion is not None:
+        if isinstance(self.diffusion, DiffusionLayers):  # a middle pipeline stage holds none
             self.diffusion.init_weights()
 
     def get_attention_masks(

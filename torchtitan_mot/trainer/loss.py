@@ -67,6 +67,33 @@ class DiffusionTarget:
     training (see `MoTLoss`), 1 in validation (which reads the stats only)."""
 
 
+def pack_target(labels: torch.Tensor, target: DiffusionTarget) -> torch.Tensor:
+    """One (bs, seq, 3 + P) float64 tensor holding labels, image ids, image weight and noise.
+
+    A pipeline schedule splits only a TENSOR target into microbatches (along dim 0, as it
+    splits the inputs); packed, every microbatch's loss call gets its own rows of all four.
+    float64 holds the int64 ids (< 2**53) and the float32 noise and weight exactly.
+    """
+    bs, seq = labels.shape
+    weight = torch.as_tensor(target.image_weight, dtype=torch.float64, device=labels.device)
+    return torch.cat(
+        [
+            labels.unsqueeze(-1).double(),
+            target.image_ids.unsqueeze(-1).double(),
+            weight.expand(bs, seq, 1),
+            target.noise.double(),
+        ],
+        dim=-1,
+    )
+
+
+def unpack_target(packed: torch.Tensor) -> tuple[torch.Tensor, DiffusionTarget]:
+    """(labels, DiffusionTarget) of one (micro)batch's `pack_target` tensor."""
+    weight = packed[:1, :1, 2].reshape(()).float()
+    target = DiffusionTarget(packed[..., 3:].float(), packed[..., 1].long(), weight)
+    return packed[..., 0].long(), target
+
+
 def per_image_mse(
     eps: torch.Tensor, noise: torch.Tensor, image_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +177,8 @@ class MoTLoss:
     the weights and the vocabulary's modality table live on the stats' device.
 
     Transfusion (`diffusion_modality` set): the model returns (logits, eps) and the caller
-    sets `target` (a `DiffusionTarget`) before each call. The call returns
+    either sets `target` (a `DiffusionTarget`) before each call or passes the labels packed
+    with it (`pack_target`: a float tensor, what a pipeline schedule splits per microbatch). The call returns
     `CE_sum + lambda * image_weight * sum_images MSE_image`; the trainer sets
     `image_weight = N_tok / N_img`, the step's valid tokens and images over all
     data-parallel ranks and microbatches (counted on the host before the first forward,
@@ -197,14 +225,16 @@ class MoTLoss:
         self, pred: torch.Tensor | tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor
     ) -> torch.Tensor:
         logits, eps = pred if isinstance(pred, tuple) else (pred, None)
+        target = self.target
+        if labels.is_floating_point():
+            labels, target = unpack_target(labels)
         loss, sums, counts = self._fn(logits, labels, self.token_modality, self.weights)
         if self.diffusion_modality is not None:
-            if eps is None or self.target is None:
+            if eps is None or target is None:
                 raise ValueError(
                     "the diffusion loss needs the model's eps (a Transfusion flavor given "
-                    "patches) and a DiffusionTarget set on the loss"
+                    "patches) and a DiffusionTarget (set on the loss or packed with the labels)"
                 )
-            target = self.target
             mse_sum, n_images = per_image_mse(eps, target.noise, target.image_ids)
             loss = loss + self.diffusion_weight * target.image_weight * mse_sum
             sums, counts = sums + self._slot * mse_sum, counts + self._slot * n_images
@@ -245,12 +275,12 @@ def diffusion_loss_kwargs(job_config: JobConfig) -> dict[str, Any]:
 
 
 def noise_batch(
-    extra_inputs: dict[str, Any], schedule: DiffusionSchedule
+    batch: dict[str, Any], schedule: DiffusionSchedule
 ) -> tuple[dict[str, Any], DiffusionTarget]:
-    """A Transfusion batch's model inputs (x0 `patches` replaced by x_t, `noise` removed)
-    and the loss's target (weight 1: the trainer sets the training weight)."""
-    extra_inputs = dict(extra_inputs)
-    noise = extra_inputs.pop("noise")
-    x0, t, image_ids = extra_inputs["patches"], extra_inputs["timesteps"], extra_inputs["image_ids"]
-    extra_inputs["patches"] = schedule.add_noise(x0, noise, t)
-    return extra_inputs, DiffusionTarget(noise, image_ids)
+    """A Transfusion batch (x0 `patches` replaced by x_t, `noise` removed) and the loss's
+    target (weight 1: the trainer sets the training weight)."""
+    batch = dict(batch)
+    noise = batch.pop("noise")
+    x0, t, image_ids = batch["patches"], batch["timesteps"], batch["image_ids"]
+    batch["patches"] = schedule.add_noise(x0, noise, t)
+    return batch, DiffusionTarget(noise, image_ids)

@@ -53,6 +53,7 @@ from torchtitan_mot.trainer.loss import (
     count_images,
     ModalityLossStats,
     noise_batch,
+    pack_target,
     training_device,
 )
 from torchtitan_mot.trainer.nonfinite_guard import NonFiniteLossGuard
@@ -118,14 +119,20 @@ class MoTTrainer(torchtitan.train.Trainer):
         self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
         """`modality_ids` travel in `extra_kwargs` (every pipeline stage needs them) and are
-        sharded with the tokens under context parallel (`split_mot_batch`)."""
+        sharded with the tokens under context parallel (`split_mot_batch`). A Transfusion
+        batch is noised first; under pipeline parallel its loss target travels packed with
+        the labels (`pack_target`), which the schedule splits per microbatch."""
+        target = None
+        if self.diffusion_schedule is not None:
+            input_dict, target = noise_batch(input_dict, self.diffusion_schedule)
+            target.image_weight = self._image_weight
         inputs, labels, extra_inputs, extra_kwargs = split_mot_batch(
             input_dict, labels, self.model_parts[0], self.tokenizer,
             self.parallel_dims, self.job_config, self.device,
         )
-        if self.diffusion_schedule is not None:
-            extra_inputs, target = noise_batch(extra_inputs, self.diffusion_schedule)
-            target.image_weight = self._image_weight
+        if target is not None:
+            if self.parallel_dims.pp_enabled:
+                labels, target = pack_target(labels, target), None
             self.loss_fn.target = target
         return inputs, labels, extra_inputs, extra_kwargs
 

@@ -38,6 +38,7 @@ from torchtitan_mot.trainer.loss import (
     ModalityLossStats,
     MoTLoss,
     noise_batch,
+    pack_target,
     training_device,
 )
 
@@ -117,12 +118,17 @@ class MoTValidator(BaseValidator):
         """As `MoTTrainer.post_dataloading_process`: `modality_ids` go to `extra_kwargs`
         (every pipeline stage needs them) and are sharded with the tokens under context
         parallel; the parent would leave them on the first stage, unsharded."""
+        target = None
+        if self.diffusion_schedule is not None:
+            input_dict, target = noise_batch(input_dict, self.diffusion_schedule)
         inputs, labels, extra_inputs, extra_kwargs = split_mot_batch(
             input_dict, labels, model_parts[0], self.tokenizer,
             self.parallel_dims, self.job_config, input_dict["input"].device,
         )
-        if self.diffusion_schedule is not None:
-            extra_inputs, self.loss_fn.target = noise_batch(extra_inputs, self.diffusion_schedule)
+        if target is not None:
+            if self.parallel_dims.pp_enabled:
+                labels, target = pack_target(labels, target), None
+            self.loss_fn.target = target
         return inputs, labels, extra_inputs, extra_kwargs
 
     def _forward(
