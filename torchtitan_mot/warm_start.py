@@ -114,7 +114,12 @@ def _target(
     config: Path, flavor: str, untie: list[str] | None
 ) -> tuple[MoTModelArgs, dict[str, torch.Tensor], int]:
     """`mot_target` plus the text vocabulary size of the config's unified vocabulary."""
-    job_config = load_job_config(["--job.config_file", str(config), "--model.flavor", flavor], read_data=False)
+    argv = ["--job.config_file", str(config), "--model.flavor", flavor]
+    job_config = load_job_config(argv, read_data=False)
+    if job_config.mot.diffusion_modalities:
+        # The patch layers' width is the dataset's latent shape: read its meta.json (an
+        # error if it is not here) instead of check_plan's placeholder shape.
+        job_config = load_job_config(argv, read_data=True)
     if untie is not None:
         job_config.mot.untie = list(untie)
     model_args = build_model_args(job_config)
