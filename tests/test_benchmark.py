@@ -62,3 +62,67 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     last_two = out.strip().splitlines()[-2:]
     assert last_two[0] == f"mot/llama3 step time ratio: {result['step_time_ratio']['llama3']:.3f}"
     assert last_two[1] == f"mot/dense step time ratio: {result['step_time_ratio']['dense']:.3f}"
+
+
+@pytest.mark.slow
+def test_benchmark_transfusion_smoke(tmp_path: Path) -> None:
+    """`--transfusion`: MoT with diffusion layers vs its dense twin only (no Llama3: it has no
+    patch layers), the ratio line under its own name; patch layers counted in the params."""
+    out = subprocess.run(
+        [sys.executable, "-m", "torchtitan_mot.benchmark", "--transfusion", "--dim", "64",
+         "--n-layers", "2", "--n-heads", "2", "--seq-len", "96", "--batch", "2", "--vocab", "64",
+         "--latent-shape", "4,8,8", "--steps", "2", "--warmup", "1", "--threads", "1",
+         "--device", "cpu", "--json", str(tmp_path / "bench.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert list(result["models"]) == ["mot(2)", "dense"], out
+    assert list(result["paired_ratio"]) == ["dense"]
+    assert result["settings"]["transfusion"] == {"latent_shape": [4, 8, 8], "patch_size": 2,
+                                                 "diffusion_weight": 5.0}
+    # dense twin: dim 64, 2 layers, vocab 64 = embedding + head + blocks + final norm + patch layers
+    patch = (16 * 64 + 64) + (64 * 16 + 16) + (256 * 64 + 64) + (64 * 64 + 64)
+    hidden = 256  # Llama3's FFN width of dim 64: 2/3 * 4 * 64, rounded up to multiple_of 256
+    blocks = 2 * (4 * 64 * 64 + 3 * 64 * hidden + 2 * 64)
+    assert result["models"]["dense"]["params"] == 2 * 64 * 64 + 64 + blocks + patch, out
+    assert out.strip().splitlines()[-1] == (
+        f"transfusion mot/dense step time ratio: {result['step_time_ratio']['dense']:.3f}")
+
+
+def test_transfusion_batch_layout() -> None:
+    """Every image is BOI, (H/p)(W/p) latent positions holding the BOI id, EOI, all of the image
+    modality; no CE label at BOI and latent positions; patches, noise and t only at latents."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from torchtitan_mot.benchmark.step_time import make_transfusion_batch
+    from torchtitan_mot.model.schedule import DiffusionSchedule
+
+    a = SimpleNamespace(latent_shape="4,8,8", patch_size=2, seq_len=100, batch=3, vocab=50,
+                        mix_jitter=0.2, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    tokens, labels, ids, diff, fractions = make_transfusion_batch(
+        a, torch.tensor([0.5, 0.5]), gen, DiffusionSchedule(1000))
+    boi, eoi, n = 48, 49, 16
+    for row in range(3):
+        images = diff["image_ids"][row]
+        n_images = int(images.max()) + 1
+        assert n_images >= 1
+        for k in range(n_images):
+            pos = (images == k).nonzero().flatten()
+            assert pos.numel() == n and bool((pos.diff() == 1).all())
+            first, last = int(pos[0]), int(pos[-1])
+            assert tokens[row, first - 1] == boi and tokens[row, last + 1] == eoi
+            assert bool((tokens[row, pos] == boi).all())
+            assert bool((ids[row, first - 1 : last + 2] == 1).all())
+        assert int((ids[row] == 1).sum()) == n_images * (n + 2)
+        assert bool(((labels[row] == -100) == (tokens[row] == boi)).all())
+        assert int((tokens[row] == boi).sum()) == n_images * (n + 1)
+        text = tokens[row] < boi
+        assert bool((labels[row, :-1][text[:-1]] == tokens[row, 1:][text[:-1]]).all())
+    latent = diff["image_ids"] >= 0
+    for key in ("patches", "noise"):
+        assert bool((diff[key][~latent] == 0).all()) and bool((diff[key][latent] != 0).all())
+    assert bool((diff["timesteps"][~latent] == 0).all())
+    assert fractions[1] == pytest.approx(float((ids[0] == 1).float().mean()))

@@ -1,4 +1,4 @@
-"""Warm start an MoT model from a dense Llama3 checkpoint.
+"""Warm start an MoT model from a dense Llama3 checkpoint (or a Chameleon-setting MoT one).
 
     python -m torchtitan_mot.warm_start --dense DIR --flavor debugmodel \
         --config train_configs/debug_mot.toml --out DIR [--seed 0] [--force] [--untie ffn,norms]
@@ -17,6 +17,13 @@ A flavor or config with MoE FFNs (`mot.moe_modalities`, the MoE-4x and hybrid fl
 upcycled (`upcycle_state_dict`): each expert of an MoE modality starts as that modality's FFN
 plus small seeded noise, the router fresh; `--dense` may then also be an MoT DCP checkpoint
 of the same flavor without MoE (its per-modality FFNs seed the experts). See docs/moe.md.
+
+A Transfusion flavor (diffusion layers, a latent dataset in `--config`) warm starts from a
+dense Llama3 or a Chameleon-setting MoT checkpoint of the same shape (`transfusion_state_dict`):
+the transformer blocks load, the patch layers (`diffusion.*`) start at their own init under
+`torch.manual_seed(--seed)`, only the text rows of the embedding and output head load (the
+latent vocabulary has no discrete image codebook), the other rows start as above. See
+docs/transfusion.md.
 
 The MoT shapes come from `--config` and `--flavor` (the vocabulary size from the config's
 tokenizer and codebooks, as in training). The output is written to a hidden temporary
@@ -37,7 +44,10 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torchtitan_mot import build_model_args
 from torchtitan_mot.config import load_job_config
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
+from torchtitan_mot.model.args import VOCAB_ATTRIBUTE
+from torchtitan_mot.model.diffusion import DiffusionLayers
 from torchtitan_mot.model.state_dict_adapter import (
+    transfusion_state_dict,
     untie_dense_state_dict,
     upcycle_state_dict,
     WarmStartError,
@@ -96,13 +106,36 @@ def mot_target(
 ) -> tuple[MoTModelArgs, dict[str, torch.Tensor]]:
     """(model args, meta-device MoT state dict) for `flavor` under the job config `config`
     (`untie`, if given, overrides the config's `mot.untie`)."""
-    job_config = load_job_config(["--job.config_file", str(config), "--model.flavor", flavor], read_data=False)
+    model_args, target, _ = _target(config, flavor, untie)
+    return model_args, target
+
+
+def _target(
+    config: Path, flavor: str, untie: list[str] | None
+) -> tuple[MoTModelArgs, dict[str, torch.Tensor], int]:
+    """`mot_target` plus the text vocabulary size of the config's unified vocabulary."""
+    argv = ["--job.config_file", str(config), "--model.flavor", flavor]
+    job_config = load_job_config(argv, read_data=False)
+    if job_config.mot.diffusion_modalities:
+        # The patch layers' width is the dataset's latent shape: read its meta.json (an
+        # error if it is not here) instead of check_plan's placeholder shape.
+        job_config = load_job_config(argv, read_data=True)
     if untie is not None:
         job_config.mot.untie = list(untie)
     model_args = build_model_args(job_config)
     with torch.device("meta"):
         model = MoTTransformer(model_args)
-    return model_args, model.state_dict()
+    return model_args, model.state_dict(), getattr(job_config.mot, VOCAB_ATTRIBUTE).text_vocab_size
+
+
+def fresh_diffusion_state_dict(model_args: MoTModelArgs, seed: int) -> dict[str, torch.Tensor]:
+    """The patch layers' own init (`DiffusionLayers.init_weights`) under `torch.manual_seed(seed)`,
+    with their model keys (`diffusion.*`); the global RNG state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers = DiffusionLayers(model_args)
+        layers.init_weights()
+    return {f"diffusion.{k}": v for k, v in layers.state_dict().items()}
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -135,9 +168,14 @@ def warm_start(
 ) -> MoTModelArgs:
     """Write the MoT checkpoint of `dense` to `out`; returns the MoT args it was built for."""
     check_out(out, force)
-    model_args, target = mot_target(config, flavor, untie)
+    model_args, target, text_vocab = _target(config, flavor, untie)
+    if model_args.diffusion and model_args.moe_modalities:
+        raise WarmStartError(f"{flavor}: warm start of a Transfusion flavor with MoE FFNs is not supported")
     source = load_dense(dense, model_args)
-    if model_args.moe_modalities:
+    if model_args.diffusion:
+        fresh = fresh_diffusion_state_dict(model_args, seed)
+        state = transfusion_state_dict(source, target, fresh, text_vocab, seed=seed)
+    elif model_args.moe_modalities:
         state = upcycle_state_dict(source, target, model_args, seed=seed)
     else:
         state = untie_dense_state_dict(source, target, seed=seed)
@@ -148,11 +186,12 @@ def warm_start(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m torchtitan_mot.warm_start",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dense", type=Path, required=True, help="DCP step folder or HF safetensors folder")
+    parser.add_argument("--dense", type=Path, required=True, help="DCP step folder (dense Llama3, or a Chameleon-setting MoT for a Transfusion flavor) "
+                             "or HF safetensors folder")
     parser.add_argument("--flavor", required=True, help="MoT flavor, e.g. debugmodel")
     parser.add_argument("--config", type=Path, required=True, help="job config TOML (tokenizer, codebooks)")
     parser.add_argument("--out", type=Path, required=True, help="output DCP folder")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise in new vocabulary rows")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise in new vocabulary rows (and of a Transfusion flavor's patch layers)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--untie", type=lambda s: s.split(","), default=None,
                         help="comma-separated components with per-modality copies, e.g. ffn,norms "

@@ -39,3 +39,29 @@ def repeated_dataset(src: Path, dst: Path, copies: int = 1, jsonl: bool = False)
             meta["files"][split] = [name]
     (dst / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return dst
+
+
+def dataset_of_rows(src: Path, dst: Path, rows: list[int]) -> Path:
+    """`src`'s train rows `rows` (indices across its shards, in that order) as a one-shard
+    dataset with the same meta.json (and validation split)."""
+    meta = json.loads((Path(src) / "meta.json").read_text())
+    files = meta.pop("files")
+    train = pa.concat_tables([pq.read_table(Path(src) / f) for f in files["train"]]).take(rows)
+    dst = Path(dst)
+    meta["files"] = {}
+    for split, table in (("train", train),
+                         *((s, pa.concat_tables([pq.read_table(Path(src) / f) for f in names]))
+                           for s, names in files.items() if s != "train")):
+        (dst / split).mkdir(parents=True, exist_ok=True)
+        name = f"{split}/part-00000-of-00001.parquet"
+        pq.write_table(table, dst / name)
+        meta["files"][split] = [name]
+        meta["splits"][split] = table.num_rows
+    (dst / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return dst
+
+
+def dataset_rows(src: Path, split: str) -> list[dict]:
+    """The rows of a prepared dataset's split, in order across its shards."""
+    meta = json.loads((Path(src) / "meta.json").read_text())
+    return pa.concat_tables([pq.read_table(Path(src) / f) for f in meta["files"][split]]).to_pylist()

@@ -2,6 +2,7 @@
 
     python -m torchtitan_mot.benchmark --flavor debugmodel --seq-len 2048 --batch 4 --steps 20
     python -m torchtitan_mot.benchmark --dim 2048 --n-layers 16 --compile --json bench.json
+    python -m torchtitan_mot.benchmark --transfusion --seq-len 2048 --batch 4 --steps 10
 
 Prints a table (one row per model) and the step-time ratios; `--json FILE` also writes every
 figure for programs to read. What is measured and how: `torchtitan_mot.benchmark.step_time`.
@@ -47,6 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU: keep freed memory in glibc's heap between steps (see "
                         "keep_freed_memory_resident) or leave "
                         "glibc's defaults, under which page faults dominate the step time")
+    p.add_argument("--transfusion", action="store_true",
+                   help="the Transfusion setting: MoT with diffusion layers vs its dense twin "
+                        "(no Llama3), images as BOI + latent patches + EOI, CE + diffusion loss")
+    p.add_argument("--latent-shape", default="8,32,32", help="--transfusion: latent C,H,W")
+    p.add_argument("--patch-size", type=int, default=2, help="--transfusion: latent patch size")
+    p.add_argument("--diffusion-timesteps", type=int, default=1000, help="--transfusion: T")
+    p.add_argument("--diffusion-weight", type=float, default=5.0,
+                   help="--transfusion: lambda of the image loss")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     a = p.parse_args(argv)
     if a.dtype is None:
@@ -89,8 +98,9 @@ def report(result: dict) -> str:
         c = result["compile"]
         lines.append(f"compile: unique graphs {c['graphs']}, {c['recompiles']} compiled during the "
                      f"{s['steps']} measured steps (recompiles), graph breaks {c['graph_breaks']}")
+    prefix = "transfusion " if s["transfusion"] else ""
     for base, ratio in result["step_time_ratio"].items():
-        lines.append(f"mot/{base} step time ratio: {ratio:.3f}")
+        lines.append(f"{prefix}mot/{base} step time ratio: {ratio:.3f}")
     return "\n".join(lines)
 
 

@@ -25,6 +25,12 @@ Page faults per step are printed too: with glibc's default settings a CPU step r
 its activations from the OS and the two models can differ by 10% for that reason alone, so
 by default the benchmark keeps freed memory resident (`--host-malloc`).
 
+`--transfusion` benchmarks the Transfusion setting instead: an MoT with diffusion layers
+against its dense twin (no Llama3: it has no patch layers), both trained on the same
+batches whose images are BOI, the latent's patch positions and EOI; each image's patches
+are noised by `DiffusionSchedule.add_noise` at its own t, and the loss is CE on the text
+(none at BOI and latent positions) plus the weighted per-image eps-MSE (`per_image_mse`).
+
 The command line is `python -m torchtitan_mot.benchmark`; `run` returns every figure as a
 JSON-able dict (what `--json FILE` writes).
 """
@@ -49,6 +55,8 @@ from torchtitan.tools.utils import get_peak_flops
 
 from torchtitan_mot import mot_args
 from torchtitan_mot.model import MoTModelArgs
+from torchtitan_mot.model.schedule import DiffusionSchedule
+from torchtitan_mot.trainer.loss import per_image_mse
 from torchtitan_mot.benchmark.perf import build_model, CompileCounts, split_counts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -93,9 +101,14 @@ def build_args(a: argparse.Namespace) -> MoTModelArgs:
         )
         if value is not None
     }
+    if a.transfusion:
+        channels, _, _ = latent_shape(a)
+        overrides.update(diffusion=True, diffusion_modality=1, patch_dim=channels * a.patch_size**2)
     args = dataclasses.replace(
         mot_args[a.flavor], vocab_size=a.vocab, max_seq_len=a.seq_len, **overrides
     )
+    if a.transfusion and args.n_modalities != 2:
+        raise SystemExit("--transfusion benchmarks text + one latent image modality: n_modalities must be 2")
     if args.n_modalities < 2:
         raise SystemExit("the MoT side needs n_modalities >= 2 (the dense twin is built for you)")
     return args
@@ -127,18 +140,78 @@ def modality_row(counts: list[int], placement: str, segment_len: int,
     return torch.cat([runs[i] for i in torch.randperm(len(runs), generator=gen).tolist()])
 
 
-def make_batch(a: argparse.Namespace, mix: torch.Tensor, gen: torch.Generator
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
-    """tokens, labels, modality_ids (all (batch, seq)) and the step's realised fractions."""
+def latent_shape(a: argparse.Namespace) -> tuple[int, int, int]:
+    """(C, H, W) of `--latent-shape`, checked against `--patch-size`."""
+    shape = tuple(int(v) for v in a.latent_shape.split(","))
+    if len(shape) != 3 or min(shape) < 1 or shape[1] % a.patch_size or shape[2] % a.patch_size:
+        raise SystemExit(f"--latent-shape C,H,W with H and W divisible by --patch-size "
+                         f"{a.patch_size}, got {a.latent_shape}")
+    return shape  # type: ignore[return-value]
+
+
+def jittered_mix(a: argparse.Namespace, mix: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     jitter = (torch.rand(mix.shape, generator=gen) * 2 - 1) * a.mix_jitter
     fractions = (mix + jitter).clamp(min=0)
-    fractions = fractions / fractions.sum() if fractions.sum() > 0 else mix
+    return fractions / fractions.sum() if fractions.sum() > 0 else mix
+
+
+def make_transfusion_batch(a: argparse.Namespace, mix: torch.Tensor, gen: torch.Generator,
+                           schedule: DiffusionSchedule) -> tuple:
+    """A Transfusion batch: every row holds the same number of images (the image fraction of
+    the jittered mix), each BOI, N = (H/p)(W/p) latent positions, EOI, at random places
+    between text runs. Returns tokens, labels, modality_ids, the diffusion inputs (x_t
+    patches, timesteps, image_ids, the eps target) and the realised fractions."""
+    channels, height, width = latent_shape(a)
+    n_patches = (height // a.patch_size) * (width // a.patch_size)
+    block = n_patches + 2
+    n_images = min(round(float(jittered_mix(a, mix, gen)[1]) * a.seq_len / block),
+                   (a.seq_len - 1) // block)
+    if n_images < 1:
+        raise SystemExit(f"--seq-len {a.seq_len} holds no image of {block} positions "
+                         f"(BOI, {n_patches} patches, EOI)")
+    boi, eoi = a.vocab - 2, a.vocab - 1
+    tokens = torch.randint(0, a.vocab - 2, (a.batch, a.seq_len + 1), generator=gen)
+    ids = torch.zeros(a.batch, a.seq_len + 1, dtype=torch.long)
+    image_ids = torch.full((a.batch, a.seq_len + 1), -1)
+    n_text = a.seq_len + 1 - n_images * block
+    for row in range(a.batch):
+        # image k starts after cuts[k] text tokens (sorted, with repeats: adjacent images)
+        cuts = torch.randint(0, n_text + 1, (n_images,), generator=gen).sort().values.tolist()
+        for k, cut in enumerate(cuts):
+            start = cut + k * block
+            tokens[row, start : start + block - 1] = boi  # BOI, then latent placeholders
+            tokens[row, start + block - 1] = eoi
+            ids[row, start : start + block] = 1
+            image_ids[row, start + 1 : start + block - 1] = k
+    tokens, ids, image_ids = tokens[:, :-1], ids[:, :-1], image_ids[:, :-1]
+    labels = torch.cat([tokens[:, 1:], torch.full((a.batch, 1), eoi)], dim=1)
+    labels = torch.where(tokens == boi, -100, labels)
+    latent = (image_ids >= 0).unsqueeze(-1)
+    patch_dim = channels * a.patch_size**2
+    x0 = torch.randn(a.batch, a.seq_len, patch_dim, generator=gen) * latent
+    noise = torch.randn(a.batch, a.seq_len, patch_dim, generator=gen) * latent
+    t = torch.where(image_ids >= 0, torch.randint(0, schedule.timesteps, (a.batch, a.seq_len),
+                                                  generator=gen), 0)
+    diffusion = {"patches": schedule.add_noise(x0, noise, t), "timesteps": t,
+                 "image_ids": image_ids, "noise": noise}
+    dev = a.device
+    image_fraction = float(ids[0].float().mean())
+    return (tokens.to(dev), labels.to(dev), ids.to(dev),
+            {k: v.to(dev) for k, v in diffusion.items()},
+            [round(1 - image_fraction, 6), round(image_fraction, 6)])
+
+
+def make_batch(a: argparse.Namespace, mix: torch.Tensor, gen: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict, list[float]]:
+    """tokens, labels, modality_ids (all (batch, seq)), no diffusion inputs, and the step's
+    realised fractions."""
+    fractions = jittered_mix(a, mix, gen)
     counts = split_counts(fractions, a.seq_len)
     ids = torch.stack([modality_row(counts, a.placement, a.segment_len, gen)
                        for _ in range(a.batch)])
     tokens = torch.randint(0, a.vocab, (a.batch, a.seq_len + 1), generator=gen)
     dev = a.device
-    return (tokens[:, :-1].to(dev), tokens[:, 1:].to(dev), ids.to(dev),
+    return (tokens[:, :-1].to(dev), tokens[:, 1:].to(dev), ids.to(dev), {},
             [c / a.seq_len for c in counts])
 
 
@@ -156,18 +229,28 @@ class Runner:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         # The dense twin and Llama3 take no modality ids.
         self.routed = isinstance(args, MoTModelArgs) and args.n_modalities > 1
+        self.diffusion_weight = a.diffusion_weight
         self.times: list[float] = []
         self.page_faults: list[int] = []
         self.in_step_peak = 0
 
-    def _train_step(self, tokens: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
-        logits = self.model(tokens, modality_ids=ids) if self.routed else self.model(tokens)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    def _train_step(self, tokens: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
+                    diffusion: dict[str, torch.Tensor]) -> None:
+        routing = {"modality_ids": ids} if self.routed else {}
+        if diffusion:
+            noise = diffusion["noise"]
+            inputs = {k: v for k, v in diffusion.items() if k != "noise"}
+            logits, eps = self.model(tokens, **routing, **inputs)
+            image_sum, n_images = per_image_mse(eps, noise, inputs["image_ids"])
+            loss = (F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+                    + self.diffusion_weight * image_sum / n_images)
+        else:
+            logits = self.model(tokens, **routing)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
         loss.backward()
         self.optimizer.step()
 
     def step(self, batch: tuple[torch.Tensor, ...], measure: bool) -> None:
-        tokens, labels, ids = batch
         # Freed outside the timed region so every step allocates its gradients afresh and
         # the in-step memory includes them on both devices.
         self.optimizer.zero_grad(set_to_none=True)
@@ -178,7 +261,7 @@ class Runner:
             start_bytes = torch.cuda.memory_allocated()
         faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
-        self._train_step(tokens, labels, ids)
+        self._train_step(*batch)
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
@@ -196,14 +279,13 @@ class Runner:
         plus weakrefs), so this is the exact analogue of CUDA's `max_memory_allocated`,
         independent of how the host allocator reuses or returns memory.
         """
-        tokens, labels, ids = batch
         self.optimizer.zero_grad(set_to_none=True)
         tracker = MemTracker()
         tracker.track_external(self.model, self.optimizer)
         # A dispatch mode cannot see inside compiled code: compiled blocks run eagerly here.
         with torch.compiler.set_stance("force_eager"), tracker:
             start = tracker.get_tracker_snapshot("current")[self.device][_TOTAL]
-            self._train_step(tokens, labels, ids)
+            self._train_step(*batch)
         self.in_step_peak = tracker.get_tracker_snapshot("peak")[self.device][_TOTAL] - start
 
     def state_bytes(self) -> int:
@@ -236,7 +318,8 @@ def median_ci(xs: list[float], level: float = 0.95, resamples: int = 2000) -> tu
 
 
 def run(a: argparse.Namespace) -> dict:
-    """Train the MoT model, its dense twin and Llama3 alternately; every figure, JSON-able.
+    """Train the MoT model, its dense twin and Llama3 (not with `a.transfusion`) alternately;
+    every figure, JSON-able.
 
     `a` holds the command line's settings (`python -m torchtitan_mot.benchmark --help`).
     """
@@ -249,8 +332,9 @@ def run(a: argparse.Namespace) -> dict:
     counters.clear()
     mot = Runner(f"mot({args.n_modalities})", args, a)
     dense = Runner("dense", dataclasses.replace(args, n_modalities=1), a)
-    llama3 = Runner("llama3", llama3_args(args), a)
-    runners = (mot, dense, llama3)
+    bases = (dense,) if a.transfusion else (dense, Runner("llama3", llama3_args(args), a))
+    runners = (mot, *bases)
+    schedule = DiffusionSchedule(a.diffusion_timesteps) if a.transfusion else None
     tokens_per_step = a.batch * a.seq_len
     settings = {
         "device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(),
@@ -259,7 +343,14 @@ def run(a: argparse.Namespace) -> dict:
         "batch": a.batch, "mix": [round(f, 3) for f in mix.tolist()], "mix_jitter": a.mix_jitter,
         "placement": a.placement, "warmup": a.warmup, "steps": a.steps,
         "host_malloc": "resident" if resident else "default",
+        "transfusion": {"latent_shape": list(latent_shape(a)), "patch_size": a.patch_size,
+                        "diffusion_weight": a.diffusion_weight} if a.transfusion else None,
     }
+
+    def next_batch() -> tuple:
+        if a.transfusion:
+            return make_transfusion_batch(a, mix, gen, schedule)
+        return make_batch(a, mix, gen)
 
     gen = torch.Generator().manual_seed(a.seed)
     seen_mixes: list[list[float]] = []
@@ -267,14 +358,15 @@ def run(a: argparse.Namespace) -> dict:
         measure = i >= a.warmup
         if i == a.warmup:
             warm_counts = CompileCounts.now()
-        tokens, labels, ids, fractions = make_batch(a, mix, gen)
+        *batch, fractions = next_batch()
         if measure:
             seen_mixes.append(fractions)
-        for runner in runners[i % 3:] + runners[: i % 3]:
-            runner.step((tokens, labels, ids), measure)
+        turn = i % len(runners)
+        for runner in runners[turn:] + runners[:turn]:
+            runner.step(tuple(batch), measure)
     end_counts = CompileCounts.now()
     if a.device == "cpu":
-        batch = make_batch(a, mix, gen)[:3]
+        batch = tuple(next_batch()[:-1])
         for runner in runners:
             runner.track_cpu_memory(batch)
 
@@ -299,7 +391,7 @@ def run(a: argparse.Namespace) -> dict:
     # Per-step ratio of the paired (same batch) steps: a steadier statistic than the ratio of
     # medians on a noisy box.
     paired = {}
-    for base in (dense, llama3):
+    for base in bases:
         ratios = [m / d for m, d in zip(mot.times, base.times)]
         lo, hi = median_ci(ratios)
         paired[base.name] = {"median": statistics.median(ratios), "ci95": [lo, hi],
@@ -317,5 +409,5 @@ def run(a: argparse.Namespace) -> dict:
                     "recompiles": end_counts.since(warm_counts).graphs,
                     "graph_breaks": end_counts.graph_breaks} if a.compile else None,
         "step_time_ratio": {base.name: models[mot.name]["median_ms"] / models[base.name]["median_ms"]
-                            for base in (llama3, dense)},
+                            for base in reversed(bases)},
     }

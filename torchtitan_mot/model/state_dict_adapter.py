@@ -142,6 +142,67 @@ def untie_dense_state_dict(
     return out
 
 
+DIFFUSION_PREFIX = "diffusion."
+
+
+def transfusion_state_dict(
+    source_sd: Mapping[str, Any],
+    target: Mapping[str, Any],
+    fresh_diffusion: Mapping[str, Any],
+    text_vocab_size: int,
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A Transfusion MoT state dict from a dense Llama3 or a Chameleon-setting MoT source.
+
+    `target` maps every key of the Transfusion model to its tensor or shape. The transformer
+    blocks and final norm load from the source (a dense source untied as by
+    `untie_dense_state_dict`; an MoT source must have the target's block keys, i.e. the same
+    flavor shape and `untie`). The patch layers (`diffusion.*`) have no source counterpart and
+    take `fresh_diffusion` (their own init). Vocabulary: a Chameleon source's rows past the
+    text vocabulary are its markers and discrete image codebook, which the latent vocabulary
+    does not have (the image is patches, only BOI/EOI remain), and whose ids differ between
+    the two layouts; so only the first `text_vocab_size` rows load and every other row is
+    initialised by `extend_rows` (mean text row plus seeded noise).
+    """
+    body = {k: v for k, v in target.items() if not k.startswith(DIFFUSION_PREFIX)}
+    missing = sorted(set(target) - set(body) - set(fresh_diffusion))
+    if missing:
+        raise WarmStartError(f"no fresh init for the patch layers: {', '.join(missing)}")
+    source = dict(source_sd)
+    short = [f"{k} has {_shape(source[k])[0]} rows" for k in VOCAB_KEYS
+             if k in source and _shape(source[k])[0] < text_vocab_size]
+    if short:
+        raise WarmStartError(f"source vocabulary smaller than the text vocabulary "
+                             f"({text_vocab_size} ids): {'; '.join(short)}")
+    for key in VOCAB_KEYS:
+        if key in source:
+            source[key] = source[key][:text_vocab_size]
+    if any(_MODALITY_KEY.match(k) for k in source):  # an MoT source: same keys, same shapes
+        extra = sorted(set(source) - set(body))
+        absent = sorted(set(body) - set(source))
+        wrong = [f"{k}: target {list(_shape(body[k]))} vs source {list(_shape(source[k]))}"
+                 for k in sorted(set(body) & set(source))
+                 if k not in VOCAB_KEYS and _shape(body[k]) != _shape(source[k])]
+        problems = [f"{label}: {', '.join(keys)}" for label, keys in (
+            ("missing in the MoT checkpoint", absent), ("MoT keys with no Transfusion counterpart", extra),
+            ("shape mismatch", wrong)) if keys]
+        if problems:
+            raise WarmStartError("cannot warm start Transfusion from this MoT checkpoint "
+                                 "(same flavor shape and untie needed): " + " | ".join(problems))
+        state = {}
+        for i, key in enumerate(body):
+            value = source[key]
+            state[key] = (extend_rows(value, _shape(body[key])[0], seed + i) if key in VOCAB_KEYS
+                          else value.detach().clone())
+    else:
+        state = untie_dense_state_dict(source, body, seed=seed)
+    for key in target:
+        if key.startswith(DIFFUSION_PREFIX):
+            state[key] = fresh_diffusion[key].detach().clone()
+    return {key: state[key] for key in target}
+
+
 def tie_to_dense_state_dict(mot_sd: Mapping[str, Any], modality: int) -> dict[str, Any]:
     """Dense Llama3 state dict made of one modality's copies (and the shared entries).
 
