@@ -22,3 +22,66 @@ def test_hybrid_debug_config_trains_and_logs_expert_load(tmp_path):
     shares = [run.scalars(f"moe/text/layer0/expert{j}")[12] for j in range(4)]
     assert sum(shares) == pytest.approx(1.0, abs=1e-5)
     assert "moe/text: max_load" in run.log
+
+
+MOE_STEPS = 3
+
+
+def _moe_args(dump, *extra: str) -> list[str]:
+    """A few deterministic steps of the hybrid debug config (seq 64, batch 2, fp32)."""
+    return [
+        "--job.config_file", str(REPO / "train_configs" / "debug_mot_moe.toml"),
+        "--job.dump_folder", str(dump),
+        "--training.steps", str(MOE_STEPS),
+        "--training.seq_len", "64",
+        "--training.local_batch_size", "2",
+        "--lr_scheduler.warmup_steps", "2",
+        "--metrics.log_freq", "1",
+        "--debug.seed", "0",
+        "--debug.deterministic",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def moe_seed(tmp_path_factory) -> list[str]:
+    """Arguments that start a run from one seed checkpoint of the hybrid (a pipeline stage
+    initialises only its own layers, so its random init differs from one process's)."""
+    root = tmp_path_factory.mktemp("moe_seed")
+    run_trainer(_moe_args(root, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint"))
+    return ["--checkpoint.enable", "--checkpoint.initial_load_path",
+            str(root / "checkpoint" / "step-0"), "--checkpoint.interval", "1000"]
+
+
+@pytest.fixture(scope="module")
+def moe_single(moe_seed, tmp_path_factory):
+    """The one-process eager reference run of the hybrid."""
+    return run_trainer(_moe_args(tmp_path_factory.mktemp("moe_single"), *moe_seed))
+
+
+def _expert_shares(run) -> dict[str, dict[int, float]]:
+    """Every logged expert-share scalar (`moe/text/layer<i>/expert<j>`) by tag."""
+    return {f"moe/text/layer{i}/expert{j}": run.scalars(f"moe/text/layer{i}/expert{j}")
+            for i in range(6) for j in range(4)}
+
+
+@pytest.mark.slow
+def test_hybrid_pipeline_parallel_matches_one_process(moe_seed, moe_single, tmp_path):
+    """PP 2 (1F1B, microbatch 1) reproduces one process: losses to the printed 5 decimals,
+    grad norms to 4, per-modality losses, and the expert shares of EVERY layer (each stage
+    holds three of the six MoE layers; the metrics rank, on the last stage, logs them all)."""
+    got = run_trainer(_moe_args(tmp_path, *moe_seed,
+                                "--parallelism.pipeline_parallel_degree", "2",
+                                "--parallelism.pipeline_parallel_microbatch_size", "1"),
+                      nproc=2, log_rank=1)
+    ref_steps, got_steps = moe_single.steps(), got.steps()
+    assert sorted(got_steps) == sorted(ref_steps) == list(range(1, MOE_STEPS + 1))
+    for step, (loss, grad_norm) in ref_steps.items():
+        assert got_steps[step][0] == pytest.approx(loss, abs=1.5e-5), step
+        assert got_steps[step][1] == pytest.approx(grad_norm, abs=1.5e-4), step
+    for tag in ("loss/text", "loss/image"):
+        assert got.scalars(tag) == pytest.approx(moe_single.scalars(tag), abs=1.5e-5), tag
+    ref_shares, got_shares = _expert_shares(moe_single), _expert_shares(got)
+    assert all(sorted(v) == list(range(1, MOE_STEPS + 1)) for v in ref_shares.values())
+    for tag, shares in ref_shares.items():
+        assert got_shares[tag] == pytest.approx(shares, abs=1e-6), tag

@@ -223,6 +223,36 @@ class GlobalTokenScaledLoss:
             self.divisor = 1.0
 
 
+def keep_moe_counts_out_of_pipeline_metadata(
+    schedule: _PipelineSchedule, model_parts: list[nn.Module]
+) -> None:
+    """torch's pipeline schedules run every stage's forward once more, for metadata inference, when they (re)initialise.
+
+    The first stage runs it on a real microbatch, later stages on uninitialised buffers:
+    TorchTitan's `MoE` would count those tokens into `tokens_per_expert`, which drives the
+    expert-bias update and the logged expert load. The counts of this rank's MoE modules are
+    restored after the schedule's (private) `_initialize_pp_stages`, which runs the forward
+    and backward metadata inference (a recomputed forward under full AC included).
+    """
+    from torchtitan.models.moe import MoE
+
+    moes = [m for part in model_parts for m in part.modules() if isinstance(m, MoE)]
+    if not moes:
+        return
+    initialize = schedule._initialize_pp_stages
+
+    def initialize_without_counting(*args: Any, **kwargs: Any) -> Any:
+        saved = [m.tokens_per_expert.clone() for m in moes]
+        try:
+            return initialize(*args, **kwargs)
+        finally:
+            with torch.no_grad():
+                for moe, counts in zip(moes, saved):
+                    moe.tokens_per_expert.copy_(counts)
+
+    schedule._initialize_pp_stages = initialize_without_counting
+
+
 def pipeline_metadata_loss_calls(calls: int, parallelism: Parallelism, local_batch: int) -> int:
     """torch's pipeline schedules call the loss once more, on real data, the first time they run.
 

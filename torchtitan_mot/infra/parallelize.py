@@ -4,7 +4,9 @@ Order as in TorchTitan's Llama3: tensor (+ sequence, + loss) parallel, context p
 activation checkpointing, per-block compile, FSDP2/HSDP.
 """
 
+import torch
 import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -16,6 +18,7 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 from torchtitan.config import JobConfig, TORCH_DTYPE_MAP
+from torchtitan.config.job_config import Compile as CompileConfig
 from torchtitan.distributed import NoParallel, ParallelDims
 from torchtitan.distributed.context_parallel import apply_cp_to_attention_module
 from torchtitan.models.llama3.infra.parallelize import apply_compile, apply_ddp, apply_fsdp
@@ -23,6 +26,7 @@ from torchtitan.tools.logging import logger
 
 from torchtitan_mot.model.args import MoTModelArgs
 from torchtitan_mot.model.model import MoTBlock, MoTTransformer
+from torchtitan_mot.model.moe import MoTMoEFeedForward
 from torchtitan_mot.model.routing import ModalityLinear
 
 from .activation_checkpoint import apply_mot_ac
@@ -163,6 +167,35 @@ def apply_tp(model: MoTTransformer, tp_mesh: DeviceMesh, loss_parallel: bool) ->
     )
 
 
+def apply_mot_compile(model: MoTTransformer, compile_config: CompileConfig) -> None:
+    """Per-block `torch.compile` with fullgraph=True: Llama3's `apply_compile` for a model
+    without MoE FFNs. A block with MoE FFNs is compiled as TorchTitan's Llama4 compiles its
+    MoE blocks: each sublayer on its own, and in the FFN the dense part and every `MoE`'s
+    router, reorderer and shared experts, but not its routed experts. Those read per-expert
+    token counts on the host (the for-loop path used off Hopper, the expert-parallel split
+    sizes) and carry their own FSDP hooks, so they run eager between compiled graphs."""
+    if not any(isinstance(m, MoTMoEFeedForward) for m in model.modules()):
+        apply_compile(model, compile_config)
+        return
+
+    def compiled(module: nn.Module) -> nn.Module:
+        return torch.compile(module, backend=compile_config.backend, fullgraph=True)
+
+    for wrapper in model.layers.values():
+        block = wrapper._checkpoint_wrapped_module if isinstance(wrapper, CheckpointWrapper) else wrapper
+        for name, sublayer in list(block.named_children()):
+            if not isinstance(sublayer, MoTMoEFeedForward):
+                setattr(block, name, compiled(sublayer))
+                continue
+            if sublayer.dense is not None:
+                sublayer.dense = compiled(sublayer.dense)
+            for moe in sublayer.moe.values():
+                for part, child in list(moe.named_children()):
+                    if part != "experts":
+                        setattr(moe, part, compiled(child))
+    logger.info("Compiling each MoT block's sublayers (routed experts eager) with torch.compile")
+
+
 def apply_mot_fsdp(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> None:
     """FSDP2/HSDP of a model with Llama3's layout (`tok_embeddings`, `layers`, `norm`,
     `output`): TorchTitan's `apply_fsdp`, after the routed experts of the MoE modules got
@@ -215,7 +248,7 @@ def parallelize_mot(
     if job_config.activation_checkpoint.mode != "none":
         apply_mot_ac(model, job_config, compile_model)
     if compile_model:
-        apply_compile(model, job_config.compile)
+        apply_mot_compile(model, job_config.compile)
 
     if parallel_dims.fsdp_enabled or parallel_dims.ep_enabled:
         apply_mot_fsdp(model, parallel_dims, job_config)

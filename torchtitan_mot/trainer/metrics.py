@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from torchtitan.components.metrics import MetricsProcessor
@@ -74,6 +75,21 @@ class ExpertLoad:
             stacked = funcol.all_reduce(stacked, reduceOp="sum", group=loss_mesh)
         self.counts = {}
         return dict(zip(keys, stacked.cpu()))
+
+
+def gather_stage_counts(
+    counts: dict[tuple[str, str], torch.Tensor], pp_mesh: Any
+) -> dict[tuple[str, str], torch.Tensor]:
+    """Every pipeline stage's expert counts (host tensors, keyed by (modality, layer)) on
+    every rank of `pp_mesh`: a stage holds only its own layers' MoE modules, and the metrics
+    rank is on the last stage. A collective over `pp_mesh`, at log steps only; host objects,
+    because the stages hold different keys (possibly none)."""
+    stages: list[dict[tuple[str, str], torch.Tensor] | None] = [None] * pp_mesh.size()
+    dist.all_gather_object(stages, counts, group=pp_mesh.get_group())
+    merged: dict[tuple[str, str], torch.Tensor] = {}
+    for stage in stages:
+        merged.update(stage or {})
+    return merged
 
 
 def expert_load_metrics(counts: dict[tuple[str, str], torch.Tensor]) -> tuple[dict[str, float], str]:
@@ -142,11 +158,15 @@ class MoTMetricsProcessor(MetricsProcessor):
         metrics = dict(extra_metrics or {})
         metrics.update({f"loss/{name}": value for name, value in per_modality.items()})
         expert_load = getattr(self.optimizers, "expert_load", None)
+        counts = {} if expert_load is None else expert_load.pop(
+            self.parallel_dims.get_optional_mesh("loss")
+        )
+        if self.parallel_dims.pp_enabled and self.job_config.mot.moe_modalities:
+            # every stage enters, also one without MoE modules (its counts are empty)
+            counts = gather_stage_counts(counts, self.parallel_dims.get_mesh("pp"))
         moe_line = ""
-        if expert_load is not None:
-            load, moe_line = expert_load_metrics(
-                expert_load.pop(self.parallel_dims.get_optional_mesh("loss"))
-            )
+        if counts:
+            load, moe_line = expert_load_metrics(counts)
             metrics.update(load)
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=metrics)
         if moe_line:

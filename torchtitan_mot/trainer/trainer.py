@@ -7,7 +7,9 @@
 - the non-finite loss guard (`nonfinite_guard`) and the start-up checkpoint check
   (`checkpoint_check`);
 - the correct gradient scale under pipeline parallel and DDP, which 0.2.2 gets wrong
-  (`compat.torchtitan_0_2_2`: `GlobalTokenScaledLoss`, `sum_gradients_over_replicas`).
+  (`compat.torchtitan_0_2_2`: `GlobalTokenScaledLoss`, `sum_gradients_over_replicas`), and
+  MoE token counts under PP that leave out the schedule's metadata-inference forward
+  (`keep_moe_counts_out_of_pipeline_metadata`).
 
 Gradient scale. TorchTitan normalises the loss as `sum over the step's tokens of CE / global
 valid tokens`: the loss function returns a SUM, and without PP `forward_backward_step` divides
@@ -40,6 +42,7 @@ from torchtitan.protocols.train_spec import TrainSpec
 from torchtitan_mot.compat.cpu import warn_if_bf16_is_emulated
 from torchtitan_mot.compat.torchtitan_0_2_2 import (
     GlobalTokenScaledLoss,
+    keep_moe_counts_out_of_pipeline_metadata,
     pipeline_metadata_loss_calls,
     set_pipeline_loss,
     sum_gradients_over_replicas,
@@ -92,6 +95,7 @@ class MoTTrainer(torchtitan.train.Trainer):
         if self.parallel_dims.pp_enabled:
             self.pp_loss_fn = GlobalTokenScaledLoss(self.loss_fn)
             set_pipeline_loss(self.pp_schedule, self.pp_loss_fn)
+            keep_moe_counts_out_of_pipeline_metadata(self.pp_schedule, self.model_parts)
         sum_gradients_over_replicas(self.model_parts, self.parallel_dims)
 
     def _with_owned_objects(self, spec: TrainSpec) -> TrainSpec:
