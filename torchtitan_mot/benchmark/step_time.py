@@ -235,6 +235,11 @@ def median_ci(xs: list[float], level: float = 0.95, resamples: int = 2000) -> tu
 
 
 
+def pair_name(model: Runner, base: Runner) -> str:
+    """"hybrid/mot", "moe4x/dense": a ratio's name without MoT's modality count."""
+    return f"{model.name}/{base.name.split('(')[0]}"
+
+
 def run(a: argparse.Namespace) -> dict:
     """Train the MoT model, its dense twin and Llama3 alternately; every figure, JSON-able.
 
@@ -251,6 +256,15 @@ def run(a: argparse.Namespace) -> dict:
     dense = Runner("dense", dataclasses.replace(args, n_modalities=1), a)
     llama3 = Runner("llama3", llama3_args(args), a)
     runners = (mot, dense, llama3)
+    moe_pairs: list[tuple[Runner, Runner]] = []
+    if a.moe_modalities:
+        # The MoT paper's MoE-4x baseline (one FFN-MoE for every token) and the hybrid (MoT with
+        # MoE FFNs on the named modalities), both at the [mot] default MoE shape: 4 experts of
+        # the dense hidden size, top-1, so the active FLOPs per token are the dense twin's/MoT's.
+        moe4x = Runner("moe4x", dataclasses.replace(args, n_modalities=1, moe_modalities=[0]), a)
+        hybrid = Runner("hybrid", dataclasses.replace(args, moe_modalities=a.moe_modalities), a)
+        runners += (moe4x, hybrid)
+        moe_pairs = [(hybrid, mot), (moe4x, dense)]
     tokens_per_step = a.batch * a.seq_len
     settings = {
         "device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(),
@@ -270,7 +284,7 @@ def run(a: argparse.Namespace) -> dict:
         tokens, labels, ids, fractions = make_batch(a, mix, gen)
         if measure:
             seen_mixes.append(fractions)
-        for runner in runners[i % 3:] + runners[: i % 3]:
+        for runner in runners[i % len(runners):] + runners[: i % len(runners)]:
             runner.step((tokens, labels, ids), measure)
     end_counts = CompileCounts.now()
     if a.device == "cpu":
@@ -299,11 +313,12 @@ def run(a: argparse.Namespace) -> dict:
     # Per-step ratio of the paired (same batch) steps: a steadier statistic than the ratio of
     # medians on a noisy box.
     paired = {}
-    for base in (dense, llama3):
-        ratios = [m / d for m, d in zip(mot.times, base.times)]
+    for model, base in [(mot, dense), (mot, llama3), *moe_pairs]:
+        ratios = [m / d for m, d in zip(model.times, base.times)]
         lo, hi = median_ci(ratios)
-        paired[base.name] = {"median": statistics.median(ratios), "ci95": [lo, hi],
-                             "p10": percentile(ratios, 0.1), "p90": percentile(ratios, 0.9)}
+        key = base.name if model is mot else pair_name(model, base)
+        paired[key] = {"median": statistics.median(ratios), "ci95": [lo, hi],
+                       "p10": percentile(ratios, 0.1), "p90": percentile(ratios, 0.9)}
     return {
         "settings": settings,
         "mix_seen": {"modality0_min": min(first), "modality0_max": max(first),
@@ -318,4 +333,7 @@ def run(a: argparse.Namespace) -> dict:
                     "graph_breaks": end_counts.graph_breaks} if a.compile else None,
         "step_time_ratio": {base.name: models[mot.name]["median_ms"] / models[base.name]["median_ms"]
                             for base in (llama3, dense)},
+        # "hybrid/mot", "moe4x/dense": the MoE models against their MoE-free twins.
+        "moe_step_time_ratio": {pair_name(m, base): models[m.name]["median_ms"] / models[base.name]["median_ms"]
+                                for m, base in moe_pairs},
     }
