@@ -126,3 +126,42 @@ def test_transfusion_batch_layout() -> None:
         assert bool((diff[key][~latent] == 0).all()) and bool((diff[key][latent] != 0).all())
     assert bool((diff["timesteps"][~latent] == 0).all())
     assert fractions[1] == pytest.approx(float((ids[0] == 1).float().mean()))
+
+
+@pytest.mark.slow
+def test_benchmark_moe_smoke(tmp_path: Path) -> None:
+    """`--moe-modalities 0` adds the MoE-4x baseline and the hybrid at MoT's active FLOPs
+    (top-1 of 4 experts of the dense hidden size: only the router's FLOPs on top), and prints
+    the hybrid/mot and moe4x/dense ratios of the models' medians."""
+    out = subprocess.run(
+        [sys.executable, "-m", "torchtitan_mot.benchmark", "--dim", "64", "--n-layers", "1",
+         "--n-heads", "2", "--seq-len", "32", "--batch", "2", "--vocab", "64",
+         "--steps", "2", "--warmup", "1", "--threads", "1", "--device", "cpu", "--moe-modalities", "0",
+         "--json", str(tmp_path / "bench.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=True,
+    ).stdout
+    result = json.loads((tmp_path / "bench.json").read_text())
+    models = result["models"]
+    assert list(models) == ["mot(2)", "dense", "llama3", "moe4x", "hybrid"], out
+    mot, dense = models["mot(2)"], models["dense"]
+    # The hybrid adds 3 text experts of the modality FFN's size plus a router; MoE-4x the same on the dense twin.
+    dim = result["settings"]["dim"]
+    extra = models["hybrid"]["params"] - mot["params"]
+    assert extra == models["moe4x"]["params"] - dense["params"] > 0
+    router = 4 * dim  # one (4, dim) gate per layer (1 layer)
+    assert (extra - router) % (3 * 3 * dim) == 0, extra  # 3 more experts of w1, w2, w3 (dim x hidden)
+    for model, base in (("hybrid", mot), ("moe4x", dense)):
+        assert base["flops_per_token"] <= models[model]["flops_per_token"] <= 1.01 * base["flops_per_token"]
+    for pair, ratio in result["moe_step_time_ratio"].items():
+        assert re.search(rf"^{re.escape(pair)} step time ratio: {ratio:.3f}$", out, re.MULTILINE), out
+    assert set(result["moe_step_time_ratio"]) == {"hybrid/mot", "moe4x/dense"}
+    assert result["moe_step_time_ratio"]["hybrid/mot"] == pytest.approx(
+        models["hybrid"]["median_ms"] / mot["median_ms"])
+
+
+def test_benchmark_refuses_compile_with_moe(capsys) -> None:
+    from torchtitan_mot.benchmark.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exit:
+        parse_args(["--compile", "--moe-modalities", "0"])
+    assert exit.value.code == 2 and "--compile with --moe-modalities" in capsys.readouterr().err

@@ -157,7 +157,11 @@ def format_plan(plan: Plan, verbose: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    plan = check_plan(argv)
+    try:
+        plan = check_plan(argv)
+    except ValueError as e:  # ConfigError and the parallelizer's refusals name their setting
+        print(f"check_plan: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     print(format_plan(plan, verbose=_parser().parse_args(argv).verbose))
     if not plan.fits:
         raise SystemExit(1)

@@ -21,7 +21,7 @@ from torchtitan.config import JobConfig, TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
 
 from torchtitan_mot import build_model_args
-from torchtitan_mot.config import resolve_job_config
+from torchtitan_mot.config import ConfigError, resolve_job_config
 from torchtitan_mot.data.tokenizer import VocabLayout
 from torchtitan_mot.compat.cpu import enable_cpu_fallback
 from torchtitan_mot.compat.torchtitan_0_2_2 import fsdp_reshards_after_forward
@@ -203,13 +203,23 @@ def activation_bytes(
 
 
 def parallel_dims(job: JobConfig, ngpu: int) -> ParallelDims:
-    """The config's degrees on `ngpu` GPUs (resolves dp_shard = -1, checks the product)."""
+    """The config's degrees on `ngpu` GPUs (resolves dp_shard = -1, checks the product and
+    that expert parallel divides the ranks it borrows, which torch would report only as a
+    mesh-unflatten error)."""
     p = job.parallelism
-    return ParallelDims(
+    dims = ParallelDims(
         dp_replicate=p.data_parallel_replicate_degree, dp_shard=p.data_parallel_shard_degree,
         cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, pp=p.pipeline_parallel_degree,
         ep=p.expert_parallel_degree, etp=p.expert_tensor_parallel_degree, world_size=ngpu,
     )
+    borrowed = dims.dp_shard * dims.cp * (dims.tp if dims.etp == 1 else 1)
+    if dims.ep > 1 and borrowed % dims.ep:
+        raise ConfigError(
+            f"parallelism.expert_parallel_degree={dims.ep} does not divide the {borrowed} ranks it is "
+            f"taken from (data_parallel_shard_degree {dims.dp_shard} x context_parallel_degree {dims.cp}"
+            f"{f' x tensor_parallel_degree {dims.tp}' if dims.etp == 1 and dims.tp > 1 else ''}) on {ngpu} GPUs"
+        )
+    return dims
 
 
 def _ffn_hidden(ffn: nn.Module) -> int:

@@ -3,6 +3,7 @@ config of their own, the same procedure)."""
 
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -30,9 +31,12 @@ def run_until_checkpoint(tmp_path: Path, args: list[str], ckpt: Path, nproc: int
         log.close()
 
 
-def check_exact_resume(tmp_path: Path, nproc: int, extra: list[str], config: Path = CONFIG) -> None:
+def check_exact_resume(tmp_path: Path, nproc: int, extra: list[str], config: Path = CONFIG,
+                       tags: Sequence[str] = ()) -> None:
     """10 straight steps == 5 steps, a SIGKILL, a planted partial step-10 folder, 5 more:
-    the same losses and the same checkpoint, bit for bit (tests/test_resume.py explains)."""
+    the same losses and the same checkpoint, bit for bit (tests/test_resume.py explains).
+    `tags`: further logged metrics whose steps 6-10 must equal the straight run's exactly
+    (state that lives outside the losses, e.g. the MoE expert load the restored bias routes by)."""
     ckpt_args = ["--checkpoint.enable", "--checkpoint.interval", "5",
                  "--checkpoint.no-last-save-model-only", *extra]
     straight = run_trainer(small_args(tmp_path / "straight", 10, *ckpt_args, config=config), nproc)
@@ -64,6 +68,10 @@ def check_exact_resume(tmp_path: Path, nproc: int, extra: list[str], config: Pat
     diffs = {s: abs(got[s] - expected[s]) for s in range(6, 11)}
     print(f"resume nproc={nproc}: max abs loss diff steps 6-10 = {max(diffs.values())}")
     assert all(diffs[s] <= ulp(expected[s]) for s in range(6, 11)), diffs
+    for tag in tags:
+        want, have = read_scalars(tmp_path / "straight", tag), read_scalars(dump, tag)
+        assert set(range(6, 11)) <= set(want), (tag, sorted(want))
+        assert {s: have.get(s) for s in range(6, 11)} == {s: want[s] for s in range(6, 11)}, tag
     assert (folder / "step-10" / ".metadata").exists()  # the step-10 save completed this time
     straight_state = checkpoint_tensors(tmp_path / "straight" / "checkpoint" / "step-10")
     resumed_state = checkpoint_tensors(folder / "step-10")

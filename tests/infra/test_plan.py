@@ -232,3 +232,18 @@ def test_plan_counts_experts_sharded_by_expert_parallel_and_fsdp(ep: int, e: int
     assert local == (total - 2 * gate) // 8 + 2 * -(-e // 8) * d
     assert block_experts == experts // ep
     assert block == block_dense + experts // ep
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ngpu", "6", "--ep", "4"], "parallelism.expert_parallel_degree=4 does not divide the 6 ranks"),
+    (["--ngpu", "8", "--ep", "8"], "mot.moe_num_experts=4 (at layers.0.feed_forward.moe.0) is not divisible by "
+                                   "parallelism.expert_parallel_degree=8"),
+])
+def test_refused_layout_is_one_line_naming_the_setting(flags: list[str], message: str, capsys) -> None:
+    from torchtitan_mot.check_plan import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--flavor", "debugmodel_hybrid", "--seq-len", "256", *flags])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("check_plan: error: ") and message in err and "\n" not in err, err

@@ -3,6 +3,7 @@
     python -m torchtitan_mot.benchmark --flavor debugmodel --seq-len 2048 --batch 4 --steps 20
     python -m torchtitan_mot.benchmark --dim 2048 --n-layers 16 --compile --json bench.json
     python -m torchtitan_mot.benchmark --transfusion --seq-len 2048 --batch 4 --steps 10
+    python -m torchtitan_mot.benchmark --moe-modalities 0   # + the hybrid (text MoE) and MoE-4x
 
 Prints a table (one row per model) and the step-time ratios; `--json FILE` also writes every
 figure for programs to read. What is measured and how: `torchtitan_mot.benchmark.step_time`.
@@ -38,6 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="measured steps per model")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured steps per model")
     p.add_argument("--compile", action="store_true", help="per-block torch.compile(fullgraph)")
+    p.add_argument("--moe-modalities", type=int, nargs="+", default=[],
+                   help="also train the hybrid (MoT whose FFN of these modality ids is a 4-expert "
+                        "top-1 MoE, e.g. 0 for text) and the MoE-4x baseline (one MoE FFN for all "
+                        "tokens); prints hybrid/mot and moe4x/dense step time ratios")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="parameter and activation dtype, no autocast (default: bf16 on "
@@ -58,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--transfusion: lambda of the image loss")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     a = p.parse_args(argv)
+    if a.moe_modalities and a.compile:
+        p.error("--compile with --moe-modalities: the benchmark compiles whole blocks with "
+                "fullgraph, which TorchTitan's MoE cannot be (it reads token counts on the host)")
+    if a.moe_modalities and a.transfusion:
+        p.error("--moe-modalities with --transfusion: measure one setting at a time")
     if a.dtype is None:
         a.dtype = "bf16" if a.device.startswith("cuda") else "fp32"
     return a
@@ -91,7 +101,8 @@ def report(result: dict) -> str:
             f"{spread:>17} {m['tokens_per_s']:>9.0f} {m['tflops']:>8.3f} {m['state_mib']:>10.1f} "
             f"{m['in_step_mib']:>12.1f} {m['total_mib']:>10.1f} {m['faults_per_step']:>11.0f} {mfu:>6}")
     for base, r in result["paired_ratio"].items():
-        lines.append(f"paired per-step ratio mot/{base}: median {r['median']:.3f} "
+        pair = base if "/" in base else f"mot/{base}"
+        lines.append(f"paired per-step ratio {pair}: median {r['median']:.3f} "
                      f"(95% CI {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}) "
                      f"p10-p90 {r['p10']:.3f}-{r['p90']:.3f}")
     if result["compile"]:
@@ -99,6 +110,8 @@ def report(result: dict) -> str:
         lines.append(f"compile: unique graphs {c['graphs']}, {c['recompiles']} compiled during the "
                      f"{s['steps']} measured steps (recompiles), graph breaks {c['graph_breaks']}")
     prefix = "transfusion " if s["transfusion"] else ""
+    for pair, ratio in result["moe_step_time_ratio"].items():
+        lines.append(f"{pair} step time ratio: {ratio:.3f}")
     for base, ratio in result["step_time_ratio"].items():
         lines.append(f"{prefix}mot/{base} step time ratio: {ratio:.3f}")
     return "\n".join(lines)

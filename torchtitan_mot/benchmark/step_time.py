@@ -317,6 +317,11 @@ def median_ci(xs: list[float], level: float = 0.95, resamples: int = 2000) -> tu
 
 
 
+def pair_name(model: Runner, base: Runner) -> str:
+    """"hybrid/mot", "moe4x/dense": a ratio's name without MoT's modality count."""
+    return f"{model.name}/{base.name.split('(')[0]}"
+
+
 def run(a: argparse.Namespace) -> dict:
     """Train the MoT model, its dense twin and Llama3 (not with `a.transfusion`) alternately;
     every figure, JSON-able.
@@ -335,6 +340,15 @@ def run(a: argparse.Namespace) -> dict:
     bases = (dense,) if a.transfusion else (dense, Runner("llama3", llama3_args(args), a))
     runners = (mot, *bases)
     schedule = DiffusionSchedule(a.diffusion_timesteps) if a.transfusion else None
+    moe_pairs: list[tuple[Runner, Runner]] = []
+    if a.moe_modalities:
+        # The MoT paper's MoE-4x baseline (one FFN-MoE for every token) and the hybrid (MoT with
+        # MoE FFNs on the named modalities), both at the [mot] default MoE shape: 4 experts of
+        # the dense hidden size, top-1, so the active FLOPs per token are the dense twin's/MoT's.
+        moe4x = Runner("moe4x", dataclasses.replace(args, n_modalities=1, moe_modalities=[0]), a)
+        hybrid = Runner("hybrid", dataclasses.replace(args, moe_modalities=a.moe_modalities), a)
+        runners += (moe4x, hybrid)
+        moe_pairs = [(hybrid, mot), (moe4x, dense)]
     tokens_per_step = a.batch * a.seq_len
     settings = {
         "device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(),
@@ -391,11 +405,12 @@ def run(a: argparse.Namespace) -> dict:
     # Per-step ratio of the paired (same batch) steps: a steadier statistic than the ratio of
     # medians on a noisy box.
     paired = {}
-    for base in bases:
-        ratios = [m / d for m, d in zip(mot.times, base.times)]
+    for model, base in [*((mot, base) for base in bases), *moe_pairs]:
+        ratios = [m / d for m, d in zip(model.times, base.times)]
         lo, hi = median_ci(ratios)
-        paired[base.name] = {"median": statistics.median(ratios), "ci95": [lo, hi],
-                             "p10": percentile(ratios, 0.1), "p90": percentile(ratios, 0.9)}
+        key = base.name if model is mot else pair_name(model, base)
+        paired[key] = {"median": statistics.median(ratios), "ci95": [lo, hi],
+                       "p10": percentile(ratios, 0.1), "p90": percentile(ratios, 0.9)}
     return {
         "settings": settings,
         "mix_seen": {"modality0_min": min(first), "modality0_max": max(first),
@@ -410,4 +425,7 @@ def run(a: argparse.Namespace) -> dict:
                     "graph_breaks": end_counts.graph_breaks} if a.compile else None,
         "step_time_ratio": {base.name: models[mot.name]["median_ms"] / models[base.name]["median_ms"]
                             for base in reversed(bases)},
+        # "hybrid/mot", "moe4x/dense": the MoE models against their MoE-free twins.
+        "moe_step_time_ratio": {pair_name(m, base): models[m.name]["median_ms"] / models[base.name]["median_ms"]
+                                for m, base in moe_pairs},
     }
