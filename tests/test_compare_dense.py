@@ -82,3 +82,38 @@ def test_37m_recipe_two_seeds(tmp_path: Path) -> None:
         assert (mean.group(5) is not None) == (len(matched) == 1), summary.group(1)
     assert report["steps_to_match"]["total"]["summary"] == summary.group(1)
     assert (tmp_path / "runs" / "mot_vs_dense.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_moe_trains_four_models(tmp_path: Path) -> None:
+    """`--moe` (2 steps, tiny shapes): dense, MoT, the MoE-4x baseline and the hybrid each reach
+    the trainer with their flavor and MoE setting, and steps-to-match is printed for moe4x and
+    the hybrid, equal to the JSON's figures; the figure is written under --out."""
+    before = git_status()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torchtitan_mot.compare_dense", "--moe", "--steps", "2",
+         "--out", str(tmp_path / "runs"), "--", *TINY],
+        cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert git_status() == before
+    # name -> (flavor, modalities, MoE modalities) as the trainer built the model, and the
+    # expert-load console label of its MoE (the MoE-4x FFN serves all tokens)
+    expected = {"dense": ("debugmodel_dense", 1, [], None), "mot": ("debugmodel", 2, [], None),
+                "moe4x": ("debugmodel_moe4x", 1, [0], "all"), "hybrid": ("debugmodel", 2, [0], "text")}
+    for name, (flavor, n_modalities, moe_modalities, label) in expected.items():
+        log = (tmp_path / "runs" / name / "train.log").read_text()
+        built = re.search(r"Building mot (\S+) with (\{.*\})$", log, re.M)
+        assert built, log[-2000:]
+        args = json.loads(built.group(2))
+        assert (built.group(1), args["n_modalities"], args["moe_modalities"]) == (flavor, n_modalities, moe_modalities), name
+        assert set(re.findall(r" moe/(\w+): max_load", log)) == ({label} if label else set()), name
+    report = json.loads((tmp_path / "runs" / "compare_dense.json").read_text())
+    assert report["flavors"] == {name: e[0] for name, e in expected.items()}
+    for name in ("moe4x", "hybrid"):
+        line = re.search(rf"^steps-to-match {name}: total (\S+)  text (\S+)  image (\S+)$", proc.stdout, re.M)
+        assert line, proc.stdout[-3000:]
+        for key, printed in zip(("total", "text", "image"), line.groups()):
+            r = report["moe_steps_to_match"][name][key]
+            assert printed == (">1.00" if r is None or r > 1.0 else f"{r:.2f}"), (name, key, printed, r)
+    assert (tmp_path / "runs" / "moe.png").stat().st_size > 0

@@ -4,11 +4,14 @@
     python -m torchtitan_mot.compare_dense --three-modality   # text + image + speech, debugmodel_3modality
     python -m torchtitan_mot.compare_dense --untie ffn --untie attention   # + MoT with only those untied
     python -m torchtitan_mot.compare_dense --config train_configs/mot_37M.toml --steps 2000 --seeds 3
+    python -m torchtitan_mot.compare_dense --config train_configs/compare_transfusion.toml   # Transfusion setting
 
 Each model is trained by the real trainer (`python -m torchtitan_mot.train`, the command users
 run) on `--config` (default `train_configs/compare_dense.toml`): MoT is the config's flavor,
 the dense twin is the registered flavor of the same shape with one modality. Per-modality
-validation losses are read back from TensorBoard events (`torchtitan_mot.run_metrics`).
+validation losses are read back from TensorBoard events (`torchtitan_mot.run_metrics`); in the
+Transfusion setting `validation/loss/image` is the diffusion MSE at the validation split's fixed
+stratified timesteps, so steps-to-match covers text CE and image diffusion loss alike.
 Everything goes to the output folder `--out` (default `outputs/compare_dense`): the runs,
 `mot_vs_dense.png` (one panel per modality, one line per seed), `mot_vs_dense.csv` and
 `compare_dense.json` (every figure printed, for programs); `--png`, `--csv` and `--json`
