@@ -128,6 +128,7 @@ class MoTMetricsProcessor(MetricsProcessor):
     ) -> None:
         super().__init__(job_config, parallel_dims, tag)
         self.loss_stats = loss_stats
+        self.has_moe = False  # whether the model has MoE FFNs (set by the builder)
         if not sys.stdout.isatty():  # TorchTitan's logger writes to stdout
             self.color = NoColor()
 
@@ -161,7 +162,7 @@ class MoTMetricsProcessor(MetricsProcessor):
         counts = {} if expert_load is None else expert_load.pop(
             self.parallel_dims.get_optional_mesh("loss")
         )
-        if self.parallel_dims.pp_enabled and self.job_config.mot.moe_modalities:
+        if self.parallel_dims.pp_enabled and self.has_moe:
             # every stage enters, also one without MoE modules (its counts are empty)
             counts = gather_stage_counts(counts, self.parallel_dims.get_mesh("pp"))
         moe_line = ""
@@ -197,6 +198,7 @@ def build_mot_metrics_processor(
     """
     processor = MoTMetricsProcessor(job_config, parallel_dims, tag, loss_stats)
     if isinstance(model_args, MoTModelArgs):
+        processor.has_moe = bool(model_args.moe_modalities)
         log_untie_summary(processor, model_args)
     return processor
 
