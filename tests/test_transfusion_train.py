@@ -127,7 +127,7 @@ def test_exact_resume(tmp_path: Path) -> None:
 
 
 def test_generate_writes_a_png_grid(seed, tmp_path: Path) -> None:
-    """The command line on the (random-weights) seed checkpoint: one row per prompt."""
+    """The command line on the (random-weights) seed checkpoint: 2 prompts x 3 samples."""
     from PIL import Image
 
     out = tmp_path / "grid.png"
@@ -139,4 +139,5 @@ def test_generate_writes_a_png_grid(seed, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "6 images from" in result.stdout and "ddpm, 4 steps" in result.stdout, result.stdout
     width, height = Image.open(out).size
-    assert height > width / 3 > 0  # two rows of three images
+    # save_png_grid puts up to 10 images in a row (1.2 x 1.4 inches each): six in one row
+    assert width / height == pytest.approx(6 * 1.2 / 1.4, rel=0.02), (width, height)
