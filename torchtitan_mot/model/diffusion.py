@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from torch.nn.attention.flex_attention import and_masks, or_masks
 from torchtitan.models.attention import get_causal_mask_mod
-from torchtitan.models.flux.model.layers import MLPEmbedder
 from torchtitan.models.utils import trunc_normal_
 
 from .args import MoTModelArgs
@@ -56,7 +55,7 @@ class DiffusionLayers(nn.ModuleDict):
             )
         super().__init__({
             "patch_in": nn.Linear(model_args.patch_dim, model_args.dim),
-            "time_embed": MLPEmbedder(TIME_FREQUENCIES, model_args.dim),
+            "time_embed": _flux_mlp_embedder(TIME_FREQUENCIES, model_args.dim),
             "patch_out": nn.Linear(model_args.dim, model_args.patch_dim),
         })
 
@@ -119,3 +118,12 @@ def transfusion_dense_mask(image_ids: torch.Tensor) -> torch.Tensor:
     causal = pos.view(seq, 1) >= pos.view(1, seq)
     same = (image_ids.unsqueeze(2) == image_ids.unsqueeze(1)) & (image_ids >= 0).unsqueeze(2)
     return (causal | same).unsqueeze(1)
+
+
+def _flux_mlp_embedder(in_dim: int, dim: int) -> nn.Module:
+    """Flux's timestep MLP, imported only when a Transfusion model is built: importing
+    `torchtitan.models.flux` loads its datasets (transformers, torchao), whose import-time
+    messages would reach every command line tool."""
+    from torchtitan.models.flux.model.layers import MLPEmbedder
+
+    return MLPEmbedder(in_dim, dim)
