@@ -28,23 +28,13 @@ def test_hybrid_debug_config_trains_and_logs_expert_load(tmp_path):
     assert "moe/text: max_load" in run.log
 
 
+MOE_CONFIG = REPO / "train_configs" / "debug_mot_moe.toml"
 MOE_STEPS = 3
 
 
 def _moe_args(dump, *extra: str) -> list[str]:
     """A few deterministic steps of the hybrid debug config (seq 64, batch 2, fp32)."""
-    return [
-        "--job.config_file", str(REPO / "train_configs" / "debug_mot_moe.toml"),
-        "--job.dump_folder", str(dump),
-        "--training.steps", str(MOE_STEPS),
-        "--training.seq_len", "64",
-        "--training.local_batch_size", "2",
-        "--lr_scheduler.warmup_steps", "2",
-        "--metrics.log_freq", "1",
-        "--debug.seed", "0",
-        "--debug.deterministic",
-        *extra,
-    ]
+    return small_args(dump, MOE_STEPS, "--lr_scheduler.warmup_steps", "2", *extra, config=MOE_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +79,6 @@ def test_hybrid_pipeline_parallel_matches_one_process(moe_seed, moe_single, tmp_
     assert all(sorted(v) == list(range(1, MOE_STEPS + 1)) for v in ref_shares.values())
     for tag, shares in ref_shares.items():
         assert got_shares[tag] == pytest.approx(shares, abs=1e-6), tag
-MOE_CONFIG = REPO / "train_configs" / "debug_mot_moe.toml"
 EP2 = ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.expert_parallel_degree", "2",
        "--compile.components", "loss"]
 LOAD_TAGS = ["moe/text/max_load", *(f"moe/text/layer0/expert{j}" for j in range(4))]
