@@ -59,6 +59,20 @@ def _expert_shares(run) -> dict[str, dict[int, float]]:
             for i in range(6) for j in range(4)}
 
 
+def _assert_same_run(got, ref) -> None:
+    """Losses (the console's 5 decimals), grad norms (4), per-modality losses and every
+    layer's expert shares equal the reference run's."""
+    ref_steps, got_steps = ref.steps(), got.steps()
+    assert sorted(got_steps) == sorted(ref_steps) == list(range(1, MOE_STEPS + 1)), got.log[-3000:]
+    for step, (loss, grad_norm) in ref_steps.items():
+        assert got_steps[step][0] == pytest.approx(loss, abs=1.5e-5), step
+        assert got_steps[step][1] == pytest.approx(grad_norm, abs=1.5e-4), step
+    for tag in ("loss/text", "loss/image"):
+        assert got.scalars(tag) == pytest.approx(ref.scalars(tag), abs=1.5e-5), tag
+    for tag, shares in _expert_shares(ref).items():
+        assert _expert_shares(got)[tag] == pytest.approx(shares, abs=1e-6), tag
+
+
 @pytest.mark.slow
 def test_hybrid_pipeline_parallel_matches_one_process(moe_seed, moe_single, tmp_path):
     """PP 2 (1F1B, microbatch 1) reproduces one process: losses to the printed 5 decimals,
@@ -68,17 +82,45 @@ def test_hybrid_pipeline_parallel_matches_one_process(moe_seed, moe_single, tmp_
                                 "--parallelism.pipeline_parallel_degree", "2",
                                 "--parallelism.pipeline_parallel_microbatch_size", "1"),
                       nproc=2, log_rank=1)
-    ref_steps, got_steps = moe_single.steps(), got.steps()
-    assert sorted(got_steps) == sorted(ref_steps) == list(range(1, MOE_STEPS + 1))
-    for step, (loss, grad_norm) in ref_steps.items():
-        assert got_steps[step][0] == pytest.approx(loss, abs=1.5e-5), step
-        assert got_steps[step][1] == pytest.approx(grad_norm, abs=1.5e-4), step
-    for tag in ("loss/text", "loss/image"):
-        assert got.scalars(tag) == pytest.approx(moe_single.scalars(tag), abs=1.5e-5), tag
-    ref_shares, got_shares = _expert_shares(moe_single), _expert_shares(got)
-    assert all(sorted(v) == list(range(1, MOE_STEPS + 1)) for v in ref_shares.values())
-    for tag, shares in ref_shares.items():
-        assert got_shares[tag] == pytest.approx(shares, abs=1e-6), tag
+    _assert_same_run(got, moe_single)
+
+
+FSDP2 = ["--parallelism.data_parallel_shard_degree", "2"]
+
+
+@pytest.fixture(scope="module")
+def moe_fsdp2(moe_seed, tmp_path_factory):
+    """FSDP 2 from the seed: the reference of layouts with two data-parallel ranks (they
+    read other batches than one process)."""
+    return run_trainer(_moe_args(tmp_path_factory.mktemp("moe_fsdp2"), *moe_seed, *FSDP2), nproc=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [
+    ["--parallelism.tensor_parallel_degree", "2"],
+    ["--parallelism.tensor_parallel_degree", "2", "--parallelism.expert_parallel_degree", "2"],
+], ids=["tp2", "tp2_ep2"])
+def test_hybrid_tensor_parallel_matches_one_process(moe_seed, moe_single, tmp_path, layout):
+    """TP 2 + SP (experts sharded on their hidden dim), and expert parallel borrowing the two
+    TP ranks (each routes its share of the text tokens), reproduce one process."""
+    _assert_same_run(run_trainer(_moe_args(tmp_path, *moe_seed, *layout), nproc=2), moe_single)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, nproc, log_rank", [
+    (["--parallelism.expert_parallel_degree", "2", "--compile.enable", "--compile.components",
+      "model,loss", "--compile.backend", "aot_eager"], 2, 0),
+    (["--parallelism.expert_parallel_degree", "2", "--parallelism.pipeline_parallel_degree", "2",
+      "--parallelism.pipeline_parallel_microbatch_size", "1"], 4, 3),
+], ids=["ep2_compile", "ep2_pp2"])
+def test_expert_parallel_with_compile_or_pipeline_matches_fsdp(moe_seed, moe_fsdp2, tmp_path,
+                                                               layout, nproc, log_rank):
+    """Expert parallel over the two FSDP ranks, with the model compiled (routed experts
+    eager), or with two pipeline stages (4 processes), reproduces FSDP 2."""
+    got = run_trainer(_moe_args(tmp_path, *moe_seed, *FSDP2, *layout), nproc=nproc, log_rank=log_rank)
+    _assert_same_run(got, moe_fsdp2)
+
+
 EP2 = ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.expert_parallel_degree", "2",
        "--compile.components", "loss"]
 LOAD_TAGS = ["moe/text/max_load", *(f"moe/text/layer0/expert{j}" for j in range(4))]

@@ -1,8 +1,8 @@
 """Multi-process worker for the parallelism parity tests (run under torchrun, gloo, CPU).
 
 `python -m torch.distributed.run --nproc_per_node=N tests/infra/parallel_worker.py OUT CASE...`
-runs every CASE (a `CASES` key, or an `UNTIE_CASES` key: the same run with only some
-components untied) after a single-process reference of the same 5 AdamW steps (computed on
+runs every CASE (a `CASES` key, an `UNTIE_CASES` key: the same run with only some
+components untied, or a `MOE_CASES` key: the same run with MoE FFN weight sets) after a single-process reference of the same 5 AdamW steps (computed on
 every rank, deterministic) and writes, from rank 0, a JSON of max abs differences:
 per-step losses, the gradients of the first and of the last step (full tensors, before
 clipping; the last step's come from weights several updates away from the shared init) and
@@ -27,6 +27,7 @@ from torchtitan.config import JobConfig  # noqa: E402
 from torchtitan.distributed import ParallelDims  # noqa: E402
 from torchtitan.distributed.pipeline_parallel import pipeline_llm  # noqa: E402
 from torchtitan.distributed.utils import clip_grad_norm_  # noqa: E402
+from torchtitan.models.moe import MoEArgs  # noqa: E402
 
 from torchtitan_mot.infra.modality_ids import prepare_mot_inputs  # noqa: E402
 from torchtitan_mot.model.inputs import HostTensor  # noqa: E402
@@ -50,6 +51,8 @@ CASES = {
     "tp2_ac_full": (1, 2, 1, "full", False, (), 2),
     "fsdp2_tp2": (2, 2, 1, "none", False, (2, 3), 2),
     "pp2_tp2": (1, 2, 2, "selective", False, (), 2),
+    "fsdp2_compile": (2, 1, 1, "none", True, (2, 3), 2),
+    "fsdp2_pp2": (2, 1, 2, "none", False, (2, 3), 2),
 }
 # the same runs with only some components untied (mot.untie): case -> (base case, untie)
 UNTIE_CASES = {
@@ -62,17 +65,37 @@ UNTIE_CASES = {
     "tp2_ac_full_untie_ffn": ("tp2_ac_full", ["ffn"]),
 }
 ALL_UNTIED = ["attention", "ffn", "norms"]
+# MoE FFN weight sets (model/moe.py): case -> (base case, MoE sets, expert parallel degree).
+# Image-set cases train on image-sparse batches (`sparse_image_steps`): steps with one image
+# token (a TP rank's share of it is empty) and with none.
+MOE_CASES = {
+    "tp2_hybrid": ("tp2", [0], 1),
+    "tp2_moe4x": ("tp2_dense", [0], 1),
+    "tp2_compile_hybrid": ("tp2_compile", [0], 1),
+    "tp2_ep2_hybrid_image": ("tp2", [1], 2),
+    "fsdp2_tp2_hybrid": ("fsdp2_tp2", [0], 1),
+    "fsdp2_ep2_compile_hybrid": ("fsdp2_compile", [0], 2),
+    "fsdp2_ep2_pp2_hybrid": ("fsdp2_pp2", [0], 2),
+}
+MOE_ARGS = MoEArgs(num_experts=4, num_shared_experts=1, top_k=2, score_func="softmax",
+                   use_grouped_mm=False, load_balance_coeff=1e-3)
 
 
-def model_args(n_modalities: int, untie: list[str]) -> MoTModelArgs:
-    return MoTModelArgs(**(ARGS | dict(n_modalities=n_modalities, untie=untie)))
+def model_args(n_modalities: int, untie: list[str], moe: list[int] = ()) -> MoTModelArgs:
+    return MoTModelArgs(**(ARGS | dict(n_modalities=n_modalities, untie=untie,
+                                       moe_modalities=list(moe), moe_args=MOE_ARGS)))
 
 
-def batches(text_only_rows: tuple[int, ...], n_modalities: int = 2):
+def batches(text_only_rows: tuple[int, ...], n_modalities: int = 2, sparse_image: bool = False):
+    """`sparse_image`: steps 1 and 3 hold one image token, step 2 none."""
     g = torch.Generator().manual_seed(1)
-    for _ in range(STEPS):
+    for step in range(STEPS):
         tokens = torch.randint(0, VOCAB, (BS, SEQ), generator=g)
         tokens[list(text_only_rows)] %= TEXT_VOCAB
+        if sparse_image and step in (1, 2, 3):
+            tokens %= TEXT_VOCAB
+            if step != 2:
+                tokens[0, 5] = TEXT_VOCAB
         labels = torch.randint(0, VOCAB, (BS, SEQ), generator=g)
         labels[:, :3] = -100
         yield tokens, TABLE[tokens].clamp(max=n_modalities - 1), labels
@@ -90,12 +113,13 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def reference(init: dict, text_only_rows: tuple[int, ...], n_mod: int, untie: list[str]) -> dict:
-    model = MoTTransformer(model_args(n_mod, untie))
+def reference(init: dict, text_only_rows: tuple[int, ...], n_mod: int, untie: list[str],
+              moe: list[int]) -> dict:
+    model = MoTTransformer(model_args(n_mod, untie, moe))
     model.load_state_dict(init)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses, grads = [], {}
-    for step, (tokens, ids, labels) in enumerate(batches(text_only_rows, n_mod)):
+    for step, (tokens, ids, labels) in enumerate(batches(text_only_rows, n_mod, 1 in moe)):
         loss = loss_sum(model(tokens, modality_ids=ids), labels) / (labels != -100).sum()
         loss.backward()
         if step in GRAD_STEPS:
@@ -107,7 +131,7 @@ def reference(init: dict, text_only_rows: tuple[int, ...], n_mod: int, untie: li
     return dict(losses=losses, grads=grads, params={n: full(p) for n, p in model.named_parameters()})
 
 
-def run_case(name: str, init: dict, untie: list[str]) -> dict:
+def run_case(name: str, init: dict, untie: list[str], moe: list[int], ep: int) -> dict:
     dp, tp, pp, ac, compile_, text_rows, n_mod = CASES[name]
     world = dist.get_world_size()
     jc = JobConfig()
@@ -117,14 +141,15 @@ def run_case(name: str, init: dict, untie: list[str]) -> dict:
     jc.parallelism.data_parallel_shard_degree = dp
     jc.parallelism.tensor_parallel_degree = tp
     jc.parallelism.pipeline_parallel_degree = pp
+    jc.parallelism.expert_parallel_degree = ep
     jc.parallelism.pipeline_parallel_microbatch_size = 1
     jc.activation_checkpoint.mode = ac
     jc.compile.enable = compile_
     jc.compile.components = ["model"]
     jc.compile.backend = "aot_eager"
-    pd = ParallelDims(dp_replicate=1, dp_shard=dp, cp=1, tp=tp, pp=pp, ep=1, etp=1, world_size=world)
+    pd = ParallelDims(dp_replicate=1, dp_shard=dp, cp=1, tp=tp, pp=pp, ep=ep, etp=1, world_size=world)
     pd.build_mesh()
-    model = MoTTransformer(model_args(n_mod, untie))
+    model = MoTTransformer(model_args(n_mod, untie, moe))
     model.load_state_dict(init)
     n_tokens = {"n": 1.0}
     if pp > 1:
@@ -140,7 +165,7 @@ def run_case(name: str, init: dict, untie: list[str]) -> dict:
     rows = slice(dp_rank * BS // dp, (dp_rank + 1) * BS // dp)
     ctx = loss_parallel if tp > 1 else nullcontext
     losses, grads = [], {}
-    for step, (tokens, ids, labels) in enumerate(batches(text_rows, n_mod)):
+    for step, (tokens, ids, labels) in enumerate(batches(text_rows, n_mod, 1 in moe)):
         n_tokens["n"] = (labels != -100).sum()
         tokens, ids, labels = tokens[rows], ids[rows], labels[rows]
         inputs, labels, extra_inputs, extra_kwargs = prepare_mot_inputs(
@@ -159,7 +184,8 @@ def run_case(name: str, init: dict, untie: list[str]) -> dict:
                 loss.backward()
         if step in GRAD_STEPS:
             grads[step] = {clean(n): full(p.grad) for m in parts for n, p in m.named_parameters()}
-        clip_grad_norm_(params, 1.0, pp_mesh=pd.get_mesh("pp") if pp > 1 else None)
+        clip_grad_norm_(params, 1.0, pp_mesh=pd.get_mesh("pp") if pp > 1 else None,
+                        ep_enabled=pd.ep_enabled)
         opt.step()
         opt.zero_grad()
         # every rank's share of the loss: dp ranks hold parts of the sum, tp ranks copies
@@ -224,14 +250,15 @@ def main() -> None:
             continue
         torch._dynamo.reset()
         base, untie = UNTIE_CASES.get(case, (case, ALL_UNTIED))
+        base, moe, ep = MOE_CASES.get(case, (base, [], 1))
         n_mod = CASES[base][6]
         torch.manual_seed(0)
-        init_model = MoTTransformer(model_args(n_mod, untie))
+        init_model = MoTTransformer(model_args(n_mod, untie, moe))
         with torch.no_grad():
             init_model.init_weights()
         init = {k: v.clone() for k, v in init_model.state_dict().items()}
-        ref = reference(init, CASES[base][5], n_mod, untie)
-        got = run_case(base, init, untie)
+        ref = reference(init, CASES[base][5], n_mod, untie, moe)
+        got = run_case(base, init, untie, moe, ep)
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, (got["grads"], got["params"]))
         # under PP each rank holds only its stage's parameters; together they are all

@@ -62,10 +62,8 @@ def test_experts_not_divisible_by_expert_parallel_degree_refused() -> None:
 
 
 @pytest.mark.parametrize("setting, value, dims", [
-    ("compile.enable", True, dict(ep=2)),
-    ("parallelism.pipeline_parallel_degree", 2, dict(pp=2, ep=2)),
     ("parallelism.context_parallel_degree", 2, dict(cp=2)),
-    ("parallelism.tensor_parallel_degree", 2, dict(tp=2)),
+    ("parallelism.expert_tensor_parallel_degree", 2, dict(tp=2, ep=2, etp=2)),
     ("activation_checkpoint.selective_ac_option", "op", dict(ep=2)),
     ("training.enable_cpu_offload", True, dict()),
 ])
@@ -79,12 +77,15 @@ def test_unsupported_moe_parallelism_refused_by_name(setting: str, value, dims: 
         validate_moe_parallelism(tiny.TinyMoEModel(), ParallelDims(**kw, world_size=world), job)
 
 
-def test_pipeline_parallel_and_compile_without_expert_parallel_accepted() -> None:
-    """Each has its parity test (tests/test_moe_train.py, tests/model/test_moe.py)."""
+@pytest.mark.parametrize("ep", [1, 2])
+def test_pipeline_parallel_compile_and_tensor_parallel_accepted(ep: int) -> None:
+    """Each has its parity test, with and without expert parallel (tests/test_moe_train.py,
+    tests/model/test_moe.py, tests/infra/test_parallel_parity.py)."""
     job = JobConfig()
     job.compile.enable = True
     job.parallelism.pipeline_parallel_degree = 2
-    dims = ParallelDims(dp_replicate=1, dp_shard=2, cp=1, tp=1, pp=2, ep=1, etp=1, world_size=4)
+    job.parallelism.tensor_parallel_degree = 2
+    dims = ParallelDims(dp_replicate=1, dp_shard=2, cp=1, tp=2, pp=2, ep=ep, etp=1, world_size=8)
     validate_moe_parallelism(tiny.TinyMoEModel(), dims, job)
 
 

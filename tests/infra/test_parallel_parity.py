@@ -20,7 +20,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("parallel_worker.py")
 TWO_PROC = ["tp2", "tp2_dense", "tp2_compile", "tp2_ac_full", "fsdp2_rank1_text_only", "pp2"]
-FOUR_PROC = ["fsdp2_tp2", "pp2_tp2"]
+FOUR_PROC = ["fsdp2_tp2", "pp2_tp2", "fsdp2_tp2_hybrid", "fsdp2_ep2_pp2_hybrid"]
+# MoE FFN weight sets (parallel_worker.MOE_CASES): hybrid (text MoE), MoE-4x, expert parallel
+# over the TP ranks on image-sparse batches (a rank's share of one token is empty), and
+# expert parallel over the FSDP ranks with compile
+MOE = ["tp2_hybrid", "tp2_moe4x", "tp2_compile_hybrid", "tp2_ep2_hybrid_image",
+       "fsdp2_ep2_compile_hybrid"]
 # mot.untie subsets (parallel_worker.UNTIE_CASES): only some components per modality
 UNTIE = ["tp2_untie_ffn", "tp2_untie_attention", "fsdp2_untie_ffn", "fsdp2_untie_attention",
          "pp2_untie_ffn_norms", "tp2_compile_untie_attention_norms", "tp2_ac_full_untie_ffn"]
@@ -42,7 +47,7 @@ def _launch(nproc: int, cases: list[str], tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def two_proc(tmp_path_factory) -> dict:
-    return _launch(2, TWO_PROC + UNTIE + ["cp_sharding"], tmp_path_factory)
+    return _launch(2, TWO_PROC + UNTIE + MOE + ["cp_sharding"], tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +118,33 @@ def test_untie_subset_tensor_parallel_plan(two_proc: dict, case: str, untied, sh
 def test_four_process_parity(four_proc: dict, case: str) -> None:
     _check(four_proc[case])
     assert four_proc[case]["checkpointed"] == (case == "pp2_tp2")
+    if "ep2" in case:  # the experts really are split over the ep mesh
+        experts = [p for n, p in four_proc[case]["placements"].items() if ".experts." in n]
+        assert experts and all("Shard(dim=0)" in p for p in experts)
+
+
+@pytest.mark.parametrize("case", MOE)
+def test_moe_tensor_parallel_parity(two_proc: dict, case: str) -> None:
+    result = two_proc[case]
+    _check(result)
+    assert result["compiled"] == ("compile" in case)
+    assert len(result["placements"]) == result["n_params"]  # every parameter is a DTensor
+
+
+@pytest.mark.parametrize("case, moe, experts", [
+    ("tp2_hybrid", "layers.3.feed_forward.moe.0", ("(Shard(dim=1),)", "(Shard(dim=2),)")),
+    ("tp2_ep2_hybrid_image", "layers.3.feed_forward.moe.1", ("(Shard(dim=0),)",) * 2),
+])
+def test_moe_tensor_parallel_plan(two_proc: dict, case: str, moe: str, experts) -> None:
+    """Experts hidden-sharded (TP) or split on the expert axis (EP over the TP ranks); the
+    router gate replicated; shared experts colwise/rowwise; the dense sets as without MoE."""
+    placements = two_proc[case]["placements"]
+    for w, placement in zip(("w1", "w2"), experts):
+        assert placements[f"{moe}.experts.{w}"] == placement
+    assert placements[f"{moe}.router.gate.weight"] == "(Replicate(),)"
+    assert placements[f"{moe}.shared_experts.w1.weight"] == "(Shard(dim=0),)"
+    assert placements[f"{moe}.shared_experts.w2.weight"] == "(Shard(dim=1),)"
+    assert placements["layers.3.feed_forward.dense.w2.0.weight"] == "(Shard(dim=1),)"
 
 
 def test_context_parallel_modality_ids_follow_tokens(two_proc: dict) -> None:

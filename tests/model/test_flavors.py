@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+from torchtitan.models.moe import MoE
 
 from torchtitan_mot import mot_args
 from torchtitan_mot.model import MoTModelArgs, MoTTransformer
@@ -77,8 +79,23 @@ def _numel(args: MoTModelArgs) -> int:
 
 
 def _counts(args: MoTModelArgs) -> tuple[int, int]:
-    """(total, active) parameters of the model built on meta; active = its dense twin's."""
-    return _numel(args), _numel(dataclasses.replace(args, n_modalities=1, untie=mot_args["debugmodel_dense"].untie))
+    """(total, active) parameters of the model built on meta. Active = its dense twin's
+    (without MoE), and where every FFN set is an MoE (MoE-4x) plus, per layer, what a token
+    computes with in TorchTitan's `MoE` beyond one dense FFN: its top-k experts, the router
+    gate, the shared experts. (With dense sets left, the cheapest set counts: the twin's.)"""
+    twin = dataclasses.replace(args, n_modalities=1, untie=mot_args["debugmodel_dense"].untie,
+                               moe_modalities=[])
+    active = _numel(twin)
+    if args.moe_modalities and len(args.moe_modalities) == args.n_copies("ffn"):
+        with torch.device("meta"):
+            moe = MoE(args.moe_args, dim=args.dim, hidden_dim=ffn_hidden_dim(
+                args.dim, args.multiple_of, args.ffn_dim_multiplier))
+        experts = moe.experts
+        per_expert = sum(w[0].numel() for w in (experts.w1, experts.w2, experts.w3))
+        token_moe = (per_expert * args.moe_args.top_k + moe.router.gate.weight.numel()
+                     + sum(p.numel() for p in (moe.shared_experts or nn.Module()).parameters()))
+        active += args.n_layers * (token_moe - per_expert)
+    return _numel(args), active
 
 
 def _rounded(n: int) -> str:

@@ -1,4 +1,4 @@
-"""Expert parallel and data-parallel sharding of the TorchTitan `MoE` modules of a model.
+"""Expert, tensor and data-parallel sharding of the TorchTitan `MoE` modules of a model.
 
 The MoE modules are found by walking the model (`moe_modules`), not by a block attribute:
 an MoT block holds one `MoE` per MoE modality, each called on that modality's contiguous
@@ -12,18 +12,31 @@ Every expert-parallel rank must enter the all-to-alls of every MoE module on eve
 also with zero tokens of that modality (under sequence or data parallel a rank's slice may
 hold none): the model calls each `MoE` with a (1, 0, dim) slice then. gloo implements
 `all_to_all_single` with uneven and zero splits, so this runs on CPU as it does on NCCL.
+
+Under tensor + sequence parallel the FFN sublayer gets the all-gathered sorted stream and
+reduce-scatters its output (`SortedSublayerParallel`), so every part of an MoE must give a
+partial output and a partial input gradient (`moe_tensor_parallel_plan`).
 """
 
+from typing import Any
+
+import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
-from torch.distributed.tensor import Shard
-from torch.distributed.tensor.parallel import parallelize_module
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import parallelize_module, ParallelStyle
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
-from torchtitan.distributed.expert_parallel import ExpertParallel
+from torchtitan.distributed.expert_parallel import (
+    ExpertParallel,
+    ReordererSequenceParallel,
+    TensorParallel,
+)
 from torchtitan.models.moe import MoE
 from torchtitan.tools.logging import logger
+
+from .sequence_parallel import LinearParallel
 
 
 def moe_modules(model: nn.Module) -> dict[str, MoE]:
@@ -51,14 +64,10 @@ def validate_moe_parallelism(model: nn.Module, parallel_dims: ParallelDims, job_
                 f"parallelism.expert_parallel_degree={ep}"
             )
     refused = {
-        "parallelism.tensor_parallel_degree": (
-            parallel_dims.tp,
-            "the MoE modules have no tensor/sequence-parallel plan in MoT yet (TorchTitan's "
-            "MoE TP plan expects one (bs, slen) sequence-sharded input per block, MoT's MoE "
-            "modules take per-modality slices of the sorted stream)",
-        ),
         "parallelism.expert_tensor_parallel_degree": (
-            p.expert_tensor_parallel_degree, "needs tensor parallel of the MoE modules",
+            p.expert_tensor_parallel_degree,
+            "not implemented in MoT: with tensor parallel the experts are either TP-sharded "
+            "(no expert parallel) or split by expert parallel over the TP ranks (etp 1)",
         ),
         "parallelism.context_parallel_degree": (
             parallel_dims.cp, "not tested with MoE FFNs (no parity test)",
@@ -72,18 +81,6 @@ def validate_moe_parallelism(model: nn.Module, parallel_dims: ParallelDims, job_
             f"parallelism.expert_parallel_comm_backend={p.expert_parallel_comm_backend!r}: "
             "MoT applies TorchTitan's standard all-to-all ExpertParallel only"
         )
-    untested_with_ep = {
-        "parallelism.pipeline_parallel_degree": parallel_dims.pp > 1,
-        "compile.enable (components 'model')": (
-            job_config.compile.enable and "model" in job_config.compile.components
-        ),
-    }
-    for setting, on in untested_with_ep.items():
-        if ep > 1 and on:
-            raise ValueError(
-                f"{setting} with parallelism.expert_parallel_degree={ep}: each works with MoE "
-                "FFNs alone, but not together with expert parallel (no parity test)"
-            )
     if job_config.training.enable_cpu_offload:
         raise ValueError(
             "training.enable_cpu_offload with MoE FFNs (mot.moe_modalities): the experts' own "
@@ -98,6 +95,69 @@ def validate_moe_parallelism(model: nn.Module, parallel_dims: ParallelDims, job_
             "forward and recompute); use activation_checkpoint.mode 'full' or a layer "
             "selective_ac_option"
         )
+
+
+class ExpertTensorParallel(TensorParallel):
+    """TorchTitan's expert tensor parallel (w1/w3 column-, w2 row-sharded on the hidden dim)
+    without its input hook, which all-reduces the routed input's gradient: on the sorted
+    stream it must stay the partial sum that the sublayer's all-gather reduce-scatters."""
+
+    def _prepare_input_fn(self, mod: nn.Module, inputs: Any, device_mesh: DeviceMesh) -> Any:
+        return inputs
+
+
+class ReordererTokenShare(ReordererSequenceParallel):
+    """TorchTitan's `ReordererSequenceParallel` (expert parallel borrowing the TP ranks:
+    each TP rank routes a contiguous share of the replicated tokens) for any token count: a
+    modality's slice of the sorted stream is rarely divisible by the TP degree and may be
+    smaller than it, so a rank may route no token (and still enters the all-to-alls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._start = 0  # this rank's first token in the current call
+
+    @staticmethod
+    def share(n_tokens: int, mesh: DeviceMesh) -> tuple[int, int]:
+        """[start, end) of this rank's tokens: the first n % size ranks take one more."""
+        base, extra = divmod(n_tokens, mesh.size())
+        rank = mesh.get_local_rank()
+        start = rank * base + min(rank, extra)
+        return start, start + base + (rank < extra)
+
+    def _prepare_inputput_fn(
+        self, mod: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor], device_mesh: DeviceMesh
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        top_scores, selected_experts_indices = inputs
+        self._start, end = self.share(top_scores.shape[0], device_mesh)
+        return top_scores[self._start:end], selected_experts_indices[self._start:end]
+
+    def _prepare_output_fn(
+        self, mod: nn.Module, outputs: tuple[torch.Tensor, ...], device_mesh: DeviceMesh
+    ) -> tuple[torch.Tensor, ...]:
+        # The MoE gathers and scatters by indices into all (tokens x top_k) routes.
+        top_scores, token_indices_experts_sorted, num_tokens_per_expert = outputs
+        return top_scores, token_indices_experts_sorted + self._start * mod.top_k, num_tokens_per_expert
+
+
+def moe_tensor_parallel_plan(moe: MoE, expert_parallel: bool) -> dict[str, ParallelStyle]:
+    """Tensor-parallel styles of one `MoE` (keys relative to it) on the sequence-parallel
+    sorted stream, whose sublayer hook hands it the replicated slice and reduce-scatters its
+    output: the router gate computes on every rank (replicated weight, partial gradient: the
+    scores' gradient comes from this rank's part of the experts), the shared experts are
+    column/row-sharded, and the routed experts either tensor-parallel on the hidden dim or,
+    under expert parallel (which borrows the TP ranks), fed a share of the tokens per rank."""
+    plan: dict[str, ParallelStyle] = {"router.gate": LinearParallel(Replicate())}
+    if moe.shared_experts is not None:
+        plan |= {
+            "shared_experts.w1": LinearParallel(Shard(0)),
+            "shared_experts.w3": LinearParallel(Shard(0)),
+            "shared_experts.w2": LinearParallel(Shard(1)),
+        }
+    if expert_parallel:
+        plan["reorderer"] = ReordererTokenShare()
+    else:
+        plan["experts"] = ExpertTensorParallel()
+    return plan
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:

@@ -30,7 +30,12 @@ from torchtitan_mot.model.moe import MoTMoEFeedForward
 from torchtitan_mot.model.routing import ModalityLinear
 
 from .activation_checkpoint import apply_mot_ac
-from .expert_parallel import apply_expert_parallel, shard_experts, validate_moe_parallelism
+from .expert_parallel import (
+    apply_expert_parallel,
+    moe_tensor_parallel_plan,
+    shard_experts,
+    validate_moe_parallelism,
+)
 from .sequence_parallel import (
     ModalityLinearParallel,
     ModalityNormParallel,
@@ -114,7 +119,9 @@ def validate_converters(model: MoTTransformer, parallel_dims: ParallelDims, job_
         )
 
 
-def apply_tp(model: MoTTransformer, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
+def apply_tp(
+    model: MoTTransformer, tp_mesh: DeviceMesh, loss_parallel: bool, expert_parallel: bool = False
+) -> None:
     """Megatron tensor + sequence parallel on the modality-sorted stream.
 
     Per modality m: wq/wk/wv/w1/w3.m colwise (Shard(0): this rank's heads / hidden units),
@@ -122,7 +129,9 @@ def apply_tp(model: MoTTransformer, tp_mesh: DeviceMesh, loss_parallel: bool) ->
     (T, dim) stream is sharded along T (see `infra/sequence_parallel.py`). The embedding is
     vocab-sharded with a replicated output (the sort needs every token), the final norm
     runs on the sorted chunk, and the output head is colwise with vocab-sharded logits
-    (`Shard(-1)`) for loss parallel.
+    (`Shard(-1)`) for loss parallel. An FFN with MoE weight sets shards its dense sets the
+    same way and each `MoE` by `moe_tensor_parallel_plan` (`expert_parallel`: the experts are
+    split over the TP ranks by expert parallel instead).
     """
     top: dict[str, ParallelStyle] = {"": SortedStreamParallel()}
     if model.tok_embeddings is not None:
@@ -149,8 +158,6 @@ def apply_tp(model: MoTTransformer, tp_mesh: DeviceMesh, loss_parallel: bool) ->
         "ffn_norm": ModalityNormParallel(sequence_sharded=True),
         "attention.w[qkv]": ModalityLinearParallel(Shard(0)),
         "attention.wo": ModalityLinearParallel(Shard(1)),
-        "feed_forward.w[13]": ModalityLinearParallel(Shard(0)),
-        "feed_forward.w2": ModalityLinearParallel(Shard(1)),
         "attention": SortedSublayerParallel(),
         "feed_forward": SortedSublayerParallel(),
     }
@@ -158,8 +165,24 @@ def apply_tp(model: MoTTransformer, tp_mesh: DeviceMesh, loss_parallel: bool) ->
         block_plan["attention.[qk]_norm"] = ModalityNormParallel(sequence_sharded=False)
     for block in model.layers.values():
         assert isinstance(block, MoTBlock), type(block)
-        parallelize_module(block, tp_mesh, block_plan)
-        unsharded = [n for n, p in block.named_parameters() if not isinstance(p, DTensor)]
+        ffn, dense = block.feed_forward, "feed_forward"
+        ffn_plan: dict[str, ParallelStyle] = {}
+        if isinstance(ffn, MoTMoEFeedForward):
+            dense = "feed_forward.dense" if ffn.dense is not None else ""
+            for s, moe in ffn.moe.items():
+                plan = moe_tensor_parallel_plan(moe, expert_parallel)
+                ffn_plan |= {f"feed_forward.moe.{s}.{k}": style for k, style in plan.items()}
+        if dense:
+            ffn_plan |= {
+                f"{dense}.w[13]": ModalityLinearParallel(Shard(0)),
+                f"{dense}.w2": ModalityLinearParallel(Shard(1)),
+            }
+        parallelize_module(block, tp_mesh, block_plan | ffn_plan)
+        # (routed experts under expert parallel are split over the ep mesh next)
+        unsharded = [
+            n for n, p in block.named_parameters()
+            if not isinstance(p, DTensor) and not (expert_parallel and ".experts." in n)
+        ]
         assert not unsharded, f"parameters left out of the TP plan: {unsharded}"
     logger.info(
         "Applied tensor + sequence parallel%s to the model",
@@ -201,12 +224,19 @@ def apply_mot_fsdp(model: nn.Module, parallel_dims: ParallelDims, job_config: Jo
     `output`): TorchTitan's `apply_fsdp`, after the routed experts of the MoE modules got
     their own units where they need one (`shard_experts`).
     Gradients are summed, not averaged (0.2.2 divides the loss by the global token count),
-    which is also right for the experts, whose tokens come from every EP rank."""
+    which is also right for the experts, whose tokens come from every EP rank.
+
+    Expert parallel without data-parallel sharding (EP borrowing only TP ranks) leaves the
+    model unsharded but still gives the experts their units (their gradients are reduced
+    over `efsdp`), without mixed precision, as TorchTitan trains a TP-only model."""
     names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
     training, policy = job_config.training, job_config.parallelism.fsdp_reshard_after_forward
     param_dtype = TORCH_DTYPE_MAP[training.mixed_precision_param]
     reduce_dtype = TORCH_DTYPE_MAP[training.mixed_precision_reduce]
     reshard = policy == "always" or (policy == "default" and not parallel_dims.pp_enabled)
+    if not parallel_dims.fsdp_enabled:
+        shard_experts(model, parallel_dims, MixedPrecisionPolicy(), reshard)
+        return
     shard_experts(model, parallel_dims, MixedPrecisionPolicy(param_dtype, reduce_dtype), reshard)
     apply_fsdp(
         model,
@@ -234,6 +264,7 @@ def parallelize_mot(
             model,
             parallel_dims.get_mesh("tp"),
             loss_parallel=not job_config.parallelism.disable_loss_parallel,
+            expert_parallel=parallel_dims.ep_enabled,
         )
     if parallel_dims.ep_enabled:
         apply_expert_parallel(model, parallel_dims.get_mesh("ep"))

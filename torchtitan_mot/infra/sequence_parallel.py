@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import (
@@ -113,6 +114,40 @@ class ModalityLinearParallel(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         distribute_module(module, device_mesh, self._partition)
         _swap_class(module, _ShardedModalityLinear)
+        return module
+
+
+class _LocalLinear(nn.Linear):
+    """An nn.Linear (no bias) whose weight is a DTensor that the matmul reads as this rank's
+    local tensor: a shard, or a replica applied to this rank's share of the work (the local
+    gradient is then a partial sum, marked `Partial`, as for the replicated norms)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        assert isinstance(weight, DTensor), type(weight)
+        grads = [Partial() if p.is_replicate() else p for p in weight.placements]
+        return F.linear(x, weight.to_local(grad_placements=grads))
+
+
+class LinearParallel(ParallelStyle):
+    """An nn.Linear of the sorted-stream sublayers, as `ModalityLinearParallel` does it for
+    the per-modality ones: Shard(0) column-wise, Shard(1) row-wise, Replicate for replicated
+    compute (e.g. a router gate). Input and output stay plain local tensors."""
+
+    def __init__(self, placement: Placement) -> None:
+        super().__init__()
+        self.placement = placement
+
+    def _partition(self, name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        module.register_parameter(
+            "weight", nn.Parameter(distribute_tensor(module.weight, mesh, [self.placement]))
+        )
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if getattr(module, "bias", None) is not None:
+            raise ValueError(f"{type(self).__name__} takes Linears without bias")
+        distribute_module(module, device_mesh, self._partition)
+        _swap_class(module, _LocalLinear)
         return module
 
 

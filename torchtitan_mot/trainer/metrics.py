@@ -72,7 +72,9 @@ class ExpertLoad:
         keys = list(self.counts)
         stacked = torch.stack([self.counts[k] for k in keys])
         if loss_mesh is not None:
-            stacked = funcol.all_reduce(stacked, reduceOp="sum", group=loss_mesh)
+            # waited: the result is pickled (gather_stage_counts), which a pending
+            # AsyncCollectiveTensor cannot be
+            stacked = funcol.all_reduce(stacked, reduceOp="sum", group=loss_mesh).wait()
         self.counts = {}
         return dict(zip(keys, stacked.cpu()))
 
