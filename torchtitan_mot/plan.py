@@ -160,7 +160,8 @@ def vocab_layout(job: JobConfig) -> tuple[VocabLayout, str]:
     layout = resolve_job_config(job)  # load_job_config resolved it: the attached vocabulary
     if path and Path(path).is_dir():
         return layout, f"tokenizer at {path}"
-    return layout, f"Llama3 text vocab {LLAMA3_TEXT_VOCAB:,} ({path or 'no tokenizer'} not local)"
+    where = f"{path} not local" if path else "no tokenizer given"
+    return layout, f"Llama3 text vocab {LLAMA3_TEXT_VOCAB:,} ({where})"
 
 
 def activation_bytes(
