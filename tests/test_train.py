@@ -161,6 +161,7 @@ def test_parallel_layouts_match_single_process(
         assert got[step][1] == pytest.approx(grad_norm, abs=1.5e-4), step
 
 
+@pytest.mark.slow
 def test_mot_debug_config_logs_per_modality_loss(tmp_path):
     """The shipped debug config trains 20 steps through the entry point: the loss falls and
     `loss/<modality>` is logged every step."""
