@@ -1,6 +1,6 @@
 """The Transfusion debug config end to end through `python -m torchtitan_mot.train` on the
-bundled latent demo: both losses logged; tensor parallel, pipeline parallel and compile
-reproducing one eager process from one seed checkpoint (dp = 1, so every layout reads the
+bundled latent demo: both losses logged; tensor parallel, pipeline parallel, compile and
+activation checkpointing (full, op-selective) reproducing one eager process from one seed checkpoint (dp = 1, so every layout reads the
 same batches); FSDP 2 reproducing it on a two-row corpus; exact resume;
 `python -m torchtitan_mot.generate` on the seed checkpoint writing a PNG grid."""
 
@@ -64,9 +64,16 @@ PP2 = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_pa
     # split per microbatch, the loss normalised inside the schedule; logged by the last stage.
     pytest.param(PP2, 2, 1, id="pp2"),
     pytest.param(["--compile.enable"], 1, 0, id="compile"),
+    # recompute of the patch layers, the timestep embedding and the intra-image mask's attention
+    pytest.param(["--activation_checkpoint.mode", "full"], 1, 0, id="ac_full"),
+    pytest.param(["--activation_checkpoint.mode", "selective",
+                  "--activation_checkpoint.selective_ac_option", "op"], 1, 0, id="ac_selective_op"),
 ])
 def test_layout_matches_single_process(extra, nproc, log_rank, seed, single, tmp_path_factory) -> None:
     run = run_trainer(_args(tmp_path_factory.mktemp("layout"), *seed, *extra), nproc, log_rank)
+    if "--activation_checkpoint.mode" in extra:
+        mode = extra[extra.index("--activation_checkpoint.mode") + 1]
+        assert f"Applied {mode} activation checkpointing" in run.log
     _assert_same_steps(run, single)
 
 
