@@ -1,6 +1,6 @@
 """GPU acceptance: one command that says, stage by stage, whether the CUDA path works.
 
-    python scripts/gpu_acceptance.py                # one CUDA GPU, under 8 minutes
+    python scripts/gpu_acceptance.py                # one CUDA GPU, under 10 minutes
     python scripts/gpu_acceptance.py --multi-gpu    # one node: TP+SP, CP, PP, HSDP vs 1 GPU
     python scripts/gpu_acceptance.py --cpu-smoke    # CI: every CPU-capable stage, tiny shapes
 

@@ -220,12 +220,17 @@ def transfusion_batch(
     boi: int = 45,
     eoi: int = 46,
     timesteps: int = 1000,
+    text_len: tuple[int, int] = (1, 5),
+    image_len: tuple[int, int] = (2, 6),
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """A random window of the Transfusion contract (TRANSFUSION_CONTRACT.md): text runs and
     images (BOI, latent positions holding the BOI id, EOI), the first row starting inside
     an image (the tail of one split across windows) and every row ending inside one (cut by
     the window edge). Returns ({input, modality_ids, patches (x0), noise, timesteps,
-    image_ids}, labels), labels IGNORE_INDEX where the input is BOI or a latent position."""
+    image_ids}, labels), labels IGNORE_INDEX where the input is BOI or a latent position.
+    Text runs have [low, high) tokens (`text_len`), whole images [low, high) latent
+    positions (`image_len`; the GPU acceptance takes runs longer than flex attention's
+    128-position blocks)."""
     rng = np.random.default_rng(seed)
     rows: list[dict[str, list]] = []
     for r in range(bs):
@@ -238,11 +243,11 @@ def transfusion_batch(
             img += [0] * k + [-1]
             n_img = 1
         while len(tok) < seq:
-            t = int(rng.integers(1, 5))
+            t = int(rng.integers(*text_len))
             tok += [int(x) for x in rng.integers(0, text_ids, t)]
             mod += [0] * t
             img += [-1] * t
-            k = int(rng.integers(2, 6))
+            k = int(rng.integers(*image_len))
             tok += [boi] * (k + 1) + [eoi]
             mod += [1] * (k + 2)
             img += [-1] + [n_img] * k + [-1]

@@ -18,8 +18,16 @@ Single-GPU stages:
   5. microbenchmark at 8B projection shapes, 8192 tokens, bf16, forward+backward:
      `F.linear` vs `mot::routed_mm` vs `torch._grouped_mm` (stacking included);
   6. `python -m torchtitan_mot.benchmark` at a 1B-class shape (dim 2048, 16 layers, seq 4096,
-     compile, bf16): TorchTitan's Llama3, the dense twin and MoT with 2 and 3 modalities.
-Every stage has its own time limit (its marker's `timeout`; the limits add up to 8 minutes).
+     compile, bf16): TorchTitan's Llama3, the dense twin and MoT with 2 and 3 modalities;
+  7. twins with the same weights under bf16 autocast, each judged by 3x its reference's own
+     bf16 error (the reference's autocast run against its fp32 run; loss, outputs, every
+     parameter's gradient): a. the MoT+MoE hybrid with TorchTitan's `torch._grouped_mm`
+     experts (SM90+) vs its for-loop experts, five modality mixes, the MoE modality absent in
+     one and a single token in another; b. the Transfusion model with flex attention
+     (TorchTitan's FlexAttentionWrapper, the (causal OR same image) AND same document block
+     mask) vs sdpa with the explicit mask, two batches of long text runs and images.
+Every stage has its own time limit (its marker's `timeout`; the limits add up to 570 s,
+under 10 minutes).
 A stage that cannot run here (no GPU, an older GPU, a missing optional package) skips with
 the reason.
 
@@ -28,7 +36,8 @@ each parallelism and compare its per-step losses with a one-GPU run of the same 
 and data (fp32, deterministic).
 
 In the CPU smoke mode the same stages run on the CPU at tiny shapes (per-block compile with
-the aot_eager backend, to stay fast; the trainer and benchmark stages without compile).
+the aot_eager backend, to stay fast; the trainer and benchmark stages without compile);
+stages 2 and 7 skip (CUDA kernels: flex attention's backward, varlen, grouped_mm's padding).
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -55,6 +65,7 @@ from harness.data import repeated_dataset
 from harness.feature_matrix import FEATURE_SETS, FeatureMatrix, summary_line
 from harness.gpu import Context
 from harness.trainer import REPO, run_trainer, trainer_env
+from helpers import transfusion_batch
 from torch._dynamo.utils import counters
 
 from torchtitan_mot import mot_args
@@ -67,6 +78,7 @@ from torchtitan_mot.benchmark.perf import (
 )
 from torchtitan_mot.infra.modality_ids import HostTensor
 from torchtitan_mot.model import MoTModelArgs
+from torchtitan_mot.model.moe import grouped_mm_available
 from torchtitan_mot.model.routing import routed_mm
 
 EIGHT_B = mot_args["8B_2modality"]
@@ -502,6 +514,221 @@ def stage_benchmark(ctx: Context, timeout: float) -> str:
     return "; ".join(parts)
 
 
+# --- stage 7: MoE expert kernels and the Transfusion mask, against their reference paths -----
+
+
+Forward = Callable[[torch.nn.Module], tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
+"""One forward of a model: (loss, outputs to compare)."""
+
+
+@dataclasses.dataclass
+class Run:
+    """One forward+backward: its loss, outputs and every parameter's gradient (fp32)."""
+
+    loss: float
+    outputs: list[torch.Tensor]
+    grads: dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass
+class TwinDiff:
+    """How far one run is from another: the loss (relative), the outputs (max diff / max
+    |reference|), all gradients together (norm relative), each parameter's gradient error
+    (norm), and how many parameters have a zero gradient in exactly one of the two (an
+    expert no token reached has an exact zero on both paths)."""
+
+    loss: float
+    out: float
+    grad: float
+    param_errors: dict[str, float]
+    zero_grads: int
+
+    @classmethod
+    def of(cls, got: Run, ref: Run) -> TwinDiff:
+        out = max(float((a - b).abs().max() / b.abs().max())
+                  for a, b in zip(got.outputs, ref.outputs))
+        errors = {n: float((got.grads[n] - g).norm()) for n, g in ref.grads.items()}
+        ref_norm = float(torch.stack([g.norm() for g in ref.grads.values()]).norm())
+        zero_grads = sum(bool(g.count_nonzero()) != bool(got.grads[n].count_nonzero())
+                         for n, g in ref.grads.items())
+        return cls(abs(got.loss - ref.loss) / abs(ref.loss), out,
+                   math.sqrt(sum(e * e for e in errors.values())) / ref_norm, errors, zero_grads)
+
+    def ratios(self, bf16: TwinDiff, loss_scale: float) -> dict[str, float]:
+        """This difference over the bf16 error `bf16` of the same input: the loss (over
+        `loss_scale`, the worst bf16 loss error of all inputs: one scalar's error can be
+        near zero by chance), the outputs, and the worst parameter (each gradient against
+        its own bf16 error, so an expert that one token reached is judged by that token)."""
+
+        def ratio(a: float, b: float) -> float:
+            return a / b if b else (0.0 if a == 0 else math.inf)
+
+        return {"loss": ratio(self.loss, loss_scale), "out": ratio(self.out, bf16.out),
+                "grad": max(ratio(e, bf16.param_errors[n]) for n, e in self.param_errors.items())}
+
+
+def _forward_backward(model: torch.nn.Module, forward: Forward, autocast: bool,
+                      device: torch.device) -> Run:
+    model.zero_grad(set_to_none=True)
+    with autocast_if(autocast, device):
+        loss, outputs = forward(model)
+    loss.backward()
+    # A parameter no token reached has no gradient: it is a zero one.
+    grads = {n: torch.zeros(p.shape, device=p.device) if p.grad is None else p.grad.float()
+             for n, p in model.named_parameters()}
+    return Run(loss.item(), [o.detach().float() for o in outputs], grads)
+
+
+def compare_twins(reference: torch.nn.Module, test: torch.nn.Module, forwards: list[Forward],
+                  device: torch.device) -> list[tuple[TwinDiff, TwinDiff]]:
+    """Two models with the same weights, each forward under bf16 autocast; per forward
+    (test vs reference, reference vs itself in fp32). The second is the bf16 error the first
+    is judged by: both twins round in bf16, only the code under test differs."""
+    if reference.state_dict().keys() != test.state_dict().keys() or not all(
+            torch.equal(a, b) for a, b in zip(reference.state_dict().values(),
+                                              test.state_dict().values())):
+        raise AssertionError("the twins do not hold the same weights")
+    diffs = []
+    for forward in forwards:
+        fp32 = _forward_backward(reference, forward, False, device)
+        ref = _forward_backward(reference, forward, True, device)
+        got = _forward_backward(test, forward, True, device)
+        diffs.append((TwinDiff.of(got, ref), TwinDiff.of(ref, fp32)))
+    return diffs
+
+
+def check_twins(what: str, diffs: list[tuple[TwinDiff, TwinDiff]], extra: str = "") -> str:
+    """Figures (worst over the inputs); fail when, on some input, the loss, the outputs or a
+    parameter's gradient differ by more than 3x the reference's own bf16 error (the ratios
+    of TwinDiff.ratios), or a gradient is zero on one side only. Judged input by input: a
+    routing flip in one mix must not loosen the bound of the others."""
+
+    def worst(i: int) -> str:
+        return ", ".join(f"{k} {max(getattr(d[i], k) for d in diffs):.1e}"
+                         for k in ("loss", "out", "grad"))
+
+    loss_scale = max(b.loss for _, b in diffs)
+    ratios = [m.ratios(b, loss_scale) for m, b in diffs]
+    worst_ratio = {k: max(r[k] for r in ratios) for k in ratios[0]}
+    zero_grads = sum(m.zero_grads for m, _ in diffs)
+    figures = (f"{extra}{what}: {worst(0)}; bf16 vs fp32 reference: {worst(1)}; worst ratio "
+               + ", ".join(f"{k} {r:.2f}" for k, r in worst_ratio.items())
+               + f"; zero-gradient mismatches {zero_grads}")
+    over = [k for k, r in worst_ratio.items() if r > 3]
+    if over or zero_grads:
+        raise AssertionError(f"beyond 3x the bf16 error in {over or 'zero gradients'}: {figures}")
+    return figures
+
+
+def moe_twins(device: torch.device, batch: int, seq: int, grouped: bool = True
+              ) -> tuple[list[tuple[TwinDiff, TwinDiff]], str]:
+    """`debugmodel_hybrid` (MoT, the text FFN a TorchTitan MoE) built twice with the same
+    weights, the experts on TorchTitan's for-loop path and on `torch._grouped_mm` (`grouped`;
+    False compares the for-loop path with itself), over five modality mixes in which the MoE
+    modality (0) is absent once and holds ONE token once, so empty groups reach the kernel."""
+    from torchtitan.models.moe import MoE
+
+    base = dataclasses.replace(mot_args["debugmodel_hybrid"], vocab_size=2048, max_seq_len=seq)
+    # update_from_config would pick the path for the machine; each twin fixes its own.
+    models = []
+    for use_grouped_mm in (False, grouped):
+        args = dataclasses.replace(
+            base, moe_args=dataclasses.replace(base.moe_args, use_grouped_mm=use_grouped_mm))
+        torch.manual_seed(0)
+        models.append(build_model(args, device, torch.float32))
+        paths = {m.experts.use_grouped_mm for m in models[-1].modules() if isinstance(m, MoE)}
+        if paths != {use_grouped_mm}:
+            raise AssertionError(f"use_grouped_mm={use_grouped_mm} built experts with {paths}")
+    models[1].load_state_dict(models[0].state_dict())
+    gen = torch.Generator().manual_seed(0)
+    n_mod = base.n_modalities
+    # five_mixes thins out the LAST modality; reversed ids thin out modality 0, the MoE one.
+    mixes = [n_mod - 1 - ids for ids in five_mixes(batch, seq, n_mod, gen)]
+    tokens = torch.randint(0, base.vocab_size, (batch, seq), generator=gen).to(device)
+
+    def forward(ids: torch.Tensor) -> Forward:
+        def run(model: torch.nn.Module) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            logits = model(tokens, modality_ids=HostTensor(ids))
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.roll(-1, 1).flatten())
+            return loss, (logits,)
+        return run
+
+    diffs = compare_twins(models[0], models[1], [forward(ids) for ids in mixes], device)
+    return diffs, f"MoE tokens per mix {[int((ids == 0).sum()) for ids in mixes]}; "
+
+
+def stage_moe_grouped_mm(ctx: Context) -> str:
+    """MoT + MoE: TorchTitan's grouped_mm experts vs its for-loop experts (moe_twins)."""
+    ctx.need_cuda("TorchTitan's grouped_mm expert path needs Hopper, SM90+")
+    if not grouped_mm_available():
+        major, minor = torch.cuda.get_device_capability(ctx.device)
+        pytest.skip(f"TorchTitan's grouped_mm expert path needs Hopper (SM90+), "
+                    f"this GPU is SM{major}{minor}")
+    return check_twins("grouped_mm vs for-loop", *moe_twins(ctx.device, 4, 2048))
+
+
+LONG_RUNS = dict(text_len=(16, 300), image_len=(64, 400))
+"""Text runs and images of up to a few flex blocks (128 positions) each."""
+NO_EOS = SimpleNamespace(eos_id=2047)
+"""A tokenizer whose EOS the Transfusion batch never holds: one document per row (the sdpa
+path's explicit mask has no document part)."""
+
+
+def transfusion_twins(device: torch.device, batch: int, seq: int,
+                      test_flavor: str = "debugmodel_transfusion_flex"
+                      ) -> tuple[list[tuple[TwinDiff, TwinDiff]], str]:
+    """`test_flavor` (flex attention, TorchTitan's FlexAttentionWrapper with the block mask
+    of (causal OR same image) AND same document) vs `debugmodel_transfusion` (sdpa with the
+    explicit causal-OR-same-image mask), same weights, on two Transfusion batches whose text
+    runs and images span several of flex's 128-position blocks; the loss is the text cross-entropy
+    plus the latent positions' noise MSE, the outputs logits and eps."""
+    patch_dim = 16
+    shape = dict(vocab_size=2048, max_seq_len=seq, diffusion_modality=1, patch_dim=patch_dim)
+    models = []
+    for flavor in ("debugmodel_transfusion", test_flavor):
+        torch.manual_seed(0)
+        models.append(build_model(dataclasses.replace(mot_args[flavor], **shape), device,
+                                  torch.float32))
+    models[1].load_state_dict(models[0].state_dict())
+    images = latents = 0
+
+    def forward(seed: int) -> Forward:
+        nonlocal images, latents
+        data, labels = transfusion_batch(batch, seq, patch_dim, seed=seed, text_ids=1900,
+                                         boi=2000, eoi=2001,
+                                         **LONG_RUNS if seq >= 1024 else {})
+        if (data["input"] == NO_EOS.eos_id).any():
+            raise AssertionError("the batch holds the EOS id meant to be absent")
+        # Modality ids stay in host memory (HostTensor), as the trainer passes them.
+        ids = HostTensor(data.pop("modality_ids"))
+        data = {k: v.to(device) for k, v in data.items()}
+        labels = labels.to(device)
+        extra = {k: data[k] for k in ("patches", "timesteps", "image_ids")}
+        latent = (data["image_ids"] >= 0).unsqueeze(-1)
+        images += int(data["image_ids"].max(dim=1).values.add(1).sum())
+        latents += int(latent.sum())
+        # Built once per batch, outside autocast, as the trainer builds it.
+        flex = models[1].model_args.attn_type == "flex"
+        block_mask = models[1].get_attention_masks(data["input"], NO_EOS, extra) if flex else None
+
+        def run(model: torch.nn.Module) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            masks = block_mask if model is models[1] else None  # sdpa builds its own
+            logits, eps = model(data["input"], ids, attention_masks=masks, **extra)
+            text = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            image = ((eps.float() - data["noise"]) ** 2 * latent).sum() / latent.sum() / patch_dim
+            return text + image, (logits, eps)
+        return run
+
+    diffs = compare_twins(models[0], models[1], [forward(seed) for seed in (0, 1)], device)
+    return diffs, f"2 batches, {images} images, {latents} latent positions; "
+
+
+def stage_transfusion_flex(ctx: Context) -> str:
+    """Transfusion with flex attention vs sdpa (transfusion_twins)."""
+    ctx.need_cuda("flex attention has no CPU backward")
+    return check_twins("flex vs sdpa", *transfusion_twins(ctx.device, 4, 2048))
+
+
 # --- multi-GPU: each parallelism's 10 logged losses against a one-GPU run ---------------------
 
 
@@ -610,6 +837,14 @@ def test_microbench(ctx: Context, figures: Figures) -> None:
 @pytest.mark.gpu(stage="6 benchmark 1B-class", timeout=140)
 def test_benchmark(ctx: Context, stage_timeout: float, figures: Figures) -> None:
     figures(stage_benchmark(ctx, stage_timeout))
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param("moe", marks=stage("7a MoE grouped_mm", 30)),
+    pytest.param("flex", marks=stage("7b Transfusion flex mask", 60)),
+])
+def test_twins(ctx: Context, case: str, figures: Figures) -> None:
+    figures(stage_moe_grouped_mm(ctx) if case == "moe" else stage_transfusion_flex(ctx))
 
 
 TP2 = ["--parallelism.tensor_parallel_degree", "2"]
