@@ -217,3 +217,20 @@ def test_sampling_flags_of_the_other_image_kind_are_refused(capsys) -> None:
               "--config", str(ROOT / "train_configs" / "debug_mot.toml")])
     assert exit_info.value.code == 2
     assert "--sampler, --guidance do(es) not apply" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model_is_a_one_line_error(capsys, tmp_path: Path) -> None:
+    """A checkpoint that does not fit the config's model (here: one foreign key) or no
+    checkpoint at all: exit status 2 and one `error:` line naming it, no traceback."""
+    from torchtitan_mot.generate import main
+
+    dcp.save({"foreign.weight": torch.zeros(2)}, checkpoint_id=str(tmp_path / "checkpoint" / "step-3"))
+    config = ["--config", str(ROOT / "train_configs" / "debug_mot.toml"), "--prompt", "a seven"]
+    for checkpoint, message in ((tmp_path, "step-3 does not fit this model"),
+                                (tmp_path / "nowhere", "no DCP checkpoint")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--checkpoint", str(checkpoint), *config])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert err.startswith("python -m torchtitan_mot.generate: error: ") and message in err, err
+        assert "Traceback" not in err and err.count("\n") == 1

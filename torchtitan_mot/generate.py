@@ -36,12 +36,12 @@ from torch import nn
 from torchtitan.config import JobConfig
 
 from torchtitan_mot import build_model_args
-from torchtitan_mot.config import load_job_config
+from torchtitan_mot.config import ConfigError, load_job_config
 from torchtitan_mot.data.tokenizer import build_mot_tokenizer, VocabLayout
 from torchtitan_mot.model import MoTTransformer
 from torchtitan_mot.model.patches import unpatchify
 from torchtitan_mot.model.schedule import DiffusionSchedule, EpsFn
-from torchtitan_mot.trainer.checkpoint_check import check_checkpoint_matches
+from torchtitan_mot.trainer.checkpoint_check import check_checkpoint_matches, CheckpointMismatchError
 
 IMAGE = "image"
 SAMPLERS = ("ddpm", "ddim")
@@ -267,7 +267,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("outputs") / "generated_grid.png")
     args = p.parse_args(argv)
+    try:
+        _generate(args, p)
+    except (ConfigError, CheckpointMismatchError, FileNotFoundError) as e:
+        # each names its file, flag or checkpoint keys: one line, as the trainer prints them
+        p.exit(2, f"{p.prog}: error: {e}\n")
 
+
+def _generate(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """Sample every prompt's images from the checkpoint and write the grid."""
     cfg = load_job_config(["--job.config_file", args.config]
                           + (["--model.flavor", args.flavor] if args.flavor else [])
                           + (["--training.dataset_path", args.dataset] if args.dataset else []))
