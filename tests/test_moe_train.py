@@ -5,7 +5,7 @@ import pytest
 from helpers import checkpoint_tensors
 
 from harness.resume import check_exact_resume
-from harness.trainer import REPO, run_trainer, small_args
+from harness.trainer import REPO, run_trainer, seed_checkpoint, small_args
 from torchtitan_mot.run_metrics import read_steps
 
 
@@ -39,12 +39,8 @@ def _moe_args(dump, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def moe_seed(tmp_path_factory) -> list[str]:
-    """Arguments that start a run from one seed checkpoint of the hybrid (a pipeline stage
-    initialises only its own layers, so its random init differs from one process's)."""
-    root = tmp_path_factory.mktemp("moe_seed")
-    run_trainer(_moe_args(root, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint"))
-    return ["--checkpoint.enable", "--checkpoint.initial_load_path",
-            str(root / "checkpoint" / "step-0"), "--checkpoint.interval", "1000"]
+    """Arguments that start a run from one seed checkpoint of the hybrid."""
+    return seed_checkpoint(_moe_args(tmp_path_factory.mktemp("moe_seed")))
 
 
 @pytest.fixture(scope="module")

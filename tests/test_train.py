@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from harness.data import repeated_dataset
-from harness.trainer import REPO, run_trainer
+from harness.trainer import REPO, run_trainer, seed_checkpoint
 
 from torchtitan_mot.data.dataset import MultimodalDataset
 from torchtitan_mot.data.tokenizer import MultimodalTokenizer
@@ -99,13 +99,7 @@ def corpora(tmp_path_factory) -> dict[int, Path]:
 @pytest.fixture(scope="module")
 def seed(corpora, tmp_path_factory) -> list[str]:
     """Arguments that start a run from one shared seed checkpoint (same init for every layout)."""
-    root = tmp_path_factory.mktemp("seed")
-    run_train([*base_args(corpora[1], root, STEPS), "--checkpoint.enable", "--checkpoint.create_seed_checkpoint"])
-    return [
-        "--checkpoint.enable",
-        "--checkpoint.initial_load_path", str(root / "checkpoint" / "step-0"),
-        "--checkpoint.interval", "1000",
-    ]
+    return seed_checkpoint(base_args(corpora[1], tmp_path_factory.mktemp("seed"), STEPS))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from harness.data import dataset_of_rows, dataset_rows
 from harness.resume import check_exact_resume
-from harness.trainer import REPO, run_trainer, trainer_env
+from harness.trainer import REPO, run_trainer, seed_checkpoint, trainer_env
 
 from torchtitan_mot.data.dataset import MultimodalDataset
 from torchtitan_mot.data.latents import DiffusionWindows
@@ -38,10 +38,7 @@ def _args(dump: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def seed(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("seed")
-    run_trainer(_args(root, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint"))
-    return ["--checkpoint.enable", "--checkpoint.initial_load_path",
-            str(root / "checkpoint" / "step-0"), "--checkpoint.interval", "1000"]
+    return seed_checkpoint(_args(tmp_path_factory.mktemp("seed")))
 
 
 @pytest.fixture(scope="module")

@@ -132,6 +132,16 @@ def run_trainer(args: Sequence[str], nproc: int = 1, log_rank: int | None = 0, c
     return run
 
 
+def seed_checkpoint(args: Sequence[str]) -> list[str]:
+    """Write a seed checkpoint with `args` (which name the dump folder) and return the
+    arguments that start a run from it: one init for every layout compared (a pipeline
+    stage initialises only its own layers, so its random init differs from one process's)."""
+    run_trainer([*args, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint"])
+    step0 = REPO / dump_folder(args) / "checkpoint" / "step-0"
+    return ["--checkpoint.enable", "--checkpoint.initial_load_path", str(step0),
+            "--checkpoint.interval", "1000"]
+
+
 def small_args(dump: Path, steps: int = 10, *extra: str, config: Path = CONFIG) -> list[str]:
     """A few deterministic steps of the debug config (seq 64, batch 2), logged every step."""
     return [
